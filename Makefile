@@ -1,0 +1,32 @@
+# One place that knows how to set lowmem up on a fresh machine.
+# torch is pinned: on the project's CPU machines `torch==2.13.0` is a local CPU wheel, while an
+# unpinned torch would download several GB of CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test bench-tests bench clean
+
+$(BIN)/lowmem: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/lowmem
+
+# The main job: a short CPU pretraining run on built-in text; prints perplexity, tokens/s and memory.
+run: setup
+	$(BIN)/lowmem train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Long tests (full CPU-protocol runs); not part of CI.
+bench-tests: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

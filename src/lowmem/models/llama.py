@@ -1,0 +1,217 @@
+"""The LLaMA family used by every paper lowmem reproduces (GaLore's recipe).
+
+Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971):
+  x = embed(tokens)
+  for each block:  x = x + Attention(RMSNorm(x))   (rotary q/k, causal, no biases)
+                   x = x + SwiGLU(RMSNorm(x))       (down(silu(gate(x)) * up(x)))
+  logits = lm_head(RMSNorm(x))                      (head untied from the embedding)
+Init N(0, 0.02) for every matrix, RMSNorm eps 1e-6. Parameter names follow Hugging Face's
+`LlamaForCausalLM` so weights move between the two without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    vocab_size: int | None = 32000  # None: taken from the tokenizer when the model is built
+    max_seq_len: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "choose a head count that divides the hidden size"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+
+# The papers' sizes (vocab 32000, T5 tokenizer) and the CPU tiers of the CPU protocol, whose
+# vocabulary follows the tokenizer. CPU tiers are fixed once results are published (docs/results.md).
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-60m": LlamaConfig(512, 1376, 8, 8),
+    "llama-130m": LlamaConfig(768, 2048, 12, 12),
+    "llama-350m": LlamaConfig(1024, 2736, 16, 24),
+    "llama-1b": LlamaConfig(2048, 5461, 32, 24),
+    "llama-7b": LlamaConfig(4096, 11008, 32, 32),
+    "cpu-tiny": LlamaConfig(128, 352, 4, 2, vocab_size=None, max_seq_len=512),
+    "cpu-small": LlamaConfig(256, 688, 4, 4, vocab_size=None, max_seq_len=512),
+    "cpu-base": LlamaConfig(384, 1024, 6, 6, vocab_size=None, max_seq_len=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in at least fp32 even under bf16: the mean of squares loses too much in 8 bits.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * wide.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # the "rotate half" layout of HF LLaMA
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Right-padded sequences need no mask beyond causality: a pad only ever follows real tokens.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("LlamaConfig.vocab_size is None: pass vocab_size= (the tokenizer's size) to build_model")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # The model declares its input embedding and output head (Hugging Face's method names), so
+    # optimizers find them by role rather than by parameter-name substrings.
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        if t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds the model's maximum {self.config.max_seq_len}; "
+                "use a shorter --seq-len or a config with a larger max_seq_len"
+            )
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos[:t].to(x.dtype)
+        sin = self.rope_sin[:t].to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def resolve_config(preset_or_config: str | LlamaConfig, vocab_size: int | None = None, **overrides) -> LlamaConfig:
+    if isinstance(preset_or_config, LlamaConfig):
+        config = preset_or_config
+    elif preset_or_config in PRESETS:
+        config = PRESETS[preset_or_config]
+    else:
+        raise ValueError(
+            f"unknown model preset {preset_or_config!r}; choose one of: {', '.join(PRESETS)}"
+        )
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def build_model(
+    preset_or_config: str | LlamaConfig,
+    vocab_size: int | None = None,
+    device: torch.device | str | None = None,
+    **overrides,
+) -> Llama:
+    """Build a LLaMA from a preset name or config. `device="meta"` allocates nothing (estimates use it)."""
+    config = resolve_config(preset_or_config, vocab_size, **overrides)
+    with torch.device(device) if device is not None else _null():
+        return Llama(config)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

@@ -1,0 +1,97 @@
+"""lowmem's optimizers and the one registry of methods.
+
+    opt = lowmem.optim.build("scale", model, lr=1e-3)            # roles from the model
+    opt = lowmem.optim.build("galore", model, preset="llama-60m")  # the paper's defaults for a size
+
+Every optimizer is a torch.optim.Optimizer over param groups carrying a `role`
+(see lowmem.optim.roles). Each registry entry names its class lazily, so importing lowmem.optim
+does not import every method.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lowmem.optim.roles import ROLES, assign_roles, named_roles, param_groups
+
+
+@dataclass(frozen=True)
+class Method:
+    target: str  # "module:Class"
+    summary: str
+    # Per-model-size defaults from the papers' released scripts, keyed by model preset name.
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Defaults that differ from the class's own (for example a variant of one class).
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> type[Optimizer]:
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+REGISTRY: dict[str, Method] = {
+    "adamw": Method("lowmem.optim.adamw:AdamW", "AdamW, the baseline (every tensor gets Adam)"),
+}
+
+
+def register(name: str, method: Method) -> None:
+    REGISTRY[name] = method
+
+
+def _load_builtin_methods() -> None:
+    # Each method module registers its names on import; listed here so the registry is complete.
+    for module in _METHOD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+_METHOD_MODULES = (
+    "lowmem.optim.scale",
+    "lowmem.optim.galore",
+    "lowmem.optim.apollo",
+    "lowmem.optim.muon",
+    "lowmem.optim.adam_mini",
+    "lowmem.optim.stable_spam",
+)
+
+
+def available() -> list[str]:
+    _load_builtin_methods()
+    return sorted(REGISTRY)
+
+
+def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any) -> Optimizer:
+    """Build optimizer `name` over `model`'s role groups.
+
+    `preset` picks the method's published defaults for a model size (e.g. "llama-60m"); explicit
+    `hparams` override them. Unknown names and unknown hyperparameters raise ValueError naming the
+    valid choices.
+    """
+    _load_builtin_methods()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    method = REGISTRY[name]
+    settings = dict(method.defaults)
+    if preset is not None and preset in method.presets:
+        settings.update(method.presets[preset])
+    settings.update(hparams)
+    cls = method.load()
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    unknown = set(settings) - accepted
+    if unknown:
+        raise ValueError(
+            f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
+        )
+    return cls(param_groups(model), **settings)
+
+
+__all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "named_roles", "param_groups", "register"]

@@ -1,0 +1,47 @@
+"""Small helpers shared by lowmem's optimizers: hyperparameter checks and tensor grouping."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+def check_nonneg(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or value != value or value < 0:
+        raise ValueError(f"invalid {name}: {value!r}; it must be a number >= 0")
+
+
+def check_beta(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"invalid {name}: {value!r}; it must be in [0, 1)")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"invalid {name}: {value!r}; it must be an integer >= 1")
+
+
+def check_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError(
+            "lowmem optimizers do not support sparse gradients; build the embedding with sparse=False"
+        )
+    if torch.is_complex(grad):
+        raise RuntimeError(
+            "lowmem optimizers do not support complex parameters; view them as real with torch.view_as_real"
+        )
+
+
+def group_by_device_dtype(*tensor_lists: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], ...]]:
+    """Split parallel tensor lists by (device, dtype) of the first list, for torch._foreach_* calls.
+
+    Scalar step tensors (the last list, by lowmem's convention) live on the CPU and are not keyed.
+    """
+    buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[] for _ in tensor_lists])
+    for items in zip(*tensor_lists):
+        key = (items[0].device, items[0].dtype)
+        for bucket, item in zip(buckets[key], items):
+            bucket.append(item)
+    return [tuple(lists) for lists in buckets.values()]

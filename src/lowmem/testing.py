@@ -1,0 +1,112 @@
+"""Checks that need several processes, shared by the tests of every optimizer.
+
+`fsdp_matches_single(name, hparams, steps)` trains a small LLaMA for `steps` optimizer steps on a
+fixed stream of random tokens twice: once in this process, once in `world_size` gloo processes with
+the model sharded by FSDP2 (`fully_shard` per block and at the root, so every weight is a DTensor
+sharded on dim 0). It returns both final state dicts so a test can compare them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lowmem.models import LlamaConfig, build_model
+
+TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=32)
+
+
+def _batch(step: int, batch: int, seq: int, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (batch, seq + 1), generator=gen)
+
+
+def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, batch: int = 8,
+                seq: int = 16, rank: int = 0, world_size: int = 1, lr_schedule: bool = True) -> None:
+    """The training loop both sides of the comparison run (each rank takes its slice of the batch)."""
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    for step in range(steps):
+        if lr_schedule:  # vary the LR so methods that scale by lr_t / lr_max are exercised
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * (0.5 + 0.5 * (step + 1) / steps)
+        tokens = _batch(step, batch, seq, model.config.vocab_size if hasattr(model, "config") else TINY.vocab_size)
+        share = batch // world_size
+        _loss(model, tokens[rank * share:(rank + 1) * share]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if type(t).__name__ == "DTensor":
+            t = t.full_tensor()
+        out[name] = t.clone()
+    return out
+
+
+def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str, hparams: dict, steps: int,
+            dtype: torch.dtype) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    import lowmem.optim
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = build_model(TINY).to(dtype)
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        optimizer = lowmem.optim.build(name, model, **hparams)
+        train_steps(model, optimizer, steps, rank=rank, world_size=world_size)
+        state = _full_state(model)
+        if rank == 0:
+            torch.save(state, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, world_size: int = 2,
+                        dtype: torch.dtype = torch.float64) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Return (single-process params, FSDP2 params) after `steps` steps of optimizer `name`.
+
+    float64 by default: summation order differs between one process and a reduce-scatter, and in
+    fp32 adaptive methods amplify that to ~1e-5; in fp64 a correct sharded method agrees to ~1e-12,
+    so any real sharding error stands out.
+    """
+    import lowmem.optim
+
+    torch.manual_seed(0)
+    model = build_model(TINY).to(dtype)
+    optimizer = lowmem.optim.build(name, model, **hparams)
+    train_steps(model, optimizer, steps)
+    single = _full_state(model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        out_file = os.path.join(tmp, "params.pt")
+        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype),
+                           nprocs=world_size, join=True, start_method="spawn")
+        sharded = torch.load(out_file, weights_only=True)
+    return single, sharded
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for key in a:
+        diff = (a[key].float() - b[key].float()).norm() / a[key].float().norm().clamp_min(1e-12)
+        worst = max(worst, diff.item())
+    return worst
