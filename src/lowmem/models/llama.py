@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowmem.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -184,9 +186,7 @@ def resolve_config(preset_or_config: str | LlamaConfig, vocab_size: int | None =
     elif preset_or_config in PRESETS:
         config = PRESETS[preset_or_config]
     else:
-        raise ValueError(
-            f"unknown model preset {preset_or_config!r}; choose one of: {', '.join(PRESETS)}"
-        )
+        raise ConfigError(f"unknown model preset {preset_or_config!r}; choose one of: {', '.join(PRESETS)}")
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     return dataclasses.replace(config, **overrides) if overrides else config

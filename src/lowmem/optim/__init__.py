@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from lowmem.errors import ConfigError
 from lowmem.optim.roles import ROLES, assign_roles, named_roles, param_groups
 
 
@@ -78,7 +79,7 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
     """
     _load_builtin_methods()
     if name not in REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
     method = REGISTRY[name]
     settings = dict(method.defaults)
     if preset is not None and preset in method.presets:
@@ -88,7 +89,7 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = set(settings) - accepted
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
     return cls(param_groups(model), **settings)

@@ -1,0 +1,184 @@
+"""The `lowmem` command: train, tokenizer, memory.
+
+`lowmem train` with no arguments is the main job: a CPU-tier LLaMA trained for a few minutes on text
+gathered from the Python installation's own documentation, ending with a table of validation
+perplexity, tokens/s and memory. Errors caused by input (LowmemError) print their message, which
+names the fix, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowmem.errors import ConfigError, LowmemError
+
+# flag -> dotted config key; every flag defaults to None so only flags the user gave override.
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model", str, "model preset: llama-60m ... llama-7b, or cpu-tiny/cpu-small/cpu-base"),
+    "--data": ("data.source", str, "builtin | c4 | a directory, file or glob of json/jsonl(.gz)/txt/parquet"),
+    "--text-field": ("data.text_field", str, "JSON/parquet field holding the text (default text)"),
+    "--tokenizer": ("data.tokenizer", str, "bpe (trained here, cached) or a Hugging Face name/path, e.g. t5-base"),
+    "--vocab-size": ("data.vocab_size", int, "vocabulary of the trained BPE"),
+    "--seq-len": ("data.seq_len", int, "tokens per sequence"),
+    "--seq-mode": ("data.seq_mode", str, "pad (one document per sequence, the papers') or pack"),
+    "--optimizer": ("optim.name", str, "optimizer name (see `lowmem train --list-optimizers`)"),
+    "--lr": ("optim.lr", float, "peak learning rate (default: the method's preset for the model)"),
+    "--steps": ("train.steps", int, "optimizer steps"),
+    "--batch-size": ("train.batch_size", int, "global batch in sequences per optimizer step"),
+    "--micro-batch-size": ("train.micro_batch_size", int, "sequences per forward pass per process"),
+    "--warmup-ratio": ("train.warmup_ratio", float, "fraction of steps of linear warmup"),
+    "--min-lr-ratio": ("train.min_lr_ratio", float, "cosine floor as a fraction of the peak lr"),
+    "--clip-grad-norm": ("train.clip_grad_norm", float, "clip the global gradient norm (0: off)"),
+    "--precision": ("train.precision", str, "fp32 | bf16-autocast | bf16-pure"),
+    "--seed": ("train.seed", int, "seed for initialization and data order"),
+    "--device": ("train.device", str, "auto | cpu | cuda"),
+    "--distributed": ("train.distributed", str, "under torchrun: ddp | fsdp2"),
+    "--eval-every": ("train.eval_every", int, "evaluate every N steps (0: only at the end)"),
+    "--eval-tokens": ("train.eval_tokens", int, "non-pad validation tokens per evaluation"),
+    "--log-every": ("train.log_every", int, "write metrics every N steps"),
+    "--checkpoint-every": ("train.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
+    "--keep-checkpoints": ("train.keep_checkpoints", int, "how many newest checkpoints to keep"),
+    "--skip-nonfinite": ("train.skip_nonfinite", int, "skip up to K steps with a non-finite loss"),
+    "--output-dir": ("train.output_dir", str, "run directory"),
+}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _key_values(items: list[str], what: str) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{what} {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def _intervention(spec: str) -> dict[str, Any]:
+    name, _, rest = spec.partition(":")
+    return {"name": name, **_key_values([kv for kv in rest.split(",") if kv], "intervention setting")}
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pretrain a model", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config with sections model/data/optim/train; flags override it")
+    for flag, (_, kind, text) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="optimizer hyperparameter, repeatable, e.g. --opt rank=128 --opt update_proj_gap=200")
+    p.add_argument("--intervention", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="periodic intervention, e.g. momentum-reset:every=200,lr_ramp_steps=10")
+    p.add_argument("--legacy-perplexity", action="store_true", default=None,
+                   help="also report the papers' legacy perplexity figure")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: --output-dir's")
+    p.add_argument("--list-optimizers", action="store_true", help="list registered optimizers and exit")
+    p.set_defaults(func=run_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from lowmem.config import load_config
+
+    overrides: dict[str, Any] = {}
+    for flag, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if args.opt:
+        overrides["optim.hparams"] = _key_values(args.opt, "--opt")
+    if args.intervention:
+        overrides["optim.interventions"] = [_intervention(s) for s in args.intervention]
+    if args.legacy_perplexity:
+        overrides["train.legacy_perplexity"] = True
+    if args.no_progress:
+        overrides["train.progress"] = False
+    config_path = args.config
+    if args.resume is not None and config_path is None:
+        # A resume starts from the run's own config; flags may change only what does not alter results.
+        run_dir = Path(args.resume or overrides.get("train.output_dir") or "runs/latest")
+        run_dir = run_dir if (run_dir / "config.yaml").exists() else run_dir.parent.parent
+        if (run_dir / "config.yaml").exists():
+            config_path = run_dir / "config.yaml"
+            overrides.setdefault("train.output_dir", str(run_dir))
+    return load_config(config_path, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.list_optimizers:
+        import lowmem.optim
+
+        for name in lowmem.optim.available():
+            print(f"{name:14s} {lowmem.optim.REGISTRY[name].summary}")
+        return 0
+    from lowmem.train.loop import train
+
+    config = train_config_from_args(args)
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or config.train.output_dir
+    train(config, resume=resume)
+    return 0
+
+
+def add_tokenizer_parser(subparsers) -> None:
+    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE on a text source and save it as JSON")
+    t.add_argument("--data", default="builtin", help="text source (as for `lowmem train --data`)")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--output", required=True, help="path of the tokenizer JSON to write")
+    t.set_defaults(func=run_tokenizer_train)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from lowmem.data import open_source, train_bpe
+
+    source = open_source(args.data, "train", args.text_field)
+    tokenizer = train_bpe(source, args.vocab_size, args.output)
+    print(f"wrote {args.output}: byte-level BPE, vocabulary {tokenizer.vocab_size}, trained on {args.data}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowmem", description="Memory-efficient LLM pretraining.")
+    subparsers = parser.add_subparsers(dest="command")
+    add_train_parser(subparsers)
+    add_tokenizer_parser(subparsers)
+    from lowmem.memory.cli import add_parser as add_memory_parser
+
+    add_memory_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except LowmemError as err:
+        print(f"lowmem: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowmem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

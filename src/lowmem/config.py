@@ -1,0 +1,183 @@
+"""Run configuration: dataclasses for model, data, optimizer and training, loaded from YAML and
+overridden from the command line.
+
+A config is plain data (strings, numbers, lists, dicts) so it round-trips through YAML and is stored
+in every run directory and checkpoint. `results_affecting_differences` says which changes alter a
+run's results, which is what a resume refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowmem.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
+SEQ_MODES = ("pad", "pack")
+DISTRIBUTED_MODES = ("ddp", "fsdp2")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # builtin | c4 | a path, directory or glob of json/jsonl(.gz)/txt/parquet
+    text_field: str = "text"
+    tokenizer: str = "bpe"  # bpe (trained here, cached) | a Hugging Face name or path, e.g. t5-base
+    vocab_size: int = 8192  # for the trained BPE; a named tokenizer brings its own
+    seq_len: int = 256
+    seq_mode: str = "pad"  # pad: one document per sequence (the papers'); pack: documents joined by EOS
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float | None = None  # None: the method's preset or default for this model size
+    hparams: dict[str, Any] = field(default_factory=dict)  # further method hyperparameters
+    # Periodic interventions, e.g. [{"name": "momentum-reset", "every": 200}].
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step, over all ranks and micro-batches
+    micro_batch_size: int = 16  # sequences per forward pass on one rank
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1
+    clip_grad_norm: float = 0.0  # 0: no clipping (the papers' protocol below 7B)
+    precision: str = "fp32"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    distributed: str = "ddp"  # used only under torchrun: ddp | fsdp2
+    eval_every: int = 0  # 0: only at the end
+    eval_tokens: int = 100_000  # non-pad validation tokens per evaluation (papers: 10M)
+    legacy_perplexity: bool = False  # also report the papers' (sum of batch means)/(batches+1) figure
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    skip_nonfinite: int = 0  # how many non-finite-loss steps may be skipped before stopping
+    output_dir: str = "runs/latest"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: str = "cpu-small"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        raw = dict(raw or {})
+        sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "model":
+                kwargs["model"] = value
+            elif key in sections:
+                kwargs[key] = _build_section(sections[key], value or {}, key)
+            else:
+                raise ConfigError(f"unknown config section {key!r}; sections are: model, data, optim, train")
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        t, d = self.train, self.data
+        if t.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if d.seq_mode not in SEQ_MODES:
+            raise ConfigError(f"unknown sequence mode {d.seq_mode!r}; choose one of: {', '.join(SEQ_MODES)}")
+        if t.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"unknown distributed mode {t.distributed!r}; choose one of: {', '.join(DISTRIBUTED_MODES)}")
+        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
+            value = getattr(t, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        if d.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be a positive integer, got {d.seq_len!r}")
+        if not 0 <= t.warmup_ratio <= 1 or not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError("train.warmup_ratio and train.min_lr_ratio must lie in [0, 1]")
+        if self.optim.lr is not None and self.optim.lr < 0:
+            raise ConfigError(f"optim.lr must be >= 0, got {self.optim.lr}")
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in section {section!r}; valid keys: {', '.join(sorted(names))}"
+        )
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults) and apply dotted overrides like {"train.steps": 10}."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping with sections model/data/optim/train")
+    merged = RunConfig.from_dict(raw).to_dict()
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value)
+    return RunConfig.from_dict(merged)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = target
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a config section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# Settings that change only how a run is watched, never what it computes: a resume may change them.
+HARMLESS = {
+    "train.eval_every", "train.log_every", "train.progress", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.output_dir", "train.skip_nonfinite", "data.cache_dir",
+    "train.legacy_perplexity",
+}
+
+
+def results_affecting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Lines 'key: old -> new' for every difference between two config dicts that alters results."""
+    differences = []
+    for key in sorted(set(_flatten(old)) | set(_flatten(new))):
+        a, b = _flatten(old).get(key), _flatten(new).get(key)
+        if a != b and key not in HARMLESS:
+            differences.append(f"{key}: {a!r} -> {b!r}")
+    return differences
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "hparams":
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,227 @@
+"""Checkpoints that resume exactly and load with `torch.load(weights_only=True)` only.
+
+A checkpoint is one file per rank, `<run>/checkpoints/step-XXXXXXXX/rank-R.pt`, holding the model and
+optimizer state (DTensor shards stored as their local tensors), step and tokens seen, the data
+loader's position, every RNG state, the interventions' state and the run config. The step directory
+is written under a temporary name and renamed when every rank has finished, so a checkpoint either
+exists whole or not at all; the newest K are kept. lowmem never unpickles arbitrary objects: a file
+that needs `weights_only=False` is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowmem.errors import CheckpointError
+
+FORMAT = "lowmem-checkpoint-1"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _local(value: Any) -> Any:
+    """Replace DTensors by their local shards, recursively (the saved form)."""
+    if _is_dtensor(value):
+        return value.to_local().detach().clone()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local(v) for v in value)
+    return value
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _python_rng_to_tensor(),
+        "numpy": _numpy_rng_to_plain(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), None if gauss is None else float(gauss)))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_rng_to_tensor() -> tuple:
+    version, internal, gauss = random.getstate()
+    return (version, torch.tensor(internal, dtype=torch.int64), gauss)
+
+
+def _numpy_rng_to_plain() -> tuple:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: _local(p) for name, p in _unwrap(model).state_dict().items()}
+
+
+def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    target = _unwrap(model)
+    current = target.state_dict()
+    missing = set(current) - set(saved)
+    unexpected = set(saved) - set(current)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+            "resume with the model config the checkpoint was written with"
+        )
+    with torch.no_grad():
+        for name, tensor in current.items():
+            local = tensor.to_local() if _is_dtensor(tensor) else tensor
+            if local.shape != saved[name].shape:
+                raise CheckpointError(
+                    f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, the model's is "
+                    f"{tuple(local.shape)}; resume with the same model and number of processes"
+                )
+            local.copy_(saved[name])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return _local(optimizer.state_dict())
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a saved optimizer state; state tensors shaped like a DTensor parameter's shard become
+    DTensors again with that parameter's mesh and placements."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not _is_dtensor(param) or param not in optimizer.state:
+                continue
+            from torch.distributed.tensor import DTensor
+
+            state = optimizer.state[param]
+            local_shape = param.to_local().shape
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not _is_dtensor(value) and value.shape == local_shape and value.dim() > 0:
+                    state[key] = DTensor.from_local(
+                        value.to(param.to_local().device), param.device_mesh, param.placements,
+                        shape=param.shape, stride=param.stride(),
+                    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"step-{step:08d}"
+
+
+def save(run_dir: Path, step: int, payload: dict[str, Any], rank: int = 0, world_size: int = 1,
+         keep: int = 2, barrier=None) -> Path:
+    """Write this rank's part of the checkpoint for `step` atomically; return the step directory."""
+    final = step_dir(run_dir, step)
+    staging = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if barrier:
+        barrier()
+    body = {"format": FORMAT, "rank": rank, "world_size": world_size, **payload}
+    part = staging / f"rank-{rank}.pt"
+    torch.save(body, part.with_suffix(".pt.partial"))
+    os.replace(part.with_suffix(".pt.partial"), part)
+    if barrier:
+        barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier:
+        barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
+
+
+def resolve(path_or_run: str | Path, world_size: int = 1) -> Path:
+    """A checkpoint step directory from a run directory (its newest), a step directory or a rank file."""
+    path = Path(path_or_run)
+    if path.is_file():
+        path = path.parent
+    if (path / CHECKPOINT_DIR).is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"run directory {path} holds no complete checkpoint to resume from")
+        return found[-1]
+    if path.is_dir() and any(path.glob("rank-*.pt")):
+        return path
+    raise CheckpointError(
+        f"{path} is neither a run directory with checkpoints nor a checkpoint; pass --resume with a run "
+        "directory (its newest checkpoint is used) or a checkpoints/step-N directory"
+    )
+
+
+def load(step_directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Load this rank's part of a checkpoint with weights_only=True, with errors that name the file."""
+    part = Path(step_directory) / f"rank-{rank}.pt"
+    if not part.is_file():
+        present = sorted(p.name for p in Path(step_directory).glob("rank-*.pt"))
+        raise CheckpointError(
+            f"{part} is missing (the checkpoint holds {present}); resume with the same number of processes "
+            "it was written with"
+        )
+    try:
+        body = torch.load(part, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure is reported with the file's name
+        text = str(err)
+        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+            raise CheckpointError(
+                f"{part} needs torch.load(weights_only=False), which lowmem refuses: it would execute "
+                "arbitrary pickled code. Only checkpoints of plain tensors and numbers are loaded."
+            ) from None
+        raise CheckpointError(
+            f"{part} is truncated or corrupt ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+            "resume from an earlier checkpoint in the same directory"
+        ) from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CheckpointError(f"{part} is not a lowmem checkpoint (format {body.get('format') if isinstance(body, dict) else type(body).__name__})")
+    if body["world_size"] != world_size:
+        raise CheckpointError(
+            f"{part} was written by {body['world_size']} process(es), this run has {world_size}; "
+            "resume with the same number of processes"
+        )
+    return body

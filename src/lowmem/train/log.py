@@ -1,0 +1,97 @@
+"""What a run writes for people: metrics.jsonl, summary.json, the loss-curve PNG, the final table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl; on resume, drops lines past the step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["val_perplexity"]) for r in records if "val_perplexity" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation perplexity")
+        ax2.set_ylabel("validation perplexity")
+        ax2.set_yscale("log")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    memory = summary.get("memory", {})
+    rows = [
+        ("validation perplexity", f"{summary['val_perplexity']:.2f}  (start {summary['initial_val_perplexity']:.2f})"),
+    ]
+    if summary.get("val_legacy_perplexity") is not None:
+        rows.append(("legacy perplexity (papers' code)", f"{summary['val_legacy_perplexity']:.2f}"))
+    rows += [
+        ("tokens trained", f"{summary['tokens']:,}"),
+        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+    ]
+    if "parameter_bytes" in memory:
+        rows.append(("weights", format_bytes(memory["parameter_bytes"])))
+        rows.append(("optimizer state", format_bytes(memory["optimizer_state_bytes"])))
+    if "peak_bytes" in memory:
+        rows.append((f"peak memory ({memory.get('peak_measure', 'measured')})", format_bytes(memory["peak_bytes"])))
+    if "estimate_paper_gb" in memory:
+        rows.append(("papers' memory (2 B x (weights + states))", f"{memory['estimate_paper_gb']:.4f} GB"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{summary['model']} + {summary['optimizer']} on {summary['data']}"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
