@@ -1,0 +1,90 @@
+"""Training throughput of lowmem's LLaMA vs transformers' LlamaForCausalLM, same config and batch.
+
+Both models get the same weights, batch, precision and optimizer (torch AdamW); one training step is
+forward + cross-entropy + backward + optimizer step. The two alternate over several rounds in one
+process and the median tokens/s of each is reported with their ratio (goal: lowmem >= 1.2x).
+
+    python benchmarks/bench_model_throughput.py --model cpu-small --batch 8 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lowmem.models import build_model, resolve_config
+
+
+def hf_twin(ours):
+    import transformers
+
+    c = ours.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads, num_hidden_layers=c.num_layers,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attn_implementation="sdpa",
+    )
+    hf = transformers.LlamaForCausalLM(hf_config)
+    hf.model.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("lm_head")}, strict=False)
+    hf.lm_head.weight.data.copy_(ours.lm_head.weight.data)
+    return hf
+
+
+def step_fn(model, optimizer, tokens, is_hf, dtype):
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16-autocast"):
+        logits = model(inputs).logits if is_hf else model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="cpu-small")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    ours = build_model(args.model, vocab_size=args.vocab_size)
+    hf = hf_twin(ours)
+    contenders = {
+        "lowmem": (ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), False),
+        "transformers": (hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), True),
+    }
+    tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1))
+    for model, opt, is_hf in contenders.values():  # warm up allocators and kernels
+        step_fn(model, opt, tokens, is_hf, args.precision)
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, (model, opt, is_hf) in contenders.items():
+            start = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step_fn(model, opt, tokens, is_hf, args.precision)
+            rates[name].append(args.steps_per_round * args.batch * args.seq_len / (time.perf_counter() - start))
+    config = resolve_config(args.model, vocab_size=args.vocab_size)
+    print(f"model {args.model} ({config.hidden_size}x{config.num_layers}, vocab {args.vocab_size}), "
+          f"batch {args.batch}x{args.seq_len}, {args.precision}, threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds x {args.steps_per_round} steps")
+    for name, values in rates.items():
+        print(f"  {name:13s} median {statistics.median(values):9.0f} tokens/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
+    ratio = statistics.median(rates["lowmem"]) / statistics.median(rates["transformers"])
+    print(f"  ratio lowmem / transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
