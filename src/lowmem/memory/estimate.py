@@ -1,0 +1,309 @@
+"""The memory a training run will need, predicted before it starts.
+
+    est = estimate_memory("llama-7b", "scale")
+    est.paper_gb   # 13.74: the papers' convention, 2 bytes x (weight + optimizer-state elements) / 1e9
+    est.total      # bytes in full: weights + gradients + optimizer states + activations
+
+Optimizer state is not a formula kept beside each method (it would drift from the code): the model is
+built on the meta device (no memory), given meta gradients, and the real optimizer from the registry
+takes two steps there; the state tensors it creates are then counted. Only a method whose step cannot
+run on meta falls back to a formula declared below, and the estimate says so (`state_source`).
+
+What the papers' convention counts (docs/protocol.md): 2 bytes per weight element and per
+optimizer-state element, GB = 1e9 bytes, no gradients, no activations. A state *element* here is an
+element of a state tensor with at least one dimension. Zero-dimensional state tensors (step counters,
+per-tensor norm EMAs, clipping thresholds) are bookkeeping: the papers do not count them — the SCALE
+cell of methods.md §10 is exactly 2 bytes x (weights + head momentum + Adam m, v of the norm gains),
+with no step counters — so they are reported apart (`bookkeeping_elements`) and left out of
+`paper_gb`; their bytes are in `optimizer_states` (the full figure).
+
+Precision (what the trainer's --precision does):
+  fp32           weights, gradients, optimizer states and activations in fp32
+  bf16-autocast  fp32 weights, gradients and states; matmuls in bf16 under torch.autocast
+  bf16-pure      the whole model cast to bf16 (the papers' setting): 2 bytes for weights, gradients,
+                 states (each state tensor at the dtype the optimizer gives it) and most activations
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+import lowmem.optim
+from lowmem.errors import ConfigError
+from lowmem.memory.measure import iter_state_tensors, optimizer_state_bytes
+from lowmem.models.llama import LlamaConfig, build_model, resolve_config
+from lowmem.optim.roles import named_roles
+
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
+PAPER_BYTES_PER_ELEMENT = 2
+GB = 1e9
+# Steps taken on meta before the state is counted: the second catches state created lazily after
+# the first step; meta steps cost no memory and milliseconds even at 7B.
+META_STEPS = 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one training configuration; bytes unless the name says otherwise."""
+
+    model: str
+    optimizer: str
+    hparams: dict[str, Any]
+    precision: str
+    batch_size: int
+    seq_len: int
+    activation_checkpointing: bool
+    weight_elements: int
+    optimizer_state_elements: int  # elements of state tensors with >= 1 dimension (papers' count)
+    bookkeeping_elements: int  # elements of 0-dim state tensors (step counters etc.), not in paper_gb
+    state_elements_by_role: dict[str, int]
+    weights: int
+    gradients: int
+    optimizer_states: int  # every state tensor at its real dtype, bookkeeping included
+    activations: int
+    state_source: str  # "meta step" or "formula (...why...)"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.activations
+
+    @property
+    def paper_bytes(self) -> int:
+        return PAPER_BYTES_PER_ELEMENT * (self.weight_elements + self.optimizer_state_elements)
+
+    @property
+    def paper_gb(self) -> float:
+        return self.paper_bytes / GB
+
+
+def _dtypes(precision: str) -> tuple[torch.dtype, int, int]:
+    """(weight dtype, activation bytes, residual-stream bytes)."""
+    if precision == "fp32":
+        return torch.float32, 4, 4
+    if precision == "bf16-autocast":
+        return torch.float32, 2, 4  # the residual stream stays fp32: embedding + bf16 branches
+    if precision == "bf16-pure":
+        return torch.bfloat16, 2, 2
+    raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def _config(model: str | LlamaConfig, vocab_size: int | None) -> LlamaConfig:
+    try:
+        config = resolve_config(model, vocab_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if config.vocab_size is None:
+        raise ConfigError(
+            f"model {model!r} takes its vocabulary size from the tokenizer; pass vocab_size= "
+            "(on the command line: --vocab-size N)"
+        )
+    return config
+
+
+def activation_bytes(config: LlamaConfig, batch_size: int, seq_len: int, precision: str,
+                     activation_checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for backward after one forward of a micro-batch, plus the logits.
+
+    b = batch_size, s = seq_len, h = hidden, f = intermediate, a = heads, V = vocab, L = layers;
+    A = activation bytes (4 fp32, else 2), X = residual-stream bytes (2 under bf16-pure, else 4).
+    Per LLaMA block (what lowmem's model saves; checked against saved_tensors_hooks in the tests):
+      two RMSNorms: each keeps its fp32 input (the residual itself when X = 4, else an fp32 copy),
+        the normalized tensor (A under bf16-pure, 4 otherwise) and 1/rms (b*s fp32)
+      inputs of the projections: the norm output, once per sublayer — under autocast each Linear
+        keeps its own bf16 cast of it (3 for q/k/v, 2 for gate/up)
+      attention: rotated q, k, v and the output (4*b*s*h*A; o_proj's input is a view of the output)
+        and the log-sum-exp of flash attention (b*a*s fp32) — never an s x s matrix
+      MLP: gate, silu(gate), up and their product (4*b*s*f*A)
+    Once: the final norm and the head's input as above, the logits the training loop holds
+    (b*s*V*A), the fp32 log-softmax cross-entropy keeps (b*s*V*4), input ids and targets (int64).
+    Under bf16-autocast, autocast's bf16 copies of every Linear weight are saved too (2 bytes x
+    hidden + head elements).
+    With activation checkpointing (per block), only each block's input (b*s*h*X) is kept, plus one
+    block's worth while that block is recomputed in backward.
+    Not counted: gradients of activations and temporaries during backward, the allocator's
+    rounding and fragmentation, the rotary tables (buffers of the model).
+    """
+    _, act, resid = _dtypes(precision)
+    b, s, h, f, a, vocab = batch_size, seq_len, config.hidden_size, config.intermediate_size, config.num_heads, config.vocab_size
+    tokens = b * s
+    normalized = act if precision == "bf16-pure" else 4
+    norm = tokens * h * (4 + normalized) + tokens * 4
+    attn_inputs, mlp_inputs = (3, 2) if precision == "bf16-autocast" else (1, 1)
+    linear_input = act if precision != "fp32" else 4
+    per_block = (
+        2 * norm
+        + tokens * h * (attn_inputs + mlp_inputs) * linear_input
+        + 4 * tokens * h * act
+        + b * a * s * 4
+        + 4 * tokens * f * act
+    )
+    head = norm + tokens * h * linear_input + tokens * vocab * (act + 4) + 2 * tokens * 8
+    if activation_checkpointing:
+        blocks = config.num_layers * tokens * h * resid + per_block
+    else:
+        blocks = config.num_layers * per_block
+    autocast_weights = 0
+    if precision == "bf16-autocast":
+        layer_linear = 4 * h * h + 3 * h * f
+        autocast_weights = 2 * (config.num_layers * layer_linear + vocab * h)
+    return blocks + head + autocast_weights
+
+
+# Methods whose step cannot run on the meta device get their state from a formula here, named in
+# the estimate's state_source. Each maps (model, built optimizer) to the state's (role, shape, dtype).
+StateFormula = Callable[[nn.Module, torch.optim.Optimizer], list[tuple[str, tuple[int, ...], torch.dtype]]]
+STATE_FORMULAS: dict[str, StateFormula] = {}
+
+
+def _meta_model(config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
+    model = build_model(config, device="meta").to(dtype)
+    for param in model.parameters():
+        param.grad = torch.empty_like(param)
+    return model
+
+
+def _build_optimizer(name: str, model: nn.Module, preset: str | None, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+    try:
+        return lowmem.optim.build(name, model, preset=preset, **hparams)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _count_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int]:
+    """(state elements with >= 1 dim, 0-dim elements, elements by role, bytes) of a stepped optimizer."""
+    roles = named_roles(model)
+    role_of = {id(p): roles[name] for name, p in model.named_parameters() if name in roles}
+    by_role: dict[str, int] = {}
+    elements = bookkeeping = 0
+    seen: set[int] = set()
+    for param, _, tensor in iter_state_tensors(optimizer):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if tensor.dim() == 0:
+            bookkeeping += tensor.numel()
+            continue
+        elements += tensor.numel()
+        role = role_of.get(id(param), "other")
+        by_role[role] = by_role.get(role, 0) + tensor.numel()
+    return elements, bookkeeping, by_role, optimizer_state_bytes(optimizer)
+
+
+def _count_formula(name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int]:
+    by_role: dict[str, int] = {}
+    elements = nbytes = 0
+    for role, shape, dtype in STATE_FORMULAS[name](model, optimizer):
+        numel = 1
+        for size in shape:
+            numel *= size
+        elements += numel
+        nbytes += numel * torch.empty((), dtype=dtype).element_size()
+        by_role[role] = by_role.get(role, 0) + numel
+    return elements, 0, by_role, nbytes
+
+
+def estimate_memory(
+    model: str | LlamaConfig,
+    optimizer: str,
+    hparams: dict[str, Any] | None = None,
+    *,
+    vocab_size: int | None = None,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    precision: str = "bf16-pure",
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Predict the memory of training `model` with `optimizer` (see the module docstring).
+
+    `model` is a preset name (its name also picks the optimizer's per-size defaults, as in training)
+    or a LlamaConfig; `hparams` override the optimizer's defaults. Raises ConfigError for an unknown
+    preset, optimizer, hyperparameter or precision.
+    """
+    hparams = dict(hparams or {})
+    weight_dtype, _, _ = _dtypes(precision)
+    if batch_size < 1 or seq_len < 1:
+        raise ConfigError(f"batch_size {batch_size} and seq_len {seq_len} must both be >= 1")
+    config = _config(model, vocab_size)
+    if seq_len > config.max_seq_len:
+        raise ConfigError(
+            f"seq_len {seq_len} is above the model's maximum sequence length {config.max_seq_len}; "
+            f"use {config.max_seq_len} or less"
+        )
+    preset = model if isinstance(model, str) else None
+    meta = _meta_model(config, weight_dtype)
+    opt = _build_optimizer(optimizer, meta, preset, hparams)
+    notes: list[str] = []
+    try:
+        for _ in range(META_STEPS):
+            opt.step()
+        counted = _count_state(meta, opt)
+        source = "meta step"
+    except (RuntimeError, NotImplementedError) as err:
+        if optimizer not in STATE_FORMULAS:
+            raise RuntimeError(
+                f"optimizer {optimizer!r} cannot step on the meta device ({err}) and has no declared "
+                "state formula in lowmem.memory.estimate.STATE_FORMULAS; make its step meta-safe or add one"
+            ) from err
+        opt = _build_optimizer(optimizer, meta, preset, hparams)
+        counted = _count_formula(optimizer, meta, opt)
+        source = f"formula (its step fails on the meta device: {str(err).splitlines()[0]})"
+        notes.append(f"optimizer state of {optimizer!r} comes from a declared formula, not from its code")
+    elements, bookkeeping, by_role, state_bytes = counted
+    weight_elements = sum(p.numel() for p in meta.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    return MemoryEstimate(
+        model=model if isinstance(model, str) else "custom",
+        optimizer=optimizer,
+        hparams=hparams,
+        precision=precision,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        activation_checkpointing=activation_checkpointing,
+        weight_elements=weight_elements,
+        optimizer_state_elements=elements,
+        bookkeeping_elements=bookkeeping,
+        state_elements_by_role=by_role,
+        weights=weight_bytes,
+        gradients=weight_bytes,
+        optimizer_states=state_bytes,
+        activations=activation_bytes(config, batch_size, seq_len, precision, activation_checkpointing),
+        state_source=source,
+        notes=tuple(notes),
+    )
+
+
+def accepted_hparams(optimizer: str) -> set[str]:
+    """The hyperparameter names optimizer `optimizer`'s constructor takes (ConfigError if unknown)."""
+    if optimizer not in lowmem.optim.available():
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(lowmem.optim.available())}")
+    cls = lowmem.optim.REGISTRY[optimizer].load()
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+
+
+def compare(
+    model: str | LlamaConfig,
+    optimizers: Sequence[str],
+    hparams: dict[str, Any] | None = None,
+    **options: Any,
+) -> list[MemoryEstimate]:
+    """Estimates for several optimizers on one model, in the given order.
+
+    `hparams` are shared: each optimizer gets those its constructor accepts (a `--rank` applies to
+    the low-rank methods and is ignored by AdamW). `options` are estimate_memory's keyword options.
+    """
+    hparams = dict(hparams or {})
+    estimates = []
+    for name in optimizers:
+        accepted = accepted_hparams(name)
+        estimates.append(estimate_memory(model, name, {k: v for k, v in hparams.items() if k in accepted}, **options))
+    return estimates
+
+
+__all__ = ["GB", "PRECISIONS", "MemoryEstimate", "STATE_FORMULAS", "accepted_hparams", "activation_bytes",
+           "compare", "estimate_memory"]
