@@ -1,0 +1,230 @@
+"""Adam-mini (Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", arXiv 2406.16793).
+
+Adam with one second-moment scalar per block of a tensor instead of one per entry:
+
+  W  *= 1 - lr*wd                                        (decoupled decay, first)
+  m   = beta1*m + (1-beta1)*g                            (per entry, as Adam)
+  v_b = beta2*v_b + (1-beta2)*mean_{i in b}(g_i^2)       (one scalar per block b)
+  W_i -= lr * (m_i/(1-beta1^t)) / (sqrt(v_b/(1-beta2^t)) + eps)
+
+Blocks follow the paper's Hessian-structure partition. A tensor is viewed as [size(0), -1] (a 1-D
+tensor as [n, 1]) and a block is `rows_per_block` consecutive rows:
+
+  q and k projections   one block per attention head      rows_per_block = head_dim
+  v, o, MLP matrices    one block per output neuron       rows_per_block = 1
+  embedding, head       one block per token (a vocab row) rows_per_block = 1
+  1-D (norm gains)      one block for the whole tensor    rows_per_block = size(0)
+
+How the blocks are chosen. A param group may carry `rows_per_block` (an int dividing size(0) of
+every tensor of the group); without it (the default, and every group of
+`lowmem.optim.param_groups(model)`) a tensor of >= 2 dims gets one block per row and a 1-D tensor
+one block in all — so plain `AdamMini(model.parameters())` and role groups are per-row / per-tensor.
+Heads are structure, not roles: `adam_mini_param_groups(model)` returns the role groups with each
+attention module's q and k weights moved into a group with `rows_per_block = head_dim`. It finds
+attention modules by structure (a module with an integer `head_dim` and nn.Linear children
+`q_proj`, `k_proj`: lowmem's LLaMA and Hugging Face's), never by parameter-name substrings.
+`lowmem.optim.build("adam-mini", model)` receives only `param_groups(model)`, so until the registry
+lets a method supply its own groups it gives q and k per-row blocks; use
+`AdamMini(adam_mini_param_groups(model))` for the paper's partition.
+
+State per tensor: `step` (float32 scalar), `exp_avg` (the tensor's shape), `exp_avg_sq` (shape
+[n_blocks]). The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
+`n_heads` arguments into the same blocks; tests/test_adam_mini.py checks equality with it.
+
+FSDP2 (DTensor shards). `exp_avg` is sharded like the parameter; `exp_avg_sq` is kept whole on every
+rank (n_blocks floats per tensor, e.g. 32000 for a 32000-row embedding: < 0.2% of the tensor's
+entries), because a block may straddle two ranks' rows (a head split by an uneven shard) and a 1-D
+tensor's single block always does. Each rank sums g^2 over its local rows into per-block partial
+sums, and one all-reduce per step (of all tensors' partial sums together, sum_t n_blocks floats)
+completes them; every rank then updates its own rows. No gather of any tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from lowmem.optim import Method, register
+from lowmem.optim.base import check_beta, check_grad, check_nonneg
+from lowmem.optim.roles import param_groups
+
+
+def adam_mini_param_groups(model: nn.Module, **per_role: dict[str, Any]) -> list[dict[str, Any]]:
+    """`param_groups(model, **per_role)` with attention q/k weights in per-head groups (see module doc)."""
+    groups = param_groups(model, **per_role)
+    head_dims: dict[int, int] = {}  # id(weight) -> head_dim
+    for module in model.modules():
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+            continue
+        for child in ("q_proj", "k_proj"):
+            linear = getattr(module, child, None)
+            if isinstance(linear, nn.Linear) and linear.weight.requires_grad:
+                head_dims[id(linear.weight)] = head_dim
+    out = []
+    for group in groups:
+        if group["role"] != "hidden":
+            out.append(group)
+            continue
+        rest = [p for p in group["params"] if id(p) not in head_dims]
+        if rest:
+            out.append({**group, "params": rest})
+        for head_dim in sorted(set(head_dims.values())):
+            heads = [p for p in group["params"] if head_dims.get(id(p)) == head_dim]
+            if heads:
+                out.append({**group, "params": heads, "rows_per_block": head_dim})
+    return out
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.size(0) if t.dim() > 0 else 1
+
+
+def block_rows(param: torch.Tensor, rows_per_block: int | None) -> int:
+    """Rows per block of `param`: the group's setting, else 1 for matrices and all rows for vectors."""
+    if rows_per_block is not None:
+        return rows_per_block
+    return 1 if param.dim() >= 2 else _rows(param)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's part of `tensor` as a [local_rows, -1] view (writes reach the tensor), and the
+    global index of its first row."""
+    if not _is_dtensor(tensor):
+        return tensor.view(_rows(tensor), -1), 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = tensor.to_local()
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return local.view(_rows(local), -1), (offset[0] if offset else 0)
+
+
+def _sharded_groups(param: torch.Tensor) -> tuple:
+    """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
+    if not _is_dtensor(param):
+        return ()
+    mesh = param.device_mesh
+    return tuple(mesh.get_group(i) for i, placement in enumerate(param.placements) if placement.is_shard())
+
+
+def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=dist.ReduceOp.SUM) -> None:
+    """Complete per-tensor partial reductions in place: one flat all-reduce per distinct sharding."""
+    by_groups: dict[tuple, list[torch.Tensor]] = {}
+    for partial, pgs in zip(partials, groups):
+        if pgs:
+            by_groups.setdefault(pgs, []).append(partial)
+    for pgs, tensors in by_groups.items():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        for pg in pgs:
+            dist.all_reduce(flat, op=op, group=pg)
+        torch._foreach_copy_(tensors, list(flat.split([t.numel() for t in tensors])))
+
+
+def _check_settings(group: dict[str, Any]) -> None:
+    check_nonneg("lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"invalid betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
+    check_beta("betas[0]", betas[0])
+    check_beta("betas[1]", betas[1])
+    check_nonneg("eps", group["eps"])
+    check_nonneg("weight_decay", group["weight_decay"])
+    rows_per_block = group.get("rows_per_block")
+    if rows_per_block is None:
+        return
+    if not isinstance(rows_per_block, int) or isinstance(rows_per_block, bool) or rows_per_block < 1:
+        raise ValueError(f"invalid rows_per_block: {rows_per_block!r}; it must be an integer >= 1 (or absent)")
+    for p in group["params"]:
+        if _rows(p) % rows_per_block:
+            raise ValueError(
+                f"rows_per_block {rows_per_block} does not divide the {_rows(p)} rows of a parameter of shape "
+                f"{tuple(p.shape)}; a block must be whole rows of one tensor"
+            )
+
+
+class AdamMini(Optimizer):
+    """Adam-mini: Adam with one second moment per block; see the module docstring for the blocks.
+
+    Args:
+        params: parameters or param groups; `adam_mini_param_groups(model)` gives the paper's partition.
+            A group may set `rows_per_block` (consecutive rows sharing one second moment).
+        lr, betas, eps: as Adam (eps added to the bias-corrected sqrt(v)).
+        weight_decay: decoupled, `W *= 1 - lr * weight_decay` before the update.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rows_per_block=None)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_settings(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Pass 1: per-block partial sums of g^2 over local rows; then one all-reduce completes them.
+        work, partials, shardings = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                check_grad(p)
+                rows_per_block = block_rows(p, group["rows_per_block"])
+                n_blocks = _rows(p) // rows_per_block
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros(n_blocks, dtype=p.dtype, device=_local_rows(p)[0].device)
+                grad, first_row = _local_rows(p.grad)
+                block_of_row = torch.arange(first_row, first_row + grad.size(0), device=grad.device) // rows_per_block
+                row_sq = torch.linalg.vector_norm(grad, dim=1).square_()
+                partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
+                work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // _rows(p))))
+                partials.append(partial)
+                shardings.append(_sharded_groups(p))
+        all_reduce_partials(partials, shardings)
+        # Pass 2: the Adam-mini update of each rank's own rows.
+        for (group, p, grad, block_of_row, block_numel), block_sq in zip(work, partials):
+            state = self.state[p]
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            state["step"] += 1
+            t = state["step"].item()
+            param, _ = _local_rows(p)
+            exp_avg, _ = _local_rows(state["exp_avg"])
+            exp_avg_sq = state["exp_avg_sq"]
+            if group["weight_decay"]:
+                param.mul_(1 - lr * group["weight_decay"])
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+            param.addcdiv_(exp_avg, denom[block_of_row].unsqueeze(1), value=-lr / (1 - beta1**t))
+        return loss
+
+
+register(
+    "adam-mini",
+    Method("lowmem.optim.adam_mini:AdamMini",
+           "Adam-mini: Adam with one second moment per block (per row; per head via adam_mini_param_groups)"),
+)
