@@ -206,6 +206,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     model.train()
     batches = iter(loader)
     window_seconds, window_tokens, train_seconds = 0.0, 0, 0.0
+    last_gradient_bytes = 0
     stop = _StopRequest()
     with stop:
         while step < t_cfg.steps:
@@ -234,6 +235,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
                 loss_sum += micro_loss.detach().double().cpu()
             loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)
 
+            log_now = (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.steps
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -249,7 +251,10 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
                 if t_cfg.clip_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad_norm)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            # Measured while gradients still exist, so gradient bytes are real, not zero.
+            memory = _memory_snapshot(core, optimizer) if log_now else {}
+            last_gradient_bytes = memory.get("gradient_bytes", last_gradient_bytes)
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += global_targets
             for intervention in interventions:
@@ -260,10 +265,9 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
             window_seconds += step_seconds
             window_tokens += global_targets
 
-            if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+            if log_now:
                 record = {"step": step, "tokens": tokens, "loss": loss, "lr": factor * optimizer.param_groups[0]["initial_lr"],
-                          "tokens_per_second": window_tokens / max(window_seconds, 1e-9)}
-                record.update(_memory_snapshot(core, optimizer))
+                          "tokens_per_second": window_tokens / max(window_seconds, 1e-9), **memory}
                 if metrics:
                     metrics.write(record)
                 if progress:
@@ -299,7 +303,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
         "val_tokens": final.tokens, "initial_val_perplexity": initial_eval.perplexity,
         "tokens_per_second": tokens / max(train_seconds, 1e-9), "wall_seconds": train_seconds,
         "skipped_steps": skipped, "checkpoint": str(last_checkpoint),
-        "memory": {**_memory_snapshot(core, optimizer),
+        "memory": {**_memory_snapshot(core, optimizer), "gradient_bytes": last_gradient_bytes,
                    **_memory_estimate(config, tokenizer.vocab_size, hparams)},
     }
     if info.is_main:
