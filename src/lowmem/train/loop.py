@@ -297,7 +297,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     last_checkpoint = save_checkpoint()
     summary = {
         "model": config.model, "optimizer": config.optim.name, "data": d_cfg.source,
-        "parameters": n_params, "steps": step, "tokens": tokens,
+        "parameters": n_params, "vocab_size": tokenizer.vocab_size, "steps": step, "tokens": tokens,
         "val_loss": final.loss, "val_perplexity": final.perplexity,
         "val_legacy_perplexity": final.legacy_perplexity if t_cfg.legacy_perplexity else None,
         "val_tokens": final.tokens, "initial_val_perplexity": initial_eval.perplexity,

@@ -1,0 +1,118 @@
+"""The trainer end to end: a run directory, falling perplexity, schedule, config and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from lowmem.cli import main as cli_main
+from lowmem.config import RunConfig, load_config, results_affecting_differences
+from lowmem.errors import ConfigError
+from lowmem.models import build_model
+from lowmem.train.loop import train
+from lowmem.train.schedule import lr_factor
+
+from conftest import tiny_run_overrides
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    total = 100
+    assert lr_factor(0, total) == pytest.approx(0.1)
+    assert lr_factor(9, total) == pytest.approx(1.0)
+    assert lr_factor(10, total) == pytest.approx(1.0)
+    assert lr_factor(55, total) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(99, total) == pytest.approx(0.1, abs=2e-3)
+    factors = [lr_factor(s, total) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_short_run_writes_its_run_directory_and_lowers_perplexity(tiny_corpus, token_cache, tmp_path):
+    out = tmp_path / "run"
+    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, out, **{"train.steps": 30, "train.eval_every": 15}))
+    summary = train(config)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png"):
+        assert (out / name).exists(), name
+    assert summary["val_perplexity"] < 0.5 * summary["initial_val_perplexity"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["val_perplexity"] == pytest.approx(summary["val_perplexity"])
+    assert on_disk["tokens"] > 0 and on_disk["tokens_per_second"] > 0
+    memory = on_disk["memory"]
+    n_tensors = len(list(build_model("cpu-tiny", vocab_size=summary["vocab_size"], device="meta").parameters()))
+    # AdamW: two moments per weight plus one float32 step counter per tensor.
+    assert memory["optimizer_state_bytes"] == 2 * memory["parameter_bytes"] + 4 * n_tensors
+    assert memory["gradient_bytes"] == memory["parameter_bytes"]
+    assert memory["peak_bytes"] > 0 and memory["peak_measure"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert {"loss", "lr", "tokens", "tokens_per_second", "optimizer_state_bytes"} <= set(train_records[0])
+    assert [r["step"] for r in records if "val_perplexity" in r] == [0, 15, 30]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
+
+
+def test_pad_tokens_are_excluded_and_pack_mode_counts_every_position(tiny_corpus, token_cache, tmp_path):
+    pad = train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "pad", **{"train.steps": 3, "data.seq_len": 128})))
+    pack = train(load_config(overrides=tiny_run_overrides(
+        tiny_corpus, token_cache, tmp_path / "pack", **{"train.steps": 3, "data.seq_len": 128, "data.seq_mode": "pack"})))
+    assert pack["tokens"] == 3 * 4 * 128  # packed: every position is a target
+    assert pad["tokens"] < pack["tokens"]  # padded documents are shorter than 128 tokens
+
+
+def test_gradient_accumulation_gives_the_same_first_step_as_one_big_batch(tiny_corpus, token_cache, tmp_path):
+    one = train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "a", **{"train.steps": 2})))
+    accumulated = train(load_config(overrides=tiny_run_overrides(
+        tiny_corpus, token_cache, tmp_path / "b", **{"train.steps": 2, "train.micro_batch_size": 2})))
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+    assert one["tokens"] == accumulated["tokens"]
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="valid keys"):
+        RunConfig.from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(overrides={"train.precision": "fp8"})
+    with pytest.raises(ConfigError, match="seq_mode|sequence mode"):
+        load_config(overrides={"data.seq_mode": "chunk"})
+
+
+def test_results_affecting_differences_ignore_harmless_settings():
+    a = RunConfig().to_dict()
+    b = load_config(overrides={"train.eval_every": 7, "train.log_every": 3}).to_dict()
+    assert results_affecting_differences(a, b) == []
+    c = load_config(overrides={"optim.lr": 0.5, "optim.hparams": {"rank": 4}}).to_dict()
+    assert results_affecting_differences(a, c) == ["optim.hparams: {} -> {'rank': 4}", "optim.lr: None -> 0.5"]
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli_main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model", "llama-3b"], "unknown model preset 'llama-3b'; choose one of"),
+    (["--optimizer", "adamz"], "unknown optimizer 'adamz'; choose one of"),
+    (["--data", "/nonexistent/corpus/*.jsonl"], "/nonexistent/corpus"),
+    (["--batch-size", "6", "--micro-batch-size", "4"], "not divisible by micro-batch 4"),
+    (["--seq-len", "600"], "above the maximum sequence length 512"),
+    (["--precision", "fp8"], "unknown precision"),
+    (["--opt", "rankk=3"], "has no hyperparameter"),
+])
+def test_bad_input_is_a_named_error_with_a_fix_and_no_traceback(args, fragment, capsys, tiny_corpus, token_cache, tmp_path):
+    base = ["--model", "cpu-tiny", "--data", str(tiny_corpus), "--steps", "2", "--batch-size", "4",
+            "--micro-batch-size", "4", "--seq-len", "32", "--vocab-size", "320", "--no-progress",
+            "--output-dir", str(tmp_path / "run")]
+    code, err = _cli(capsys, *base, *args)
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+    assert not math.isnan(code)
+
+
+def test_list_optimizers_shows_the_registry(capsys):
+    assert cli_main(["train", "--list-optimizers"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw" in out
