@@ -6,7 +6,8 @@
 
 Optimizer state is not a formula kept beside each method (it would drift from the code): the model is
 built on the meta device (no memory), given meta gradients, and the real optimizer from the registry
-takes two steps there; the state tensors it creates are then counted. Only a method whose step cannot
+takes one step there; the state tensors it creates are then counted (tests/test_memory_measure.py
+checks, for every registered method, that a few real steps create exactly as many bytes). Only a method whose step cannot
 run on meta falls back to a formula declared below, and the estimate says so (`state_source`).
 
 What the papers' convention counts (docs/protocol.md): 2 bytes per weight element and per
@@ -42,9 +43,9 @@ from lowmem.optim.roles import named_roles
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
 PAPER_BYTES_PER_ELEMENT = 2
 GB = 1e9
-# Steps taken on meta before the state is counted: the second catches state created lazily after
-# the first step; meta steps cost no memory and milliseconds even at 7B.
-META_STEPS = 2
+# Steps taken on meta before the state is counted. Every registered method creates all of its state
+# on the first step (checked against real steps in the tests); more steps only cost time.
+META_STEPS = 1
 
 
 @dataclass(frozen=True)

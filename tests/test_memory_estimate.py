@@ -1,0 +1,251 @@
+"""Tests of lowmem.memory.estimate and `lowmem memory`: the papers' memory cells (methods.md §10), the
+activation formula against what autograd really saves, and the command's output and errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowmem.optim
+from lowmem.errors import ConfigError
+from lowmem.memory.cli import add_parser
+from lowmem.memory.estimate import activation_bytes, compare, estimate_memory
+from lowmem.models.llama import build_model, resolve_config
+
+SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
+LOW_RANK = dict(zip(SIZES, (128, 256, 256, 512)))  # GaLore's ranks, used by the table for GaLore, Fira, APOLLO
+
+# The README table of the SCALE paper (methods.md §10): 2 bytes x (weights + optimizer-state elements), GB = 1e9.
+PAPER_GB = {
+    "adamw": (0.35, 0.81, 2.21, 8.04),
+    "stable-spam": (0.35, 0.81, 2.21, 8.04),
+    "muon": (0.23, 0.54, 1.47, 5.36),
+    "galore": (0.28, 0.61, 1.59, 4.76),
+    "fira": (0.28, 0.61, 1.59, 4.76),
+    "apollo": (0.28, 0.61, 1.59, 4.76),
+    "apollo-mini": (0.25, 0.46, 1.00, 3.20),
+    "scale": (0.15, 0.32, 0.80, 2.81),
+}
+PAPER_GB_7B = {"scale": 13.74, "apollo-mini": 14.53, "muon": 26.95, "adamw": 40.43}
+
+# The Adam and Stable-SPAM rows at 60M-1B are the only cells that need another vocabulary: with the
+# preset's 32000 they give 0.35 / 0.80 / 2.21 / 8.03, with 32100 (len of the t5-base tokenizer:
+# 32000 + 100 sentinel ids, what a model sized by len(tokenizer) gets) all four cells agree. Every
+# other row, and Adam at 7B (40.43, 40.44 with 32100), is reproduced at 32000 and would break at
+# 32100 (GaLore 1B: 4.77, APOLLO-Mini 130M: 0.47). See docs/results.d/memory.md.
+T5_LEN_VOCAB = 32100
+VOCAB_OF_ROW = {"adamw": T5_LEN_VOCAB, "stable-spam": T5_LEN_VOCAB}
+
+# Cells that cannot be reproduced from lowmem's implementation, with the reason found.
+KNOWN_DISCREPANCIES = {
+    ("galore", "llama-350m"): "rank 256 gives 1.39 GB, not 1.59 (the digit-swapped figure is copied to Fira and "
+                              "APOLLO); no rank-256 accounting reaches 1.59",
+    ("fira", "llama-350m"): "the table copies GaLore's 350M figure: rank 256 gives 1.39 GB, not 1.59",
+    ("apollo", "llama-350m"): "the table copies GaLore's 350M figure: rank 256 gives 1.39 GB, not 1.59",
+    ("apollo-mini", "llama-130m"): "the table counts no state for APOLLO-Mini's hidden matrices (its row equals "
+                                   "SWAN's, which keeps none); lowmem's rank-1 moments and projection give 0.4655 GB",
+    ("apollo-mini", "llama-1b"): "the table counts no state for APOLLO-Mini's hidden matrices (its row equals "
+                                 "SWAN's, which keeps none); lowmem's rank-1 moments and projection give 3.2059 GB",
+}
+
+
+def _registered(name: str) -> None:
+    if name not in lowmem.optim.available():
+        pytest.skip(f"optimizer {name!r} is not registered yet (its module has not landed)")
+
+
+def _cells():
+    for name, row in PAPER_GB.items():
+        for preset, gb in zip(SIZES, row):
+            hparams = {"rank": LOW_RANK[preset]} if name in ("galore", "fira", "apollo") else {}
+            marks = ()
+            if (name, preset) in KNOWN_DISCREPANCIES:
+                marks = pytest.mark.xfail(reason=KNOWN_DISCREPANCIES[name, preset], strict=True)
+            yield pytest.param(name, preset, hparams, VOCAB_OF_ROW.get(name), gb, marks=marks, id=f"{name}-{preset}")
+    for name, gb in PAPER_GB_7B.items():
+        yield pytest.param(name, "llama-7b", {}, None, gb, id=f"{name}-llama-7b")
+
+
+@pytest.mark.parametrize("name, preset, hparams, vocab_size, paper_gb", list(_cells()))
+def test_paper_memory_cell(name, preset, hparams, vocab_size, paper_gb):
+    _registered(name)
+    est = estimate_memory(preset, name, hparams, vocab_size=vocab_size)
+    assert round(est.paper_gb, 2) == paper_gb, f"{name} at {preset}: {est.paper_gb:.4f} GB"
+
+
+def test_adam_row_needs_the_t5_vocabulary_at_130m_and_1b():
+    at_preset_vocab = [round(estimate_memory(p, "adamw").paper_gb, 2) for p in SIZES]
+    assert at_preset_vocab == [0.35, 0.80, 2.21, 8.03]
+
+
+def test_apollo_mini_row_is_reproduced_without_its_rank_one_hidden_state():
+    # Pins the explanation of the two APOLLO-Mini discrepancies: leave out the hidden matrices' rank-1
+    # moments and projection and every cell of the row is reproduced.
+    _registered("apollo-mini")
+    for preset, paper_gb in [*zip(SIZES, PAPER_GB["apollo-mini"]), ("llama-7b", PAPER_GB_7B["apollo-mini"])]:
+        est = estimate_memory(preset, "apollo-mini")
+        hidden = est.state_elements_by_role["hidden"]
+        assert 0 < hidden < 1e-2 * est.weight_elements  # "negligible": under 1% of the weights
+        assert round(2 * (est.weight_elements + est.optimizer_state_elements - hidden) / 1e9, 2) == paper_gb
+
+
+def test_scale_cell_is_weights_plus_head_momentum_plus_adam_of_gains():
+    # The §10 definition, with no step counters: it pins down the papers' convention.
+    config = resolve_config("llama-7b")
+    est = estimate_memory("llama-7b", "scale")
+    weights = est.weight_elements
+    head = config.vocab_size * config.hidden_size
+    gains = (2 * config.num_layers + 1) * config.hidden_size
+    assert est.paper_bytes == 2 * (weights + head + 2 * gains)
+    assert est.state_elements_by_role == {"head": head, "vector": 2 * gains}
+    assert est.bookkeeping_elements == 2 * config.num_layers + 1  # one step counter per gain
+
+
+def test_step_counters_are_bookkeeping_not_state_elements():
+    est = estimate_memory("llama-60m", "adamw")
+    n_tensors = sum(1 for _ in build_model("llama-60m", device="meta").parameters())
+    assert est.optimizer_state_elements == 2 * est.weight_elements
+    assert est.bookkeeping_elements == n_tensors
+    # the full figure does count them: bf16 moments + fp32 step counters
+    assert est.optimizer_states == 2 * 2 * est.weight_elements + 4 * n_tensors
+
+
+def test_precision_changes_the_full_figure_not_the_papers():
+    pure = estimate_memory("llama-60m", "adamw", precision="bf16-pure")
+    fp32 = estimate_memory("llama-60m", "adamw", precision="fp32")
+    mixed = estimate_memory("llama-60m", "adamw", precision="bf16-autocast")
+    assert pure.paper_gb == fp32.paper_gb == mixed.paper_gb
+    assert fp32.weights == 2 * pure.weights == 4 * pure.weight_elements
+    assert fp32.gradients == 2 * pure.gradients
+    assert mixed.optimizer_states == fp32.optimizer_states
+    assert fp32.activations > pure.activations and mixed.activations > pure.activations
+    assert pure.total == pure.weights + pure.gradients + pure.optimizer_states + pure.activations
+
+
+def _saved_activation_bytes(precision: str, batch: int, seq: int, checkpointing: bool = False) -> int:
+    """Bytes autograd saves in one forward + fp32 cross-entropy (storages counted once, parameters and
+    buffers excluded), plus the logits the training loop holds."""
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=256)
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, 256, (batch, seq + 1))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast:
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 256).float(), tokens[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    saved.setdefault(logits.untyped_storage().data_ptr(), logits.untyped_storage().nbytes())
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-pure"])
+def test_activation_formula_matches_what_autograd_saves(precision):
+    batch, seq = 2, 32
+    measured = _saved_activation_bytes(precision, batch, seq)
+    config = resolve_config("cpu-tiny", vocab_size=256)
+    predicted = activation_bytes(config, batch, seq, precision)
+    # exact up to the few scalars cross-entropy saves (20 bytes measured)
+    assert 0 <= measured - predicted <= 64, (measured, predicted)
+
+
+def test_activation_checkpointing_keeps_block_inputs_plus_one_block():
+    config = resolve_config("llama-60m")
+    full = activation_bytes(config, 8, 256, "bf16-pure")
+    ckpt = activation_bytes(config, 8, 256, "bf16-pure", activation_checkpointing=True)
+    one_layer = activation_bytes(resolve_config("llama-60m", num_layers=1), 8, 256, "bf16-pure")
+    head = activation_bytes(resolve_config("llama-60m", num_layers=0), 8, 256, "bf16-pure")
+    per_block = one_layer - head
+    assert full == head + config.num_layers * per_block
+    assert ckpt == head + per_block + config.num_layers * 8 * 256 * config.hidden_size * 2
+
+
+def test_activations_grow_linearly_with_tokens():
+    config = resolve_config("llama-130m")
+    base = activation_bytes(config, 1, 256, "bf16-pure")
+    assert activation_bytes(config, 4, 256, "bf16-pure") == 4 * base
+    assert activation_bytes(config, 2, 128, "bf16-pure") == base
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(model="llama-9m", optimizer="adamw"), "unknown model preset 'llama-9m'"),
+    (dict(model="llama-60m", optimizer="adamz"), "unknown optimizer 'adamz'"),
+    (dict(model="llama-60m", optimizer="adamw", hparams={"rank": 4}), "has no hyperparameter"),
+    (dict(model="cpu-tiny", optimizer="adamw"), "--vocab-size"),
+    (dict(model="llama-60m", optimizer="adamw", precision="fp16"), "unknown precision 'fp16'"),
+    (dict(model="llama-60m", optimizer="adamw", seq_len=4096), "maximum sequence length"),
+])
+def test_bad_input_is_a_config_error_naming_the_fix(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        estimate_memory(**kwargs)
+
+
+def test_compare_passes_each_optimizer_only_the_hparams_it_accepts():
+    _registered("scale")
+    ests = compare("llama-60m", ["adamw", "scale"], {"weight_decay": 0.0, "adam_lr": 0.01})
+    assert [e.optimizer for e in ests] == ["adamw", "scale"]
+    assert ests[0].hparams == {"weight_decay": 0.0}
+    assert ests[1].hparams["adam_lr"] == 0.01
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        compare("llama-60m", ["adamw", "nope"])
+
+
+def _run_cli(argv: list[str], capsys) -> str:
+    parser = argparse.ArgumentParser(prog="lowmem")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["memory", *argv])
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_llama_7b_scale_answers_in_seconds(capsys):
+    _registered("scale")
+    start = time.perf_counter()
+    out = _run_cli(["--model", "llama-7b", "--optimizer", "scale"], capsys)
+    elapsed = time.perf_counter() - start
+    rows = {row: [line for line in out.splitlines() if line.startswith(row + " ")]
+            for row in ("weights", "gradients", "optimizer states", "activations", "total")}
+    assert all(len(lines) == 1 for lines in rows.values()), out
+    assert rows["weights"][0].split()[1:] == ["6,738,415,616", "13.48", "GB"]
+    assert rows["optimizer states"][0].split()[2:] == ["131,604,480", "0.26", "GB"]
+    assert "papers' convention, 2 B x (weights + optimizer states): 13.74 GB" in out
+    assert "optimizer state counted from: meta step" in out
+    assert elapsed < 60, f"lowmem memory took {elapsed:.1f} s on meta"  # loose: the CPU is shared
+
+
+def test_cli_hparam_parsing_and_errors(capsys):
+    out = _run_cli(["--model", "cpu-tiny", "--vocab-size", "256", "--optimizer", "adamw",
+                    "--hparam", "betas=(0.9, 0.95)", "--lr", "0.01", "--precision", "fp32"], capsys)
+    assert "betas=(0.9, 0.95)" in out and "lr=0.01" in out and "precision fp32" in out
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        _run_cli(["--model", "llama-60m", "--optimizer", "adamw", "--hparam", "rank"], capsys)
+    with pytest.raises(ConfigError, match="--optimizer NAME or --compare"):
+        _run_cli(["--model", "llama-60m"], capsys)
+
+
+def test_cli_compare_rows_and_ratio_to_adamw(capsys):
+    for name in ("scale", "galore"):
+        _registered(name)
+    out = _run_cli(["--model", "llama-1b", "--compare", "adamw,scale,galore", "--rank", "512"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+            ("adamw", "scale", "galore")}
+    assert set(rows) == {"adamw", "scale", "galore"}
+    # columns: name, state elements, paper GB, ratio, total GB, ratio, source
+    assert rows["adamw"][2:4] == ["8.03", "1.00"]
+    assert rows["scale"][2] == "2.81" and rows["galore"][2] == "4.76"
+    assert float(rows["scale"][3]) == pytest.approx(2.81 / 8.03, abs=0.01)
