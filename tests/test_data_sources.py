@@ -75,7 +75,10 @@ def test_directory_maps_train_and_validation_files_to_splits(tmp_path):
     (tmp_path / "README.md").write_text("not data")
     train = open_source(str(tmp_path))
     validation = open_source(str(tmp_path), split="validation")
-    assert [shard.name for shard in train.shards] == ["train-00000-of-00002.jsonl.gz", "train-00001-of-00002.jsonl"]
+    assert [shard.name for shard in train.shards] == [
+        "train-00000-of-00002.jsonl.gz",
+        "train-00001-of-00002.jsonl",
+    ]
     assert documents(train) == ["a1", "a2", "b1"]
     assert documents(validation) == ["v1", "v2", "v3"]
     assert train.identity != validation.identity
@@ -112,7 +115,10 @@ def test_glob_text_and_parquet_files(tmp_path):
     import pyarrow.parquet as parquet
 
     parquet.write_table(pyarrow.table({"content": ["p1", "p2"], "id": [1, 2]}), tmp_path / "data.parquet")
-    assert open_source(str(tmp_path / "data.parquet"), text_field="content").shards[0].documents() == ["p1", "p2"]
+    assert open_source(str(tmp_path / "data.parquet"), text_field="content").shards[0].documents() == [
+        "p1",
+        "p2",
+    ]
     with pytest.raises(DataError, match=r"no column 'text'.*content, id.*text_field"):
         open_source(str(tmp_path / "data.parquet"))
 

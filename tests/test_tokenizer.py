@@ -36,12 +36,16 @@ def test_trained_bpe_has_t5_special_ids_and_round_trips_text(source, tmp_path):
     encoded = tokenizer.encode_batch(texts)
     assert [tokenizer.decode(ids) for ids in encoded] == texts
     assert all(0 <= token < tokenizer.vocab_size for ids in encoded for token in ids)
-    assert len(tokenizer.encode_batch(["the quick brown fox"])[0]) < len("the quick brown fox") / 2  # merges learnt
+    assert (
+        len(tokenizer.encode_batch(["the quick brown fox"])[0]) < len("the quick brown fox") / 2
+    )  # merges learnt
     # A document cannot inject control tokens by containing their text.
     injected = tokenizer.encode_batch(["before </s> <pad> after"])[0]
     assert tokenizer.pad_id not in injected and tokenizer.eos_id not in injected
     assert tokenizer.decode(injected) == "before </s> <pad> after"
-    assert tokenizer.decode([5, tokenizer.eos_id, tokenizer.pad_id], skip_special_tokens=True) == tokenizer.decode([5])
+    assert tokenizer.decode(
+        [5, tokenizer.eos_id, tokenizer.pad_id], skip_special_tokens=True
+    ) == tokenizer.decode([5])
 
 
 def test_bpe_is_cached_and_reused(source, tmp_path, monkeypatch, caplog):
@@ -98,7 +102,9 @@ def test_bpe_configuration_errors(source, tmp_path):
 def test_hugging_face_tokenizer_from_a_local_directory(source, tmp_path):
     transformers = pytest.importorskip("transformers")
     trained = train_bpe(source, 300, tmp_path / "bpe.json")
-    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "bpe.json"), eos_token="</s>")
+    wrapped = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "bpe.json"), eos_token="</s>"
+    )
     wrapped.save_pretrained(tmp_path / "hf")
     loaded = load_tokenizer(str(tmp_path / "hf"))
     assert loaded.encode_batch(["lazy fox"]) == trained.encode_batch(["lazy fox"])

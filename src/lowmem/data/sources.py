@@ -234,7 +234,9 @@ def _local_source(spec: str, path: str, split: str, text_field: str) -> TextSour
         files = [path]
         root = os.path.dirname(os.path.abspath(path))
     else:
-        raise ConfigError(f"Unknown data source {spec!r}: it is not a path that exists. Accepted: {_ACCEPTED_SPECS}.")
+        raise ConfigError(
+            f"Unknown data source {spec!r}: it is not a path that exists. Accepted: {_ACCEPTED_SPECS}."
+        )
 
     train_files, validation_files = _assign_splits(files, root)
     held_out = not validation_files
@@ -370,7 +372,9 @@ def _read_paragraphs(path: str, text_field: str) -> Iterator[str]:
         with open(path, encoding="utf-8") as handle:
             content = handle.read()
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({err}). Convert it to UTF-8 or remove it.") from err
+        raise DataError(
+            f"{path}: cannot be read as UTF-8 text ({err}). Convert it to UTF-8 or remove it."
+        ) from err
     for paragraph in re.split(r"\n[ \t\r\f\v]*\n", content):
         paragraph = paragraph.strip()
         if paragraph:
@@ -381,9 +385,7 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as parquet
     except ImportError as err:
-        raise ConfigError(
-            f"Reading {path} needs pyarrow: pip install 'lowmem[parquet]'."
-        ) from err
+        raise ConfigError(f"Reading {path} needs pyarrow: pip install 'lowmem[parquet]'.") from err
     try:
         parquet_file = parquet.ParquetFile(path)
     except Exception as err:  # pyarrow raises its own ArrowInvalid/OSError mix for bad files

@@ -74,14 +74,20 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added), encoded in parallel in Rust."""
-        return [encoding.ids for encoding in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [
+            encoding.ids
+            for encoding in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; pad and eos appear as ``<pad>``/``</s>`` unless skipped."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"
+        return (
+            f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, "
+            f"pad_id={self.pad_id}, eos_id={self.eos_id})"
+        )
 
 
 def default_cache_dir() -> Path:

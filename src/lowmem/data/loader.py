@@ -1,0 +1,437 @@
+"""Token batches for training and evaluation: padded or packed, seeded, split across ranks, resumable.
+
+The order of epoch ``e``: the shards in the order of a permutation drawn from ``(seed, e)``; inside
+each shard, its documents in the order of a permutation drawn from ``(seed, e, shard)``. Document
+``i`` of that order, counted across the whole epoch, belongs to rank ``i % world_size``, so the
+ranks' shares are disjoint, differ in size by at most one document, and together hold every
+document exactly once per epoch. Only one shard is in memory at a time; each rank reads every shard
+but tokenizes only its own documents.
+
+Each rank's document stream becomes rows of ``seq_len + 1`` tokens, ``input_ids = row[:-1]`` and
+``labels = row[1:]``:
+
+- ``pad`` (the papers'): one document per row, its tokens + EOS cut to ``seq_len + 1``, padded
+  with the pad id; a label is -100 exactly where its target is padding.
+- ``pack``: the documents, each followed by EOS, form one stream; row ``k`` is the stream's tokens
+  ``k*seq_len ... k*seq_len + seq_len`` (consecutive rows share one token), so every token after
+  the first is a target exactly once and no label is -100.
+
+The position saved by `state_dict` is the next document (epoch, shard, document) plus, in pack
+mode, how many of its tokens were already used; restoring re-reads that shard and skips the
+documents before it without tokenizing them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from lowmem.data.sources import TextSource
+from lowmem.data.tokenizer import Tokenizer
+from lowmem.errors import CheckpointError, ConfigError, DataError
+
+MODES = ("pad", "pack")
+IGNORE_INDEX = -100
+# Documents per call of the Rust batch encoder: large enough to keep its threads busy, small
+# enough that a resumed or validation read does not tokenize much it will not use.
+TOKENIZE_CHUNK = 512
+_STATE_FORMAT = "lowmem.TokenLoader/1"
+_SHARD_ORDER = 0
+_DOCUMENT_ORDER = 1
+
+
+class _Position(NamedTuple):
+    """Where a rank's document stream stands: `document` indexes the shard's shuffled order."""
+
+    epoch: int
+    shard_position: int
+    documents_before: int
+    document: int
+
+    def next(self) -> _Position:
+        return self._replace(document=self.document + 1)
+
+
+class TokenLoader:
+    """An endless iterator of ``{"input_ids", "labels"}`` batches of ``micro_batch_size`` rows.
+
+    See the module docstring for the order, the two modes and the rank split. `epoch` is the
+    (0-based) epoch of the last document used. `prefetch` chunks of `TOKENIZE_CHUNK` documents
+    are read and tokenized ahead in a background thread (0: in the caller's thread); the batches
+    are the same either way.
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        micro_batch_size: int,
+        mode: str = "pad",
+        seed: int = 42,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 4,
+    ) -> None:
+        _check_shape(seq_len, micro_batch_size, mode)
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"The data seed must be a non-negative integer, got {seed!r}.")
+        if not (
+            isinstance(world_size, int)
+            and world_size >= 1
+            and isinstance(rank, int)
+            and 0 <= rank < world_size
+        ):
+            raise ConfigError(f"Need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigError(
+                f"prefetch counts chunks tokenized ahead: a non-negative integer, got {prefetch!r}."
+            )
+        if not source.shards:
+            raise DataError(f"The {source.split} split of {source.spec!r} has no files to read.")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.mode = mode
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.prefetch = prefetch
+        self.epoch = 0
+        self._reading = _Reading(source, tokenizer, seed, rank, world_size)
+        self._prefetcher: _Prefetcher | None = None
+        self._restart(_Position(0, 0, 0, 0), token_offset=0)
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.mode == "pad":
+            rows = [self._next_document_row() for _ in range(self.micro_batch_size)]
+            return _padded_batch(rows, self.seq_len, self.tokenizer.pad_id)
+        return _packed_batch([self._next_window() for _ in range(self.micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        """The exact position, as plain numbers and strings (loads with ``weights_only=True``)."""
+        return {
+            "format": _STATE_FORMAT,
+            "mode": self.mode,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "source": self.source.identity,
+            "tokenizer": self.tokenizer.name,
+            "epoch": self._resume.epoch,
+            "shard_position": self._resume.shard_position,
+            "documents_before": self._resume.documents_before,
+            "document": self._resume.document,
+            "token_offset": self._token_offset,
+            "last_epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that wrote `state` stood."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise CheckpointError(
+                "The checkpoint's data position was not written by this version of TokenLoader; "
+                "resume without restoring the data position (the run restarts its data order)."
+            )
+        expected = {
+            "mode": self.mode,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "source": self.source.identity,
+            "tokenizer": self.tokenizer.name,
+        }
+        different = [
+            f"{key}: saved {state.get(key)!r}, now {value!r}"
+            for key, value in expected.items()
+            if state.get(key) != value
+        ]
+        if different:
+            raise CheckpointError(
+                "Cannot resume the data position: the checkpoint was written with other data settings ("
+                + "; ".join(different)
+                + "). Resume with the same data, tokenizer, mode, seed and number of processes."
+            )
+        position = _Position(
+            int(state["epoch"]),
+            int(state["shard_position"]),
+            int(state["documents_before"]),
+            int(state["document"]),
+        )
+        self.epoch = int(state["last_epoch"])
+        self._restart(position, token_offset=int(state["token_offset"]))
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it also stops when the loader is garbage-collected)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def _restart(self, position: _Position, token_offset: int) -> None:
+        self.close()
+        chunks = _tokenized_chunks(self._reading, position)
+        if self.prefetch > 0:
+            self._prefetcher = _Prefetcher(chunks, self.prefetch)
+            weakref.finalize(self, self._prefetcher.close)
+            chunks = self._prefetcher
+        self._stream = _Documents(chunks)
+        self._resume = position
+        self._token_offset = token_offset
+        self._pending: deque[tuple[_Position, list[int]]] = deque()
+
+    def _next_document_row(self) -> list[int]:
+        position, tokens = next(self._stream)
+        self._resume = position.next()
+        self.epoch = position.epoch
+        return tokens[: self.seq_len + 1]
+
+    def _next_window(self) -> list[int]:
+        # The window starts `_token_offset` tokens into the first pending document.
+        needed = self.seq_len + 1
+        window: list[int] = []
+        index, offset = 0, self._token_offset
+        while len(window) < needed:
+            if index == len(self._pending):
+                self._pending.append(next(self._stream))
+            window.extend(self._pending[index][1][offset : offset + needed - len(window)])
+            index, offset = index + 1, 0
+        self._advance(self.seq_len)
+        return window
+
+    def _advance(self, count: int) -> None:
+        while count > 0:
+            position, tokens = self._pending[0]
+            self.epoch = position.epoch
+            remaining = len(tokens) - self._token_offset
+            if remaining <= count:
+                count -= remaining
+                self._pending.popleft()
+                self._resume, self._token_offset = position.next(), 0
+            else:
+                self._resume, self._token_offset = position, self._token_offset + count
+                count = 0
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What fixes a rank's document order; kept apart from the loader so that a prefetch thread
+    does not keep a dropped loader alive."""
+
+    source: TextSource
+    tokenizer: Tokenizer
+    seed: int
+    rank: int
+    world_size: int
+
+
+def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tuple[_Position, list[int]]]]:
+    """This rank's documents from `start` on, forever, each as its tokens + EOS, in chunks."""
+    epoch, first_shard, documents_before, first_document = start
+    shards = reading.source.shards
+    while True:
+        whole_epoch = first_shard == 0 and first_document == 0
+        found_any = False
+        shard_order = _permutation(reading.seed, (epoch, _SHARD_ORDER), len(shards))
+        for shard_position in range(first_shard, len(shards)):
+            shard_index = int(shard_order[shard_position])
+            texts = shards[shard_index].documents()
+            order = _permutation(reading.seed, (epoch, _DOCUMENT_ORDER, shard_index), len(texts))
+            # Skipping to this rank's first document at or after `first_document` costs nothing:
+            # a resumed loader tokenizes only what it will use.
+            first_mine = (
+                first_document + (reading.rank - documents_before - first_document) % reading.world_size
+            )
+            mine = range(first_mine, len(texts), reading.world_size)
+            for chunk_start in range(0, len(mine), TOKENIZE_CHUNK):
+                chunk = mine[chunk_start : chunk_start + TOKENIZE_CHUNK]
+                token_lists = reading.tokenizer.encode_batch([texts[order[index]] for index in chunk])
+                for tokens in token_lists:
+                    tokens.append(reading.tokenizer.eos_id)
+                found_any = True
+                yield [
+                    (_Position(epoch, shard_position, documents_before, index), tokens)
+                    for index, tokens in zip(chunk, token_lists)
+                ]
+            documents_before += len(texts)
+            first_document = 0
+        if whole_epoch and not found_any:
+            source = reading.source
+            raise DataError(
+                f"Rank {reading.rank} of {reading.world_size} got no document from the {source.split} "
+                f"split of {source.spec!r}: it holds fewer documents than there are ranks. "
+                "Use a larger corpus or fewer processes."
+            )
+        epoch, first_shard, documents_before = epoch + 1, 0, 0
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+class _Prefetcher:
+    """Runs an iterator in a daemon thread, up to `depth` items ahead (the Rust tokenizer
+    releases the GIL, so tokenizing overlaps the training step)."""
+
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._failure: _Failure | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="lowmem-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            self._put(_Failure(error))
+        else:
+            self._put(_Failure(StopIteration()))
+
+    def _put(self, item: object) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self):
+        if self._failure is None:
+            item = self._queue.get()
+            if not isinstance(item, _Failure):
+                return item
+            self._failure = item  # the thread has ended: every later call raises the same
+        raise self._failure.error
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
+class _Documents:
+    """The documents of a chunk iterator one by one; a read error is raised again on every later
+    call instead of ending the stream (a generator would stop after its first exception)."""
+
+    def __init__(self, chunks: Iterator[list]) -> None:
+        self._chunks = chunks
+        self._chunk: deque = deque()
+        self._failure: BaseException | None = None
+
+    def __iter__(self) -> _Documents:
+        return self
+
+    def __next__(self):
+        while not self._chunk:
+            if self._failure is not None:
+                raise self._failure
+            try:
+                self._chunk = deque(next(self._chunks))
+            except Exception as error:
+                self._failure = error
+                raise
+        return self._chunk.popleft()
+
+
+def validation_batches(
+    source: TextSource,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    micro_batch_size: int,
+    max_tokens: int,
+    mode: str = "pad",
+    seed: int = 42,
+) -> list[dict[str, torch.Tensor]]:
+    """A fixed list of batches from the validation split of `source`, in shuffled order.
+
+    Reads one pass of the validation documents (`source.with_split("validation")`, shuffled as the
+    loader's epoch 0 with `seed`) and stops as soon as the batches hold `max_tokens` targets that
+    are not -100, or when the documents run out; the last batch may have fewer rows. Every rank
+    gets the same list.
+    """
+    _check_shape(seq_len, micro_batch_size, mode)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ConfigError(f"The validation token budget must be a positive integer, got {max_tokens!r}.")
+    loader = TokenLoader(
+        source.with_split("validation"), tokenizer, seq_len, micro_batch_size, mode, seed, prefetch=0
+    )
+    make_batch = (
+        (lambda rows: _padded_batch(rows, seq_len, tokenizer.pad_id)) if mode == "pad" else _packed_batch
+    )
+    batches: list[dict[str, torch.Tensor]] = []
+    rows: list[list[int]] = []
+    targets = 0
+    for row in _one_epoch_of_rows(loader):
+        rows.append(row)
+        targets += len(row) - 1
+        if len(rows) == micro_batch_size:
+            batches.append(make_batch(rows))
+            rows = []
+        if targets >= max_tokens:
+            break
+    if rows:
+        batches.append(make_batch(rows))
+    return batches
+
+
+def _one_epoch_of_rows(loader: TokenLoader) -> Iterator[list[int]]:
+    stream: list[int] = []
+    for position, tokens in _Documents(_tokenized_chunks(loader._reading, _Position(0, 0, 0, 0))):
+        if position.epoch > 0:
+            return
+        if loader.mode == "pad":
+            yield tokens[: loader.seq_len + 1]
+            continue
+        stream.extend(tokens)
+        start = 0
+        while len(stream) - start >= loader.seq_len + 1:
+            yield stream[start : start + loader.seq_len + 1]
+            start += loader.seq_len
+        del stream[:start]
+
+
+def _check_shape(seq_len: int, micro_batch_size: int, mode: str) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"The sequence length must be a positive integer, got {seq_len!r}.")
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ConfigError(f"The micro-batch size must be a positive integer, got {micro_batch_size!r}.")
+    if mode not in MODES:
+        raise ConfigError(f"Unknown batching mode {mode!r}: use 'pad' (one document per row) or 'pack'.")
+
+
+def _permutation(seed: int, keys: tuple[int, ...], size: int) -> np.ndarray:
+    return np.random.default_rng([seed, *keys]).permutation(size)
+
+
+def _padded_batch(rows: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for index, row in enumerate(rows):
+        inputs = row[:seq_len]
+        input_ids[index, : len(inputs)] = inputs
+        labels[index, : len(row) - 1] = row[1:]
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+
+
+def _packed_batch(windows: list[list[int]]) -> dict[str, torch.Tensor]:
+    rows = np.asarray(windows, dtype=np.int64)
+    return {
+        "input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+        "labels": torch.from_numpy(np.ascontiguousarray(rows[:, 1:])),
+    }
