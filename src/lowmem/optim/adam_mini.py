@@ -108,7 +108,7 @@ def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local.view(_rows(local), -1), (offset[0] if offset else 0)
 
 
-def _sharded_groups(param: torch.Tensor) -> tuple:
+def sharded_groups(param: torch.Tensor) -> tuple:
     """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
     if not _is_dtensor(param):
         return ()
@@ -126,7 +126,7 @@ def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=di
         flat = torch.cat([t.reshape(-1) for t in tensors])
         for pg in pgs:
             dist.all_reduce(flat, op=op, group=pg)
-        torch._foreach_copy_(tensors, list(flat.split([t.numel() for t in tensors])))
+        torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))
 
 
 def _check_settings(group: dict[str, Any]) -> None:
@@ -202,7 +202,7 @@ class AdamMini(Optimizer):
                 partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
                 work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // _rows(p))))
                 partials.append(partial)
-                shardings.append(_sharded_groups(p))
+                shardings.append(sharded_groups(p))
         all_reduce_partials(partials, shardings)
         # Pass 2: the Adam-mini update of each rank's own rows.
         for (group, p, grad, block_of_row, block_numel), block_sq in zip(work, partials):
