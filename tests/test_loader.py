@@ -14,7 +14,7 @@ from lowmem.data.loader import TOKENIZE_CHUNK
 from lowmem.errors import CheckpointError, ConfigError, DataError
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-SHARD_SIZES = (20, 15, 12)  # uneven, so that rank shares cross shard boundaries
+SHARD_SIZES = (21, 15, 11)  # odd sizes: ranks must take turns across shard boundaries to stay balanced
 SEQ_LEN = 24
 
 
