@@ -119,7 +119,7 @@ def test_glob_text_and_parquet_files(tmp_path):
         "p1",
         "p2",
     ]
-    with pytest.raises(DataError, match=r"no column 'text'.*content, id.*text_field"):
+    with pytest.raises(DataError, match=r"no column 'text'.*content, id.*--text-field"):
         open_source(str(tmp_path / "data.parquet"))
 
 
@@ -173,7 +173,7 @@ def test_missing_text_field_names_file_line_field_and_keys(tmp_path):
     with pytest.raises(DataError) as raised:
         open_source(str(path))
     message = str(raised.value)
-    for expected in ("corpus.jsonl", "line 1", "'text'", "content, url", "text_field="):
+    for expected in ("corpus.jsonl", "line 1", "'text'", "content, url", "--text-field"):
         assert expected in message
     assert documents(open_source(str(path), text_field="content"))  # the fix works
 

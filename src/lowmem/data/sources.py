@@ -187,7 +187,7 @@ def _read_hub_file(repository: str, data_file: str, text_field: str) -> Iterator
                 raise DataError(
                     f"{repository}/{data_file}, row {row_number}: no field {text_field!r} "
                     f"(fields present: {', '.join(sorted(row))}). Choose the field that holds the "
-                    "text with text_field=... (data.text_field in a config)."
+                    "text with --text-field (data.text_field in a config; text_field= in Python)."
                 )
             yield row[text_field]
     except LowmemError:
@@ -351,13 +351,13 @@ def _text_of(record: object, path: str, line_number: int, text_field: str) -> st
         raise DataError(
             f"{path}, line {line_number}: no field {text_field!r} (fields present: "
             f"{', '.join(sorted(map(str, record))) or 'none'}). Choose the field that holds the "
-            "text with text_field=... (data.text_field in a config)."
+            "text with --text-field (data.text_field in a config; text_field= in Python)."
         )
     text = record[text_field]
     if not isinstance(text, str):
         raise DataError(
             f"{path}, line {line_number}: field {text_field!r} holds a {type(text).__name__}, not a "
-            "string. Fix that line, or choose the field that holds the text with text_field=..."
+            "string. Fix that line, or choose the field that holds the text with --text-field."
         )
     return text
 
@@ -393,8 +393,8 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
     columns = parquet_file.schema_arrow.names
     if text_field not in columns:
         raise DataError(
-            f"{path}: no column {text_field!r} (columns present: {', '.join(columns)}). Choose the "
-            "column that holds the text with text_field=... (data.text_field in a config)."
+            f"{path}: no column {text_field!r} (columns present: {', '.join(columns)}). Choose the column "
+            "that holds the text with --text-field (data.text_field in a config; text_field= in Python)."
         )
     row_number = 0
     for batch in parquet_file.iter_batches(columns=[text_field]):
@@ -403,7 +403,7 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
             if not isinstance(text, str):
                 raise DataError(
                     f"{path}, row {row_number}: column {text_field!r} holds {text!r}, not a string. "
-                    "Drop or fix that row, or choose another column with text_field=..."
+                    "Drop or fix that row, or choose another column with --text-field."
                 )
             yield text
 
