@@ -10,6 +10,7 @@ the current step, save and exit cleanly; a non-finite loss stops the run (or is 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import time
@@ -23,13 +24,16 @@ import lowmem.optim
 from lowmem import data as lowmem_data
 from lowmem.config import RunConfig, results_affecting_differences, save_config
 from lowmem.errors import CheckpointError, ConfigError, LowmemError
-from lowmem.models import build_model, count_parameters
+from lowmem.models import build_model, count_parameters, resolve_config
 from lowmem.train import checkpoint
 from lowmem.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
 from lowmem.train.evaluate import EvalResult, evaluate, token_loss_sum
 from lowmem.train.interventions import Intervention, build_intervention
 from lowmem.train.log import MetricsLog, plot_loss_curve, summary_table, write_json
 from lowmem.train.schedule import lr_factor
+
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(LowmemError):
@@ -97,6 +101,18 @@ def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]
             "estimate_optimizer_state_bytes": est.optimizer_states}
 
 
+def _model_vocab(preset: str, tokenizer_vocab: int) -> int:
+    """A paper preset keeps its declared vocabulary (32000 for t5-base, whose 100 extra sentinel ids
+    never occur in encoded text); a CPU tier takes the tokenizer's."""
+    declared = resolve_config(preset).vocab_size
+    if declared is None:
+        return tokenizer_vocab
+    if tokenizer_vocab > declared:
+        logger.info("tokenizer has %d ids, model %s keeps its %d (ids above are never produced for t5-base)",
+                    tokenizer_vocab, preset, declared)
+    return declared
+
+
 def train(config: RunConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Train per `config`; return the summary (also written to <output_dir>/summary.json)."""
     config.validate()
@@ -137,7 +153,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     val_source = lowmem_data.open_source(d_cfg.source, "validation", d_cfg.text_field)
     tokenizer = lowmem_data.load_tokenizer(d_cfg.tokenizer, source, vocab_size=d_cfg.vocab_size, cache_dir=d_cfg.cache_dir)
 
-    model = build_model(config.model, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, vocab_size=_model_vocab(config.model, tokenizer.vocab_size))
     if d_cfg.seq_len > model.config.max_seq_len:
         raise ConfigError(
             f"--seq-len {d_cfg.seq_len} is above the maximum sequence length {model.config.max_seq_len} of "
@@ -297,14 +313,14 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     last_checkpoint = save_checkpoint()
     summary = {
         "model": config.model, "optimizer": config.optim.name, "data": d_cfg.source,
-        "parameters": n_params, "vocab_size": tokenizer.vocab_size, "steps": step, "tokens": tokens,
+        "parameters": n_params, "vocab_size": core.config.vocab_size, "steps": step, "tokens": tokens,
         "val_loss": final.loss, "val_perplexity": final.perplexity,
         "val_legacy_perplexity": final.legacy_perplexity if t_cfg.legacy_perplexity else None,
         "val_tokens": final.tokens, "initial_val_perplexity": initial_eval.perplexity,
         "tokens_per_second": tokens / max(train_seconds, 1e-9), "wall_seconds": train_seconds,
         "skipped_steps": skipped, "checkpoint": str(last_checkpoint),
         "memory": {**_memory_snapshot(core, optimizer), "gradient_bytes": last_gradient_bytes,
-                   **_memory_estimate(config, tokenizer.vocab_size, hparams)},
+                   **_memory_estimate(config, core.config.vocab_size, hparams)},
     }
     if info.is_main:
         metrics.write({"step": step, "tokens": tokens, "val_loss": final.loss, "val_perplexity": final.perplexity})
