@@ -1,4 +1,4 @@
-"""The `lowmem` command: train, tokenizer, memory.
+"""The `lowmem` command: train, tokenizer, memory, bench.
 
 `lowmem train` with no arguments is the main job: a CPU-tier LLaMA trained for a few minutes on text
 gathered from the Python installation's own documentation, ending with a table of validation
@@ -154,11 +154,37 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="run a grid of training runs and report the table and plots",
+                              description="Run every (method, lr) of a grid YAML (see configs/cpu-protocol.yaml) "
+                                          "and write report.md and plots into the output directory.")
+    p.add_argument("grid", nargs="?", help="grid YAML; omit with --report-only")
+    p.add_argument("--output", default="runs/bench", help="directory of the grid's runs")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads-per-run", type=int, default=1)
+    p.add_argument("--report-only", action="store_true", help="only rebuild report.md and plots from finished runs")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from lowmem.bench.report import report
+    from lowmem.bench.run import load_grid, run_grid
+
+    if not args.report_only:
+        if not args.grid:
+            raise ConfigError("lowmem bench needs a grid YAML (e.g. configs/cpu-protocol.yaml) unless --report-only")
+        run_grid(load_grid(args.grid, args.output), workers=args.workers, threads_per_run=args.threads_per_run)
+    print(report(args.output))
+    print(f"report and plots in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem", description="Memory-efficient LLM pretraining.")
     subparsers = parser.add_subparsers(dest="command")
     add_train_parser(subparsers)
     add_tokenizer_parser(subparsers)
+    add_bench_parser(subparsers)
     from lowmem.memory.cli import add_parser as add_memory_parser
 
     add_memory_parser(subparsers)

@@ -1,5 +1,6 @@
 """Run configuration: dataclasses for model, data, optimizer and training, loaded from YAML and
-overridden from the command line.
+overridden from the command line. The defaults are the main job (`lowmem train` with no arguments);
+the papers' protocol is configs/paper-60m.yaml and the CPU protocol configs/cpu-protocol.yaml.
 
 A config is plain data (strings, numbers, lists, dicts) so it round-trips through YAML and is stored
 in every run directory and checkpoint. `results_affecting_differences` says which changes alter a
@@ -28,8 +29,10 @@ class DataConfig:
     text_field: str = "text"
     tokenizer: str = "bpe"  # bpe (trained here, cached) | a Hugging Face name or path, e.g. t5-base
     vocab_size: int = 8192  # for the trained BPE; a named tokenizer brings its own
-    seq_len: int = 256
-    seq_mode: str = "pad"  # pad: one document per sequence (the papers'); pack: documents joined by EOS
+    seq_len: int = 128
+    # pad: one document per sequence (the papers'); pack: documents joined by EOS. The default is
+    # pack because the main job's built-in text is mostly short docstrings, which padding would waste.
+    seq_mode: str = "pack"
     cache_dir: str | None = None
 
 
@@ -44,8 +47,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # sequences per optimizer step, over all ranks and micro-batches
+    steps: int = 400
+    batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
     micro_batch_size: int = 16  # sequences per forward pass on one rank
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
@@ -54,8 +57,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     distributed: str = "ddp"  # used only under torchrun: ddp | fsdp2
-    eval_every: int = 0  # 0: only at the end
-    eval_tokens: int = 100_000  # non-pad validation tokens per evaluation (papers: 10M)
+    eval_every: int = 100  # 0: only at the end
+    eval_tokens: int = 50_000  # non-pad validation tokens per evaluation (papers: 10M)
     legacy_perplexity: bool = False  # also report the papers' (sum of batch means)/(batches+1) figure
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
@@ -67,7 +70,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "cpu-small"
+    model: str = "cpu-tiny"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
