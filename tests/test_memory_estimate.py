@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lowmem.optim
 from lowmem.errors import ConfigError
 from lowmem.memory.cli import add_parser
-from lowmem.memory.estimate import activation_bytes, compare, estimate_memory
+from lowmem.memory.estimate import activation_bytes, compare, estimate_memory, hparams_for
 from lowmem.models.llama import build_model, resolve_config
 
 SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
@@ -235,6 +235,19 @@ def test_compare_passes_each_optimizer_only_the_hparams_it_accepts():
     assert ests[1].hparams["adam_lr"] == 0.01
     with pytest.raises(ConfigError, match="unknown optimizer"):
         compare("llama-60m", ["adamw", "nope"])
+
+
+def test_shared_rank_reaches_low_rank_methods_but_not_what_a_variant_fixes():
+    for name in ("galore", "apollo-mini"):
+        _registered(name)
+    shared = {"rank": 64, "galore.scale": 0.5}
+    assert hparams_for("adamw", shared, shared=True) == {}
+    assert hparams_for("galore", shared, shared=True) == {"rank": 64, "scale": 0.5}
+    assert hparams_for("apollo-mini", shared, shared=True) == {}  # its rank 1 defines it
+    assert hparams_for("apollo-mini", {"apollo-mini.rank": 2}, shared=True) == {"rank": 2}
+    assert hparams_for("galore", {"rank": 64}) == {"rank": 64}
+    with pytest.raises(ConfigError, match="scoped to optimizer 'galore'"):
+        hparams_for("apollo", {"galore.rank": 3})
 
 
 def _run_cli(argv: list[str], capsys) -> str:

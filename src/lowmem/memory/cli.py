@@ -1,7 +1,7 @@
 """`lowmem memory`: how much memory a model + optimizer needs, before training it.
 
     lowmem memory --model llama-7b --optimizer scale
-    lowmem memory --model llama-1b --compare adamw,galore,scale --rank 512
+    lowmem memory --model llama-1b --compare adamw,galore,apollo-mini,scale --hparam galore.rank=256
     lowmem memory --model cpu-small --vocab-size 8192 --optimizer galore --hparam rank=32 --precision fp32
 
 Everything is counted on the meta device (see lowmem.memory.estimate), so even 7B answers in seconds.
@@ -15,7 +15,7 @@ from typing import Any
 
 import lowmem.optim
 from lowmem.errors import ConfigError
-from lowmem.memory.estimate import GB, PRECISIONS, MemoryEstimate, compare, estimate_memory
+from lowmem.memory.estimate import GB, PRECISIONS, MemoryEstimate, compare, estimate_memory, hparams_for
 from lowmem.models.llama import PRESETS
 
 BASELINE = "adamw"
@@ -36,11 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--optimizer", help="optimizer name (see --compare for several)")
     parser.add_argument("--compare", metavar="A,B,C",
                         help=f"comma-separated optimizers printed side by side with the ratio to {BASELINE}")
-    parser.add_argument("--rank", type=int, help="projection rank (shorthand for --hparam rank=R)")
+    parser.add_argument("--rank", type=int, help="projection rank (shorthand for --hparam rank=R; "
+                        "default: the method's published rank for the preset)")
     parser.add_argument("--lr", type=float, help="learning rate (no effect on memory; accepted for symmetry with train)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="optimizer hyperparameter override, repeatable; VALUE is a Python literal "
-                             "(with --compare, each optimizer gets the keys it accepts)")
+                        help="optimizer hyperparameter override, repeatable; VALUE is a Python literal. "
+                             "OPTIMIZER.KEY=VALUE applies to that optimizer only; with --compare an "
+                             "unscoped KEY goes to the optimizers that accept it, except where a registered "
+                             "variant fixes it (apollo-mini keeps rank 1)")
     parser.add_argument("--batch-size", type=int, default=1, help="micro-batch size for activations (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-pure",
@@ -137,5 +140,5 @@ def run_memory(args: argparse.Namespace) -> int:
         return 0
     if not args.optimizer:
         raise ConfigError("lowmem memory needs --optimizer NAME or --compare A,B,C")
-    print(format_breakdown(estimate_memory(args.model, args.optimizer, hparams, **options)))
+    print(format_breakdown(estimate_memory(args.model, args.optimizer, hparams_for(args.optimizer, hparams), **options)))
     return 0

@@ -287,6 +287,30 @@ def accepted_hparams(optimizer: str) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
 
 
+def hparams_for(optimizer: str, hparams: dict[str, Any], shared: bool = False) -> dict[str, Any]:
+    """The hyperparameters of `hparams` that go to `optimizer`.
+
+    A key "name.key" is scoped: it goes to optimizer `name` only. An unscoped key goes to every
+    optimizer when `shared` is false; when true (several optimizers compared), only to those whose
+    constructor accepts it and whose registry variant does not fix it (apollo-mini's rank 1 stays 1
+    under a shared --rank 512; write apollo-mini.rank=... to change it).
+    """
+    chosen: dict[str, Any] = {}
+    accepted = accepted_hparams(optimizer) if shared else set()
+    fixed = lowmem.optim.REGISTRY[optimizer].defaults if shared else {}
+    for key, value in hparams.items():
+        scope, dot, name = key.rpartition(".")
+        if dot:
+            if scope == optimizer:
+                chosen[name] = value
+            elif not shared:
+                raise ConfigError(f"hyperparameter {key!r} is scoped to optimizer {scope!r}, not {optimizer!r}; "
+                                  f"write {name}=... or {optimizer}.{name}=...")
+        elif not shared or (key in accepted and key not in fixed):
+            chosen.setdefault(key, value)
+    return chosen
+
+
 def compare(
     model: str | LlamaConfig,
     optimizers: Sequence[str],
@@ -295,16 +319,12 @@ def compare(
 ) -> list[MemoryEstimate]:
     """Estimates for several optimizers on one model, in the given order.
 
-    `hparams` are shared: each optimizer gets those its constructor accepts (a `--rank` applies to
-    the low-rank methods and is ignored by AdamW). `options` are estimate_memory's keyword options.
+    `hparams` are shared as hparams_for(shared=True) says: a `rank` reaches the low-rank methods and
+    not AdamW; "galore.rank" reaches GaLore alone. `options` are estimate_memory's keyword options.
     """
     hparams = dict(hparams or {})
-    estimates = []
-    for name in optimizers:
-        accepted = accepted_hparams(name)
-        estimates.append(estimate_memory(model, name, {k: v for k, v in hparams.items() if k in accepted}, **options))
-    return estimates
+    return [estimate_memory(model, name, hparams_for(name, hparams, shared=True), **options) for name in optimizers]
 
 
 __all__ = ["GB", "PRECISIONS", "MemoryEstimate", "STATE_FORMULAS", "accepted_hparams", "activation_bytes",
-           "compare", "estimate_memory"]
+           "compare", "estimate_memory", "hparams_for"]
