@@ -1,0 +1,230 @@
+"""Muon (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024,
+https://kellerjordan.github.io/posts/muon/; `torch.optim.Muon` since PyTorch 2.9).
+
+Hidden matrices (role "hidden"; a tensor of more than 2 dims is viewed [size(0), -1]), at scheduled
+learning rate lr_t, exactly as torch.optim.Muon's code:
+
+  B  = momentum*B + (1-momentum)*G             (the momentum buffer is an EMA: lerp)
+  U  = (1-momentum)*G + momentum*B             Nesterov (nesterov=True); U = B otherwise
+  O  = NS(U)                                   `ns_steps` quintic Newton–Schulz iterations in `ns_dtype`
+                                               (lowmem.optim.newton_schulz: (3.4445, -4.7750, 2.0315))
+  W *= 1 - lr_t*weight_decay                   decoupled decay at the unadjusted rate, then
+  W -= lr_t * adjust(rows, cols) * O           "original": sqrt(max(1, rows/cols))
+                                               "match_rms_adamw": 0.2*sqrt(max(rows, cols))
+
+(torch.optim.Muon's docstring writes B = momentum*B + G; its code, followed here, uses the EMA. The
+two differ by the factor 1/(1-momentum), which the Frobenius normalization inside NS removes.)
+
+Embedding, head and vectors (1-D tensors always, whatever their group's role) get AdamW (lowmem's
+core: bias-corrected, eps added to sqrt(v), decoupled decay at their own rate) at
+`adam_lr * lr_t / lr_max`: as in lowmem.optim.scale, each group records `initial_lr` (lr_max) at
+construction and the trainer or a torch scheduler rescales `lr`, so `adam_lr` is the Adam rate at the
+schedule's peak and follows the same warmup + cosine shape. State: `momentum_buffer` per hidden
+matrix; `step`, `exp_avg`, `exp_avg_sq` per Adam tensor.
+
+FSDP2 (DTensor shards on dim 0): the momentum update is elementwise on the local shard; NS needs the
+whole matrix, so every rank all-gathers U with `full_tensor()`, runs NS on the full matrix, and keeps
+its own rows (Replicate -> Shard is a local slice). Cost per hidden matrix and step: one all-gather
+of rows*cols elements (each rank receives (world-1)/world of it — the same volume as FSDP's own
+parameter all-gather in the forward pass), a transient full-size copy of U and O on every rank, and
+NS computed redundantly on every rank (per-rank NS time equals the unsharded time; total FLOPs are
+world x). Distributing whole matrices round-robin would divide the NS work by world at the price of a
+scatter of the results; not done here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lowmem.optim import Method, register
+from lowmem.optim.adamw import adamw_update, init_adam_state
+from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.newton_schulz import newton_schulz
+from lowmem.optim.roles import group_role
+
+ADJUST_LR = ("original", "match_rms_adamw")
+NS_EPS = 1e-7  # torch.optim.Muon's and Keller Jordan's
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str) -> float:
+    """The rate of an orthogonalized update of a rows x cols matrix (see the module docstring)."""
+    if adjust_lr == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"invalid adjust_lr: {adjust_lr!r}; choose one of: {', '.join(ADJUST_LR)}")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def orthogonalize(update: torch.Tensor, *, ns_steps: int, ns_dtype: torch.dtype) -> torch.Tensor:
+    """NS(update) viewed as a matrix [size(0), -1]; a DTensor is gathered whole and its rows kept."""
+    whole = update.full_tensor() if _is_dtensor(update) else update  # all-gather: NS needs the matrix
+    # torch.optim.Muon divides by max(||U||, eps); newton_schulz divides by ||U|| + eps, which for a
+    # small update (q/k early in training: ||U|| ~ 1e-4) is a 1e-3 change of scale that NS's
+    # nonlinearity turns into a 1e-5 change of the result. Normalizing first makes that +eps act on a
+    # unit norm (a 1e-7 change) while keeping a zero update zero.
+    whole = whole / torch.linalg.vector_norm(whole).clamp_min(NS_EPS)
+    ortho = newton_schulz(whole.reshape(whole.size(0), -1), steps=ns_steps, dtype=ns_dtype).view(whole.shape)
+    if not _is_dtensor(update):
+        return ortho
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = update.device_mesh
+    # Every rank holds the same full result; redistributing Replicate -> Shard keeps this rank's rows.
+    ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return ortho.redistribute(mesh, update.placements)
+
+
+def muon_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    adjust_lr: str,
+    ns_steps: int,
+    ns_dtype: torch.dtype,
+) -> None:
+    """One Muon step over hidden matrices (the functional core of `Muon`)."""
+    if not params:
+        return
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for p, g, buffer in zip(params, grads, momentum_buffers):
+        # One matrix at a time, so the transient Nesterov copy is one matrix, not all of them.
+        update = g.lerp(buffer, momentum) if nesterov else buffer
+        ortho = orthogonalize(update, ns_steps=ns_steps, ns_dtype=ns_dtype)
+        rows = p.size(0)
+        p.add_(ortho, alpha=-adjusted_lr(lr, rows, p.numel() // rows, adjust_lr))
+
+
+def _check_settings(group: dict[str, Any]) -> None:
+    check_nonneg("lr", group["lr"])
+    check_beta("momentum", group["momentum"])
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"invalid nesterov: {group['nesterov']!r}; it must be True or False")
+    check_nonneg("weight_decay", group["weight_decay"])
+    check_nonneg("adam_lr", group["adam_lr"])
+    betas = group["adam_betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"invalid adam_betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
+    check_beta("adam_betas[0]", betas[0])
+    check_beta("adam_betas[1]", betas[1])
+    check_nonneg("adam_eps", group["adam_eps"])
+    check_positive_int("ns_steps", group["ns_steps"])
+    if group["ns_dtype"] not in NS_DTYPES:
+        raise ValueError(f"invalid ns_dtype: {group['ns_dtype']!r}; choose one of: {', '.join(NS_DTYPES)}")
+    if group["adjust_lr"] not in ADJUST_LR:
+        raise ValueError(f"invalid adjust_lr: {group['adjust_lr']!r}; choose one of: {', '.join(ADJUST_LR)}")
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    # Groups store the name, so configs, logs and state_dicts hold a plain string.
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+
+
+class Muon(Optimizer):
+    """Muon on hidden matrices, AdamW on the embedding, head and vectors; see the module docstring.
+
+    Args:
+        params: parameters or param groups, ideally with roles from `lowmem.optim.param_groups(model)`
+            (a group without a role: 1-D tensors are vectors, others hidden).
+        lr: hidden matrices' learning rate (Keller Jordan's 0.02 with adjust_lr="original").
+        momentum: beta of the momentum EMA, in [0, 1) (0.95).
+        nesterov: Nesterov's look-ahead U = lerp(G, B, momentum) instead of U = B.
+        weight_decay: decoupled, `W *= 1 - rate * weight_decay` before each update, every role.
+        adjust_lr: "original" (sqrt(max(1, rows/cols))) or "match_rms_adamw" (0.2*sqrt(max(rows, cols))).
+        ns_steps: Newton–Schulz iterations (5).
+        ns_dtype: "bfloat16" (Muon's choice) or "float32" / "float64" (or the torch.dtype).
+        adam_lr: AdamW's rate for the other roles at the schedule's peak.
+        adam_betas, adam_eps: AdamW's betas and eps for the other roles.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        adjust_lr: str = "original",
+        ns_steps: int = 5,
+        ns_dtype: str | torch.dtype = "bfloat16",
+        adam_lr: float = 1e-3,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
+                        ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
+                        adam_betas=tuple(adam_betas), adam_eps=adam_eps)
+        _check_settings(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "ns_dtype" in param_group:
+            param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_settings(group)
+        group.setdefault("initial_lr", group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        matrices, matrix_grads, buffers = [], [], []
+        others, other_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p)
+            state = self.state[p]
+            if p.dim() >= 2 and group_role(group, p) == "hidden":
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                matrices.append(p)
+                matrix_grads.append(p.grad)
+                buffers.append(state["momentum_buffer"])
+                continue
+            if not state:
+                init_adam_state(state, p)
+            others.append(p)
+            other_grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+
+        muon_update(matrices, matrix_grads, buffers, lr=group["lr"], momentum=group["momentum"],
+                    nesterov=group["nesterov"], weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
+                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]])
+        peak = group["initial_lr"]
+        beta1, beta2 = group["adam_betas"]
+        adamw_update(others, other_grads, exp_avgs, exp_avg_sqs, steps,
+                     lr=group["adam_lr"] * group["lr"] / peak if peak else 0.0,
+                     beta1=beta1, beta2=beta2, eps=group["adam_eps"], weight_decay=group["weight_decay"])
+
+
+register(
+    "muon",
+    Method("lowmem.optim.muon:Muon",
+           "Muon: Nesterov momentum + Newton–Schulz orthogonalization on hidden matrices, AdamW on the rest"),
+)
