@@ -102,9 +102,10 @@ def main() -> int:
     print(f"{'optimizer':<12}{'peak':>10}{'measure':>20}{'baseline':>10}{'peak-base':>11}"
           f"{'states':>9}{'est. total':>12}{'est. states':>13}{'s':>8}")
     for r in records:
-        print(f"{r['optimizer']:<12}{r['peak_bytes'] / GB:>10.3f}{r['peak_measure']:>20}{r['baseline_bytes'] / GB:>10.3f}"
-              f"{(r['peak_bytes'] - r['baseline_bytes']) / GB:>11.3f}{r['optimizer_state_bytes'] / GB:>9.3f}"
-              f"{r['estimate_total_bytes'] / GB:>12.3f}{r['estimate_optimizer_state_bytes'] / GB:>13.3f}{r['seconds']:>8.1f}")
+        print(f"{r['optimizer']:<12}{r['peak_bytes'] / GB:>10.3f}{r['peak_measure']:>20}"
+              f"{r['baseline_bytes'] / GB:>10.3f}{(r['peak_bytes'] - r['baseline_bytes']) / GB:>11.3f}"
+              f"{r['optimizer_state_bytes'] / GB:>9.3f}{r['estimate_total_bytes'] / GB:>12.3f}"
+              f"{r['estimate_optimizer_state_bytes'] / GB:>13.3f}{r['seconds']:>8.1f}")
     if args.output:
         with open(args.output, "a") as f:
             for r in records:

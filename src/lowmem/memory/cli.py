@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"comma-separated optimizers printed side by side with the ratio to {BASELINE}")
     parser.add_argument("--rank", type=int, help="projection rank (shorthand for --hparam rank=R; "
                         "default: the method's published rank for the preset)")
-    parser.add_argument("--lr", type=float, help="learning rate (no effect on memory; accepted for symmetry with train)")
+    parser.add_argument("--lr", type=float,
+                        help="learning rate (no effect on memory; accepted for symmetry with train)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                         help="optimizer hyperparameter override, repeatable; VALUE is a Python literal. "
                              "OPTIMIZER.KEY=VALUE applies to that optimizer only; with --compare an "
@@ -140,5 +141,6 @@ def run_memory(args: argparse.Namespace) -> int:
         return 0
     if not args.optimizer:
         raise ConfigError("lowmem memory needs --optimizer NAME or --compare A,B,C")
-    print(format_breakdown(estimate_memory(args.model, args.optimizer, hparams_for(args.optimizer, hparams), **options)))
+    est = estimate_memory(args.model, args.optimizer, hparams_for(args.optimizer, hparams), **options)
+    print(format_breakdown(est))
     return 0
