@@ -1,0 +1,82 @@
+"""Optimizer step time of SCALE against torch.optim.AdamW(foreach=True) and an add_ floor.
+
+The real model of the chosen preset (default llama-60m, fp32, CPU) with random gradients; the
+contenders take turns within each round (order rotated per round) so drift on a shared machine hits
+all of them alike, and each round yields the ratios SCALE / AdamW and SCALE / floor. The floor is one
+`p.add_(g)` per parameter (`torch._foreach_add_`): the least a first-order step must touch.
+
+    python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import lowmem.optim
+from lowmem.models import build_model
+
+
+def _time(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-60m")
+    parser.add_argument("--optimizer", default="scale", help="a lowmem registry name (scale or a variant)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=3, help="steps per contender per round")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = build_model(args.model)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    grads = [p.grad for p in params]
+    n = sum(p.numel() for p in params)
+
+    scale = lowmem.optim.build(args.optimizer, model, preset=args.model)
+    adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+    @torch.no_grad()
+    def floor() -> None:
+        torch._foreach_add_(params, grads, alpha=-1e-6)
+
+    contenders = {
+        args.optimizer: scale.step,
+        "adamw": adamw.step,
+        "floor": floor,
+    }
+    for step in contenders.values():  # warm up: allocate optimizer state, fault in pages
+        step()
+        step()
+
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(_time(contenders[name], args.steps))
+
+    print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
+          f"{args.rounds} rounds x {args.steps} steps")
+    for name in names:
+        print(f"  {name:>14}: median {statistics.median(times[name]) * 1e3:8.1f} ms/step")
+    vs_adamw = statistics.median(s / a for s, a in zip(times[args.optimizer], times["adamw"]))
+    vs_floor = statistics.median(s / f for s, f in zip(times[args.optimizer], times["floor"]))
+    print(f"  {args.optimizer} / adamw(foreach) = {vs_adamw:.3f}   (goal <= 0.5)")
+    print(f"  {args.optimizer} / add_ floor     = {vs_floor:.3f}   (goal <= 2)")
+
+
+if __name__ == "__main__":
+    main()

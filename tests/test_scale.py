@@ -1,0 +1,361 @@
+"""SCALE and the minimalist SGD family (methods.md §1) against a reference written from the formulas."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowmem.optim
+from lowmem.models import build_model
+from lowmem.optim.newton_schulz import newton_schulz
+from lowmem.optim.scale import SCALE
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machine's cores are shared: intra-op threads only oversubscribe them at these sizes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torch_newton_schulz():
+    fn = getattr(getattr(torch.optim, "_muon", None), "_zeropower_via_newtonschulz", None)
+    if fn is None:
+        pytest.skip("torch.optim._muon._zeropower_via_newtonschulz (the oracle for Newton-Schulz) is missing")
+    return lambda G: fn(G, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference: one tensor at a time, straight from methods.md §1.
+
+def _rms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.pow(2).mean(dim, keepdim=True).sqrt()
+
+
+def reference_step(params, grads, roles, state, *, lr, lr_max, momentum=0.9, adam_lr=2e-2, weight_decay=0.0,
+                   normalization="column", momentum_on="head", ns=None):
+    momentum_roles = {"none": (), "head": ("head",), "embedding+head": ("embedding", "head"),
+                      "all": ("hidden", "embedding", "head")}[momentum_on]
+    for name, W in params.items():
+        G, role = grads[name], roles[name]
+        if W.dim() < 2:  # AdamW, bias-corrected, at adam_lr * lr_t / lr_max
+            vec_lr = adam_lr * lr / lr_max
+            s = state.setdefault(name, {"t": 0, "m": torch.zeros_like(W), "v": torch.zeros_like(W)})
+            s["t"] += 1
+            W.mul_(1 - vec_lr * weight_decay)
+            s["m"] = 0.9 * s["m"] + 0.1 * G
+            s["v"] = 0.999 * s["v"] + 0.001 * G * G
+            m_hat = s["m"] / (1 - 0.9 ** s["t"])
+            v_hat = s["v"] / (1 - 0.999 ** s["t"])
+            W.sub_(vec_lr * m_hat / (v_hat.sqrt() + 1e-8))
+            continue
+        W.mul_(1 - lr * weight_decay)
+        D = G
+        if role in momentum_roles:
+            m = state.setdefault(name, {"m": torch.zeros_like(W)})
+            m["m"] = momentum * m["m"] + (1 - momentum) * G
+            D = m["m"]
+        D2 = D.reshape(D.shape[0], -1)
+        if normalization == "column":
+            U = D2 / _rms(D2, 0 if role == "embedding" else 1).clamp_min(1e-8)
+        elif normalization == "row":
+            U = D2 / _rms(D2, 1 if role == "embedding" else 0).clamp_min(1e-8)
+        elif normalization == "sign":
+            U = torch.sign(D2)
+        elif normalization == "singular":
+            U = ns(D2).to(D2.dtype) * math.sqrt(max(D2.shape))
+        else:
+            U = D2
+        W.sub_(lr * U.reshape(W.shape))
+
+
+def _loss(model, step):
+    gen = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, VOCAB, (4, 17), generator=gen)
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def _schedule(step, total=20):  # warmup then decay, so lr_t / lr_max varies
+    return (step + 1) / 4 if step < 4 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 4) / (total - 4)))
+
+
+CASES = [
+    ("scale", {}),
+    ("scale", {"weight_decay": 0.1}),
+    ("scale", {"momentum_on": "none"}),
+    ("scale", {"momentum_on": "embedding+head"}),
+    ("scale", {"momentum_on": "all", "momentum": 0.5}),
+    ("sgd", {}),
+    ("sgd-column", {}),
+    ("sgd-row", {}),
+    ("sgd-sign", {}),
+    ("sgd-singular", {}),
+    ("sgd-row", {"momentum_on": "all"}),
+]
+
+
+@pytest.mark.parametrize("name,hparams", CASES, ids=[f"{n}-{h}" if h else n for n, h in CASES])
+def test_matches_reference_over_20_steps(name, hparams):
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB).double()
+    base_lr, adam_lr = 1e-2, 3e-3
+    opt = lowmem.optim.build(name, model, lr=base_lr, adam_lr=adam_lr, **hparams)
+    settings = dict(lowmem.optim.REGISTRY[name].defaults, **hparams)
+    ns = _torch_newton_schulz() if settings.get("normalization") == "singular" else None
+    roles = lowmem.optim.named_roles(model)
+    ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_state: dict = {}
+    for step in range(20):
+        lr = base_lr * _schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * _schedule(step)
+        _loss(model, step).backward()
+        # The reference steps its own copy of the weights with the same gradients: this compares the
+        # update rules, not two trajectories that rounding could separate.
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        reference_step(ref_params, grads, roles, ref_state, lr=lr, lr_max=base_lr, adam_lr=adam_lr, ns=ns,
+                       **settings)
+    moved = 0.0
+    for n, p in model.named_parameters():
+        ref = ref_params[n]
+        err = (p.detach() - ref).norm() / ref.norm()
+        assert err < 1e-10, f"{name} {hparams}: {n} ({roles[n]}) differs from the reference by {err:.2e}"
+        moved = max(moved, ((p.detach() - ref).abs().max()).item())
+    assert moved < 1e-8
+
+
+def test_reference_comparison_can_fail():
+    # The reference test must be able to fail: a wrong normalization dim on the embedding is caught.
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB).double()
+    opt = lowmem.optim.build("scale", model, lr=1e-2)
+    roles = lowmem.optim.named_roles(model)
+    wrong_roles = {n: ("hidden" if r == "embedding" else r) for n, r in roles.items()}
+    ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _loss(model, 0).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    reference_step(ref_params, grads, wrong_roles, {}, lr=1e-2, lr_max=1e-2)
+    emb = "embed_tokens.weight"
+    assert (model.embed_tokens.weight.detach() - ref_params[emb]).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# State: exactly the head's momentum plus the vectors' Adam state.
+
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("name,expected", [("scale", 65_605_700), ("sgd-column", 69_700), ("sgd-singular", 69_700)])
+def test_state_bytes_llama_60m_on_meta(name, expected):
+    model = build_model("llama-60m", device="meta")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt = lowmem.optim.build(name, model, preset="llama-60m")
+    opt.step()
+    head = model.lm_head.weight
+    vectors = [p for p in model.parameters() if p.dim() == 1]
+    # head momentum 32000x512 fp32 + Adam m and v of 17 norm gains (512 each) + 17 fp32 step scalars.
+    count = (head.numel() if name == "scale" else 0) + 2 * sum(p.numel() for p in vectors)
+    assert count * 4 + 4 * len(vectors) == expected
+    assert _state_bytes(opt) == expected
+    for p in model.parameters():
+        keys = set(opt.state[p]) if p in opt.state else set()
+        if p.dim() == 1:
+            assert keys == {"step", "exp_avg", "exp_avg_sq"}
+            assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].dim() == 0
+        elif p is head and name == "scale":
+            assert keys == {"momentum_buffer"} and opt.state[p]["momentum_buffer"].shape == head.shape
+        else:
+            assert keys == set()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded training equals one process.
+
+# The paper's lr 1e-3. At lr 1e-2 the tiny model's training turns chaotic within 20 steps and
+# normalization amplifies the rounding of tiny, cancelling q/k gradients: even one process with the
+# batch split into two accumulated halves then drifts by 1e-5 from the unsplit batch, sharding or not.
+@pytest.mark.distributed
+@pytest.mark.parametrize("name,hparams", [
+    ("scale", {"lr": 1e-3}),  # embedding column RMS (dim 0) all-reduced across shards
+    ("sgd-row", {"lr": 1e-3, "momentum_on": "embedding+head"}),  # every Linear's RMS all-reduced
+    ("sgd-singular", {"lr": 1e-3}),  # whole matrices gathered for Newton-Schulz
+])
+def test_fsdp2_matches_single_process(name, hparams):
+    from lowmem.testing import fsdp_matches_single, max_relative_difference
+
+    single, sharded = fsdp_matches_single(name, hparams, steps=20)
+    assert max_relative_difference(single, sharded) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints, hyperparameters, gradients.
+
+def test_state_dict_round_trip_with_weights_only():
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB)
+    opt = lowmem.optim.build("scale", model, lr=1e-2, momentum_on="embedding+head")
+    for step in range(3):
+        _loss(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+
+    twin = copy.deepcopy(model)
+    twin_opt = lowmem.optim.build("scale", twin, lr=1.0)  # wrong lr on purpose: the state dict restores it
+    twin_opt.load_state_dict(loaded)
+    assert twin_opt.param_groups[0]["lr"] == 1e-2 and twin_opt.param_groups[0]["initial_lr"] == 1e-2
+    for step in range(3, 6):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _loss(m, step).backward()
+            o.step()
+            o.zero_grad()
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("bad", [
+    {"lr": -1e-3}, {"momentum": 1.0}, {"momentum": -0.1}, {"weight_decay": -0.1}, {"adam_lr": -1.0},
+    {"adam_betas": (0.9, 1.0)}, {"adam_eps": -1e-8}, {"normalization": "l2"}, {"momentum_on": "hidden"},
+    {"ns_steps": 0}, {"lr": float("nan")},
+])
+def test_bad_hyperparameters_raise(bad):
+    model = nn.Linear(4, 4)
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key.split("_")[0]):
+        SCALE(model.parameters(), **bad)
+    with pytest.raises(ValueError):  # also per group
+        SCALE([{"params": list(model.parameters()), **bad}])
+
+
+def test_bad_hyperparameter_message_names_value_and_range():
+    with pytest.raises(ValueError, match=r"momentum: 1\.5.*\[0, 1\)"):
+        SCALE(nn.Linear(2, 2).parameters(), momentum=1.5)
+    with pytest.raises(ValueError, match="column, row, sign, singular, none"):
+        SCALE(nn.Linear(2, 2).parameters(), normalization="spectral")
+
+
+def test_sparse_and_complex_gradients_raise():
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        SCALE(emb.parameters()).step()
+    w = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    w.grad = torch.randn(3, 3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex"):
+        SCALE([w]).step()
+
+
+def test_parameters_without_grad_are_skipped():
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB)
+    opt = lowmem.optim.build("scale", model, lr=1e-2)
+    _loss(model, 0).backward()
+    model.lm_head.weight.grad = None
+    model.norm.weight.grad = None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert torch.equal(after["norm.weight"], before["norm.weight"])
+    assert model.lm_head.weight not in opt.state and model.norm.weight not in opt.state
+    assert not torch.equal(after["embed_tokens.weight"], before["embed_tokens.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models without declared roles, >2-D tensors, LR schedulers.
+
+def test_plain_sequential_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 20))
+    with pytest.warns(UserWarning, match="declares no get_input_embeddings"):
+        opt = lowmem.optim.build("scale", model, lr=0.1)
+    emb, head = model[0].weight, model[1].weight
+    roles = {g["role"]: g["params"] for g in opt.param_groups}
+    assert roles["embedding"] == [emb] and roles["head"] == [head] and roles["vector"] == [model[1].bias]
+    model(torch.tensor([[1, 2, 3]])).logsumexp(-1).sum().backward()
+    g = emb.grad.clone()
+    w = emb.detach().clone()
+    opt.step()
+    expected = w - 0.1 * g / _rms(g, 0).clamp_min(1e-8)  # embedding: each hidden unit's column over the vocab
+    torch.testing.assert_close(emb.detach(), expected)
+    assert set(opt.state[head]) == {"momentum_buffer"} and set(opt.state[model[1].bias]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert emb not in opt.state
+
+
+@pytest.mark.parametrize("normalization,dim", [("column", 1), ("row", 0)])
+def test_conv_weights_are_viewed_as_matrices(normalization, dim):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, 2, 2))
+    w.grad = torch.randn(4, 3, 2, 2)
+    start = w.detach().clone()
+    SCALE([{"params": [w], "role": "hidden"}], lr=0.1, normalization=normalization).step()
+    G = w.grad.reshape(4, -1)
+    expected = start.reshape(4, -1) - 0.1 * G / _rms(G, dim)
+    torch.testing.assert_close(w.detach(), expected.reshape(4, 3, 2, 2))
+
+
+def test_vectors_follow_the_schedule_of_a_torch_lr_scheduler():
+    torch.manual_seed(0)
+    gain = nn.Parameter(torch.ones(5))
+    matrix = nn.Parameter(torch.randn(3, 5))
+    opt = SCALE([{"params": [matrix], "role": "hidden"}, {"params": [gain], "role": "vector"}], lr=1e-3, adam_lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.25)
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-3, 1e-3]
+    gain.grad = torch.ones(5)
+    matrix.grad = torch.randn(3, 5)
+    opt.step()
+    # First Adam step moves by lr exactly (m_hat / sqrt(v_hat) = 1): 1e-2 * 0.25.
+    torch.testing.assert_close(gain.detach(), torch.full((5,), 1 - 2.5e-3))
+    del sched
+
+
+def test_registered_names_and_presets():
+    names = lowmem.optim.available()
+    for name in ("scale", "sgd", "sgd-column", "sgd-row", "sgd-sign", "sgd-singular"):
+        assert name in names
+    model = build_model("cpu-tiny", vocab_size=VOCAB)
+    for preset, lr, adam_lr in (("llama-60m", 1e-3, 2e-2), ("llama-350m", 1e-3, 2e-2), ("llama-1b", 2e-4, 1e-3),
+                                ("llama-7b", 1e-4, 1e-3)):
+        group = lowmem.optim.build("scale", model, preset=preset).param_groups[0]
+        assert (group["lr"], group["adam_lr"], group["normalization"], group["momentum_on"]) == (lr, adam_lr, "column", "head")
+    group = lowmem.optim.build("sgd-sign", model).param_groups[0]
+    assert (group["normalization"], group["momentum_on"]) == ("sign", "none")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Newton-Schulz (shared with Muon).
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (3, 16, 8)])
+def test_newton_schulz_matches_torch_muon_and_orthogonalizes(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape)
+    X = newton_schulz(G)
+    assert X.shape == G.shape and X.dtype == G.dtype
+    s = torch.linalg.svdvals(X.double())
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic's band around 1, not exactly 1
+    if len(shape) == 2:
+        torch.testing.assert_close(X, _torch_newton_schulz()(G).float(), rtol=0, atol=0)
+
+
+def test_newton_schulz_rejects_vectors():
+    with pytest.raises(ValueError, match="matrix"):
+        newton_schulz(torch.randn(5))
