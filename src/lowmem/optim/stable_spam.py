@@ -162,7 +162,8 @@ class StableSPAM(Optimizer):
             clipped.append(torch.clamp(grad, min=-limit, max=limit))
 
         # 2. Norm normalization with the bias-corrected EMAs of ||g|| and ||g||^2 (sum over all shards).
-        sum_sq = [torch.linalg.vector_norm(g).square().to(state["norm_avg"].dtype) for (_, _, state, _), g in zip(work, clipped)]
+        # In at least fp32: a bf16 norm keeps 3 significant digits.
+        sum_sq = [torch.linalg.vector_norm(g, dtype=state["norm_avg"].dtype).square() for (_, _, state, _), g in zip(work, clipped)]
         all_reduce_partials(sum_sq, shardings)
         buckets: dict[tuple[int, float], list[list[torch.Tensor]]] = {}
         for (group, p, state, _), grad, sq in zip(work, clipped, sum_sq):
