@@ -11,7 +11,7 @@ import torch
 import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.stable_spam import StableSPAM
-from lowmem.testing import TINY, _batch, _loss, fsdp_matches_single, max_relative_difference, train_steps
+from lowmem.testing import TINY, _batch, _loss, fsdp_matches_single, max_relative_difference
 
 HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, gamma1=0.7, gamma2=0.999, theta=0.999, eta_min=0.5)
 
