@@ -161,3 +161,14 @@ def test_fsdp2_heads_straddling_ranks_match_one_process():
                            join=True, start_method="spawn")
         sharded = torch.load(out_file, weights_only=True)
     assert max_relative_difference(_full_state(model), sharded) < 1e-10
+
+
+def test_build_gives_per_head_blocks_for_q_and_k():
+    import lowmem.optim
+    from lowmem.models import build_model
+
+    model = build_model("cpu-tiny", vocab_size=64)
+    optimizer = lowmem.optim.build("adam-mini", model)
+    q_weight = model.layers[0].self_attn.q_proj.weight
+    group = next(g for g in optimizer.param_groups if any(p is q_weight for p in g["params"]))
+    assert group.get("rows_per_block") == model.config.head_dim

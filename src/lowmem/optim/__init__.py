@@ -30,10 +30,20 @@ class Method:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Defaults that differ from the class's own (for example a variant of one class).
     defaults: dict[str, Any] = field(default_factory=dict)
+    # "module:function" building this method's groups from the model, where roles alone are not
+    # enough (Adam-mini's per-head blocks); None: lowmem.optim.param_groups.
+    groups: str | None = None
 
     def load(self) -> type[Optimizer]:
-        module, cls = self.target.split(":")
-        return getattr(importlib.import_module(module), cls)
+        return _resolve(self.target)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return _resolve(self.groups)(model) if self.groups else param_groups(model)
+
+
+def _resolve(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 REGISTRY: dict[str, Method] = {
@@ -92,7 +102,7 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
         raise ConfigError(
             f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
-    return cls(param_groups(model), **settings)
+    return cls(method.param_groups(model), **settings)
 
 
 __all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "named_roles", "param_groups", "register"]

@@ -226,5 +226,6 @@ class AdamMini(Optimizer):
 register(
     "adam-mini",
     Method("lowmem.optim.adam_mini:AdamMini",
-           "Adam-mini: Adam with one second moment per block (per row; per head via adam_mini_param_groups)"),
+           "Adam-mini: Adam with one second moment per block (attention heads for q/k, rows elsewhere)",
+           groups="lowmem.optim.adam_mini:adam_mini_param_groups"),
 )

@@ -1,0 +1,65 @@
+"""The trainer under torchrun with two gloo processes: DDP and FSDP2 follow the one-process run,
+and an FSDP2 run checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowmem.config import load_config
+
+from conftest import tiny_run_overrides
+
+pytestmark = pytest.mark.distributed
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def _run(config: Path, nproc: int, *extra: str) -> None:
+    command = [sys.executable, "-m", "lowmem.cli", "train", "--config", str(config), *extra]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-port", "0", "-m", "lowmem.cli", "train", "--config", str(config), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _config(tmp_path: Path, name: str, corpus: Path, cache: Path, **extra) -> Path:
+    overrides = tiny_run_overrides(corpus, cache, tmp_path / name, **{
+        "train.steps": 6, "train.batch_size": 4, "train.micro_batch_size": 2, "optim.name": "scale", **extra})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(load_config(overrides=overrides).to_dict()))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_follow_one(mode, tiny_corpus, token_cache, tmp_path):
+    single = _config(tmp_path, "single", tiny_corpus, token_cache)
+    double = _config(tmp_path, mode, tiny_corpus, token_cache, **{"train.distributed": mode})
+    _run(single, 1)
+    _run(double, 2)
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / mode)
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    # Each rank writes its own checkpoint part (its loader position differs).
+    assert sorted(p.name for p in (tmp_path / mode / "checkpoints" / "step-00000006").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+
+
+def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):
+    whole = _config(tmp_path, "whole", tiny_corpus, token_cache, **{"train.distributed": "fsdp2", "optim.name": "adamw"})
+    split = _config(tmp_path, "split", tiny_corpus, token_cache, **{
+        "train.distributed": "fsdp2", "optim.name": "adamw", "train.checkpoint_every": 3, "train.keep_checkpoints": 5})
+    _run(whole, 2)
+    _run(split, 2)
+    _run(split, 2, "--resume", str(tmp_path / "split" / "checkpoints" / "step-00000003"))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
