@@ -1,0 +1,466 @@
+"""Low-rank gradient projections shared by GaLore, Fira, APOLLO and APOLLO-Mini.
+
+For an m x n gradient G (a tensor of more dims is viewed as [size(0), -1]) a projection P of rank r
+works on one side of G:
+
+  right  P is r x n,  R = G P^T (m x r),  back(N) = N P     proj_type "std" when m >= n
+  left   P is m x r,  R = P^T G (r x n),  back(N) = P N     proj_type "std" when m <  n
+
+so under "std" the rank is taken from the smaller side and the moments are r x max(m, n). The bases:
+
+  svd_projection          top-r singular vectors of G (torch.linalg.svd, in at least fp32, then cast
+                          to G's dtype): right -> V[:, :r]^T, left -> U[:, :r]   (GaLore, Fira)
+  randomized_svd_projection   the same subspace from Halko, Martinsson & Tropp's range finder
+                          (arXiv 0909.4061): sketch with r + oversample Gaussian columns, power
+                          iterations with QR in between, then the SVD of a small matrix. O(mnr)
+                          instead of O(mn min(m, n)); for large matrices.
+  gaussian_projection     entries N(0, 1/r), drawn from a seed (APOLLO). The seed chain and the
+                          generator reproduce the released APOLLO code: the matrix is
+                          randn(shape, generator=Generator(device).manual_seed(seed)) / sqrt(r) in
+                          fp32, then cast; the next refresh uses next_seed(seed), the 15th draw of
+                          randint(0, 2^63 - 1) from a CPU generator seeded with `seed`.
+
+`ProjectedAdam` is the optimizer skeleton the four methods share. Per parameter of role "hidden":
+
+  at the first step, and whenever (step + offset) % update_proj_gap == 0 (step counted from 0):
+      P = new projection (offset = 0, or spread over the gap with stagger=True so that no single
+          step recomputes every SVD)
+  R = project(G);  m = beta1 m + (1-beta1) R;  v = beta2 v + (1-beta2) R^2
+  N = m / (sqrt(v) + eps);  step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+  W -= step_size * method_update(G, R, N, P)       (GaLore: scale * back(N); Fira, APOLLO: see theirs)
+  W *= 1 - lr * weight_decay                         (decoupled, after the update, as released)
+
+Adam is in Kingma & Ba's efficient form (bias correction folded into the step size, eps added to the
+uncorrected sqrt(v)), as in all three released codes, so Fira's and APOLLO's scaling factors and the
+norm-growth limiter see exactly the quantities the published runs saw. Moments are not rotated when
+the subspace changes. Parameters of other roles get AdamW through lowmem.optim.adamw.adamw_update in
+the same optimizer. A hidden-role (or role-less) parameter that cannot be projected -- fewer than two
+dims, or rank >= its smaller side -- gets AdamW too, with one warning per param group.
+
+State per projected parameter (tensors and plain numbers only, so `torch.load(weights_only=True)`
+reads a checkpoint): `step` (float32 scalar tensor), `exp_avg` / `exp_avg_sq` (r-side moments, the
+names a generic momentum reset zeroes; a reset also sets step to 0, which refreshes an unstaggered
+projection at the next step), `projection` (the basis, or APOLLO's random matrix, in the parameter's
+dtype), `limiter_norm` (Fira, APOLLO: the norm-growth limiter's previous norm), `seed` (APOLLO: a
+Python int, the seed of the next refresh; an int because load_state_dict casts tensors to the
+parameter's dtype, which would round a 63-bit seed).
+
+Meta device (the memory estimator steps optimizers on meta tensors): SVD and random generation
+cannot run there, so a projection on meta is an empty tensor of the right shape and dtype; every
+other operation runs on meta as usual, so the state has its real shapes and dtypes.
+
+FSDP2 (DTensor parameters sharded on dim 0, i.e. rows; replicated mesh dims are also accepted):
+  - SVD bases need the whole gradient. At a refresh each rank all-gathers it with `full_tensor()`
+    (m*n elements per matrix, once per update_proj_gap steps, a transient full-size copy) and
+    computes the same SVD redundantly (the SVD time is not divided among ranks). The distributed
+    alternative -- the right basis from the all-reduced n x n Gram matrix G^T G -- costs less
+    communication but squares the condition number, so in fp32 its basis differs from the SVD's
+    and sharded training would no longer equal unsharded training; it is not used.
+  - APOLLO's random matrix is generated whole on every rank from the shared seed; no communication.
+  - Right projections (P is r x n, replicated) keep R, the moments and the update row-local: no
+    communication per step. Left projections (P is m x r, row-sharded like W) all-reduce the r x n
+    projected gradient every step and keep replicated r x n moments, computed redundantly.
+  - Whole-tensor norms (the limiter, APOLLO-Mini's tensor scaling) all-reduce a scalar per step.
+  State that is row-sharded (right-side moments, left-side bases) is a DTensor with the parameter's
+  placements and state that every rank holds whole is a replicated DTensor, so distributed
+  checkpointing sees the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lowmem.optim.adamw import adamw_update, init_adam_state
+from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.roles import default_role
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+SVD_METHODS = ("exact", "randomized")
+# Fira's norm-growth limiter (also used by APOLLO): an update's norm may grow by at most 1%/step.
+NORM_GROWTH_LIMIT = 1.01
+# Added to denominators of norm ratios and to the limiter's previous norm, as in the released codes.
+RATIO_EPS = 1e-8
+# APOLLO's next_seed: the seed of the next refresh is the 15th draw of a generator seeded with this one.
+_SEED_DRAWS = 15
+_RANDOMIZED_OVERSAMPLE = 8
+_RANDOMIZED_POWER_ITERATIONS = 2
+
+
+# --------------------------------------------------------------------------- sides and shapes
+
+
+def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """(m, n) of the [size(0), -1] view of a tensor of at least two dims (global shape for DTensors)."""
+    rows = param.shape[0]
+    return rows, param.numel() // rows if rows else 0
+
+
+def projection_side(rows: int, cols: int, proj_type: str) -> str:
+    """"right" (P is r x cols, R = G P^T) or "left" (P is rows x r, R = P^T G)."""
+    if proj_type == "std":
+        return "right" if rows >= cols else "left"
+    if proj_type == "reverse_std":
+        return "left" if rows >= cols else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    raise ValueError(f"invalid proj_type: {proj_type!r}; choose one of: {', '.join(PROJ_TYPES)}")
+
+
+def projection_shape(rows: int, cols: int, rank: int, side: str) -> tuple[int, int]:
+    return (rank, cols) if side == "right" else (rows, rank)
+
+
+def project(grad: torch.Tensor, projection: torch.Tensor, side: str) -> torch.Tensor:
+    return grad @ projection.T if side == "right" else projection.T @ grad
+
+
+def project_back(low_rank: torch.Tensor, projection: torch.Tensor, side: str) -> torch.Tensor:
+    return low_rank @ projection if side == "right" else projection @ low_rank
+
+
+def add_project_back(base: torch.Tensor, low_rank: torch.Tensor, projection: torch.Tensor, side: str, *,
+                     alpha: float, out_of_place: bool = False) -> torch.Tensor:
+    """base + alpha * back(low_rank) in one fused matmul-add; in place unless `out_of_place`."""
+    factors = (low_rank, projection) if side == "right" else (projection, low_rank)
+    if out_of_place:
+        return torch.addmm(base, *factors, alpha=alpha)
+    return base.addmm_(*factors, alpha=alpha)
+
+
+def channel_dim(side: str) -> int:
+    """The dim of R along which Fira and APOLLO take norms: the rank dim, one norm per channel of the
+    unprojected side (rows of W for right projections, columns for left ones)."""
+    return 1 if side == "right" else 0
+
+
+# --------------------------------------------------------------------------- bases
+
+
+def svd_projection(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """Top-`rank` singular vectors of `matrix` on `side`, computed in at least fp32, in its dtype."""
+    rows, cols = matrix.shape
+    if matrix.device.type == "meta":
+        return torch.empty(projection_shape(rows, cols, rank, side), dtype=matrix.dtype, device="meta")
+    work = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    left, _, right_t = torch.linalg.svd(work, full_matrices=False)
+    basis = right_t[:rank] if side == "right" else left[:, :rank]
+    return basis.to(matrix.dtype).contiguous()
+
+
+def randomized_svd_projection(matrix: torch.Tensor, rank: int, side: str, seed: int,
+                              oversample: int = _RANDOMIZED_OVERSAMPLE,
+                              power_iterations: int = _RANDOMIZED_POWER_ITERATIONS) -> torch.Tensor:
+    """The top-`rank` singular subspace of `matrix` on `side` by a randomized range finder.
+
+    Deterministic for a given `seed`, so every rank of a sharded run finds the same basis.
+    """
+    rows, cols = matrix.shape
+    if matrix.device.type == "meta":
+        return torch.empty(projection_shape(rows, cols, rank, side), dtype=matrix.dtype, device="meta")
+    work = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    # Find the column space of A, where A's columns span the side we need: G^T's for a right basis.
+    a = work.T if side == "right" else work
+    sketch_size = min(rank + oversample, min(a.shape))
+    generator = torch.Generator(device=a.device).manual_seed(seed)
+    sketch = torch.randn(a.shape[1], sketch_size, generator=generator, device=a.device, dtype=a.dtype)
+    basis, _ = torch.linalg.qr(a @ sketch)
+    for _ in range(power_iterations):  # sharpen the spectrum; QR keeps the columns independent
+        basis, _ = torch.linalg.qr(a.T @ basis)
+        basis, _ = torch.linalg.qr(a @ basis)
+    small_left, _, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    vectors = (basis @ small_left[:, :rank]).to(matrix.dtype)
+    return vectors.T.contiguous() if side == "right" else vectors.contiguous()
+
+
+def gaussian_projection(rows: int, cols: int, rank: int, side: str, seed: int, *, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """APOLLO's random projection: entries N(0, 1/rank) from `seed` (fp32, then cast to `dtype`)."""
+    shape = projection_shape(rows, cols, rank, side)
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, dtype=dtype, device="meta")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    matrix = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) / math.sqrt(rank)
+    return matrix.to(dtype)
+
+
+def next_seed(seed: int) -> int:
+    """The seed of APOLLO's next random projection (the released code's chain)."""
+    generator = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (_SEED_DRAWS,), generator=generator)[-1])
+
+
+# --------------------------------------------------------------------------- low-rank Adam and the limiter
+
+
+def low_rank_adam(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, *,
+                  beta1: float, beta2: float, eps: float) -> tuple[torch.Tensor, float]:
+    """Update the moments in place; return (m / (sqrt(v) + eps), bias-correction factor of the step size)."""
+    exp_avg.lerp_(low_rank_grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low_rank_grad, low_rank_grad, value=1 - beta2)
+    direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    return direction, math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def norm_growth_limiter(norm: torch.Tensor, state: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    """Fira's limiter: the factor (>= 1, a 0-dim tensor) to divide an update of norm `norm` by so that it
+    is at most NORM_GROWTH_LIMIT times the previous (limited) one. The first call only records the norm.
+
+    Kept as tensors (no .item()), so a GPU step does not wait for the host.
+    """
+    previous = state.get("limiter_norm")
+    if previous is None:
+        factor = torch.ones_like(norm)
+    else:
+        factor = (norm / (previous.to(norm.dtype) + RATIO_EPS)).clamp_min(NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+    state["limiter_norm"] = (norm / factor).to(dtype)
+    return factor
+
+
+# --------------------------------------------------------------------------- FSDP2 (DTensor) helpers
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: in-place updates reach the DTensor), else `t` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_row_sharding(param: torch.Tensor) -> None:
+    if not is_dtensor(param):
+        return
+    for placement in param.placements:
+        if not (placement.is_replicate() or (placement.is_shard() and placement.dim == 0)):
+            raise NotImplementedError(
+                f"low-rank projections support DTensor parameters sharded on dim 0 (FSDP2's fully_shard) "
+                f"or replicated; got placements {param.placements}"
+            )
+
+
+def sum_over_shards(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum this rank's partial result of a reduction over `like`'s rows across the ranks sharing them."""
+    if not is_dtensor(like):
+        return partial
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    placements = [Partial() if p.is_shard() else Replicate() for p in like.placements]
+    return DTensor.from_local(partial, like.device_mesh, placements, run_check=False).full_tensor()
+
+
+def rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rows of `full` (held whole by every rank) that this rank holds of row-sharded `like`."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, like.placements).to_local()  # a local slice, no communication
+
+
+def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int, ...], row_sharded: bool) -> torch.Tensor:
+    """Wrap this rank's state tensor as a DTensor laid out like parameter `like` (plain tensors pass through)."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    placements = like.placements if row_sharded else [Replicate()] * mesh.ndim
+    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(global_shape), stride=stride)
+
+
+def whole_matrix(grad: torch.Tensor) -> torch.Tensor:
+    """The full gradient as a 2-D matrix: all-gathered (`full_tensor()`) if it is a DTensor shard."""
+    full = grad.full_tensor() if is_dtensor(grad) else grad
+    return full.reshape(full.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- the shared optimizer
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise ValueError(f"invalid {name}: {value!r}; it must be a finite number > 0")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"invalid {name}: {value!r}; choose one of: {', '.join(choices)}")
+
+
+class ProjectedAdam(Optimizer):
+    """Adam on low-rank projections of the hidden matrices, AdamW on everything else.
+
+    The skeleton of GaLore, Fira and APOLLO (see the module docstring); a subclass supplies
+    `_apply_update` (how N becomes a weight update) and may replace `_new_projection` (the SVD basis
+    by default) and extend `_check_group`.
+    """
+
+    method_name = "projected adam"
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        self._schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
+        super().__init__(params, defaults)
+
+    # -- hyperparameters and the fallback warning
+
+    def _check_group(self, settings: dict[str, Any]) -> None:
+        check_nonneg("lr", settings["lr"])
+        betas = settings["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"invalid betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
+        check_nonneg("eps", settings["eps"])
+        check_nonneg("weight_decay", settings["weight_decay"])
+        check_positive_int("rank", settings["rank"])
+        check_positive_int("update_proj_gap", settings["update_proj_gap"])
+        check_positive("scale", settings["scale"])
+        check_choice("proj_type", settings["proj_type"], PROJ_TYPES)
+        check_choice("svd", settings["svd"], SVD_METHODS)
+        if not isinstance(settings["stagger"], bool):
+            raise ValueError(f"invalid stagger: {settings['stagger']!r}; it must be True or False")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._schedule_cache = None
+        if group.get("role") in (None, "hidden"):
+            unprojectable = [p for p in group["params"] if not self._projectable(group, p)]
+            if unprojectable:
+                shapes = ", ".join(str(tuple(p.shape)) for p in unprojectable[:8])
+                more = f" and {len(unprojectable) - 8} more" if len(unprojectable) > 8 else ""
+                warnings.warn(
+                    f"{self.method_name}: {len(unprojectable)} parameter(s) cannot be projected at rank "
+                    f"{group['rank']} (fewer than 2 dims, or rank >= the smaller side of the matrix): "
+                    f"{shapes}{more}; they get AdamW instead",
+                    stacklevel=3,
+                )
+
+    @staticmethod
+    def _projectable(group: dict[str, Any], param: torch.Tensor) -> bool:
+        role = group.get("role") or default_role(param)
+        if role != "hidden" or param.dim() < 2:
+            return False
+        return group["rank"] < min(matrix_shape(param))
+
+    # -- refresh schedule: positions (APOLLO's seeds) and stagger offsets
+
+    def _schedule(self) -> dict[torch.Tensor, tuple[int, int]]:
+        """param -> (1-based position among all parameters, refresh offset)."""
+        if self._schedule_cache is None:
+            staggered = [(p, g) for g in self.param_groups if g["stagger"] for p in g["params"] if self._projectable(g, p)]
+            offsets = {p: (i * g["update_proj_gap"]) // len(staggered) for i, (p, g) in enumerate(staggered)}
+            everything = [p for g in self.param_groups for p in g["params"]]
+            self._schedule_cache = {p: (i + 1, offsets.get(p, 0)) for i, p in enumerate(everything)}
+        return self._schedule_cache
+
+    # -- the step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        schedule = self._schedule()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                check_grad(p)
+                state = self.state[p]
+                if self._projectable(group, p):
+                    self._projected_step(p, state, group, *schedule[p])
+                    continue
+                if not state:
+                    init_adam_state(state, p)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                         eps=group["eps"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+        return loss
+
+    def _projected_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], position: int,
+                        offset: int) -> None:
+        check_row_sharding(p)
+        rows, cols = matrix_shape(p)
+        side = projection_side(rows, cols, group["proj_type"])
+        # Viewed with the global column count: a rank's shard may have no rows at all.
+        param = local_tensor(p)
+        param = param.view(param.shape[0], cols)
+        grad = local_tensor(p.grad)
+        grad = grad.reshape(grad.shape[0], cols)
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        step = int(state["step"].item())
+        if "projection" not in state or (step + offset) % group["update_proj_gap"] == 0:
+            full = self._new_projection(p, state, group, side, position, step)
+            local = rows_of(full, p) if side == "left" else full
+            if "projection" in state:
+                local_tensor(state["projection"]).copy_(local)
+            else:
+                state["projection"] = state_like(local, p, tuple(full.shape), row_sharded=side == "left")
+        projection = local_tensor(state["projection"])
+        low_rank = project(grad, projection, side)
+        if side == "left":
+            low_rank = sum_over_shards(low_rank, p)
+        if "exp_avg" not in state:
+            moment_shape = (rows, group["rank"]) if side == "right" else (group["rank"], cols)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state_like(torch.zeros_like(low_rank), p, moment_shape, row_sharded=side == "right")
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        direction, bias_scale = low_rank_adam(low_rank, local_tensor(state["exp_avg"]),
+                                              local_tensor(state["exp_avg_sq"]), step + 1,
+                                              beta1=beta1, beta2=beta2, eps=group["eps"])
+        self._apply_update(p, param, grad, low_rank, direction, projection, side, state, group,
+                           step_size=group["lr"] * bias_scale)
+        if group["weight_decay"]:
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+
+    def _new_projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str,
+                        position: int, step: int) -> torch.Tensor:
+        """The whole projection at a refresh: the SVD basis of p's whole gradient (all-gathered when
+        sharded), exact or randomized (seeded by position and step, so every rank finds the same)."""
+        matrix = whole_matrix(p.grad)
+        if group["svd"] == "randomized":
+            return randomized_svd_projection(matrix, group["rank"], side, seed=position * 1_000_003 + step)
+        return svd_projection(matrix, group["rank"], side)
+
+    def _apply_update(self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, low_rank: torch.Tensor,
+                      direction: torch.Tensor, projection: torch.Tensor, side: str, state: dict[str, Any],
+                      group: dict[str, Any], *, step_size: float) -> None:
+        raise NotImplementedError
+
+
+__all__ = [
+    "NORM_GROWTH_LIMIT",
+    "PROJ_TYPES",
+    "ProjectedAdam",
+    "channel_dim",
+    "gaussian_projection",
+    "low_rank_adam",
+    "next_seed",
+    "norm_growth_limiter",
+    "project",
+    "add_project_back",
+    "project_back",
+    "projection_side",
+    "randomized_svd_projection",
+    "svd_projection",
+]
