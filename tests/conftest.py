@@ -60,6 +60,7 @@ def tiny_run_overrides(corpus: Path, cache: Path, output: Path, **extra) -> dict
         "data.source": str(corpus),
         "data.vocab_size": 320,
         "data.seq_len": 32,
+        "data.seq_mode": "pad",  # the papers' mode: the global batch is the same documents at any world size
         "data.cache_dir": str(cache),
         "train.steps": 12,
         "train.batch_size": 4,

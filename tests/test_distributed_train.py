@@ -27,7 +27,7 @@ def _run(config: Path, nproc: int, *extra: str) -> None:
     command = [sys.executable, "-m", "lowmem.cli", "train", "--config", str(config), *extra]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", "0", "-m", "lowmem.cli", "train", "--config", str(config), *extra]
+                   "--standalone", "-m", "lowmem.cli", "train", "--config", str(config), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
