@@ -5,7 +5,10 @@ contenders take turns within each round (order rotated per round) so drift on a 
 all of them alike, and each round yields the ratios SCALE / AdamW and SCALE / floor. The floor is one
 `p.add_(g)` per parameter (`torch._foreach_add_`): the least a first-order step must touch.
 
-    python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1]
+    python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1] [--profile]
+
+--profile adds where one step's time goes (torch.profiler, self time per op) for the optimizer and
+for the floor, to compare each pass of the step with the floor's one add_.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=3, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="also print the per-op breakdown of one step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -76,6 +80,22 @@ def main() -> None:
     vs_floor = statistics.median(s / f for s, f in zip(times[args.optimizer], times["floor"]))
     print(f"  {args.optimizer} / adamw(foreach) = {vs_adamw:.3f}   (goal <= 0.5)")
     print(f"  {args.optimizer} / add_ floor     = {vs_floor:.3f}   (goal <= 2)")
+    if args.profile:
+        for name in (args.optimizer, "floor"):
+            _print_profile(name, contenders[name], args.steps)
+
+
+def _print_profile(name: str, step, steps: int) -> None:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) / steps / 1e3
+    print(f"  {name}: {total:.1f} ms/step under the profiler; self time per op:")
+    for e in rows[:6]:
+        print(f"    {e.key:>28}: {e.self_cpu_time_total / steps / 1e3:7.2f} ms  ({e.count // steps} calls)")
 
 
 if __name__ == "__main__":

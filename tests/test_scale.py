@@ -137,6 +137,26 @@ def test_matches_reference_over_20_steps(name, hparams):
     assert moved < 1e-8
 
 
+@pytest.mark.parametrize("name", ["scale", "sgd-row"])
+def test_bf16_model_matches_fp32_formula_to_bf16_rounding(name):
+    # The papers' protocol trains in bf16 (weights and states). The step must agree with the fp32
+    # formula to bf16 rounding: within 2 ulps of the weight (2^-6 relative) plus the bf16 rounding of
+    # the update itself (lr * |u| * 2^-8, |u| up to ~5: 2e-5), where a wrong normalization is off by
+    # lr * O(1) = 1e-3.
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB).to(torch.bfloat16)
+    opt = lowmem.optim.build(name, model, lr=1e-3)
+    settings = dict(lowmem.optim.REGISTRY[name].defaults)
+    roles = lowmem.optim.named_roles(model)
+    _loss(model, 0).backward()
+    ref = {n: p.detach().float() for n, p in model.named_parameters()}
+    grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    opt.step()
+    reference_step(ref, grads, roles, {}, lr=1e-3, lr_max=1e-3, **settings)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().float(), ref[n], rtol=2**-6, atol=2e-5, msg=n)
+
+
 def test_reference_comparison_can_fail():
     # The reference test must be able to fail: a wrong normalization dim on the embedding is caught.
     torch.manual_seed(0)

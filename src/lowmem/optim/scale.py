@@ -43,12 +43,16 @@ vectors rate 0.) Decoupled weight decay applies to the vectors at their own rate
 
 FSDP2 (DTensor shards on dim 0). Column normalization of a hidden Linear or the head (dim = 1) is
 local to each rank's rows: no communication. The embedding's per-column RMS (dim = 0, the sharded
-dim) is a global reduction: DTensor computes local norms as a partial and all-reduces them when the
-RMS is used (one all-reduce of `hidden` floats per step). Row normalization all-reduces the same way
-for every Linear (`in` floats each). Sign normalization is local. Singular normalization needs the
-whole matrix: each rank all-gathers the gradient (or momentum) with `full_tensor()` (a transient
-full-size copy per rank), runs Newton–Schulz redundantly, and keeps its own rows of the result.
-tests/test_scale.py checks one process against two gloo processes.
+dim) is a global reduction: DTensor returns the local norms as a partial, and `norm_along` all-reduces
+them explicitly (Partial -> Replicate; one all-reduce of `hidden` floats per step). Row normalization
+all-reduces the same way for every Linear (`in` floats each). Sign normalization is local. Singular
+normalization needs the whole matrix: each rank all-gathers the gradient (or momentum) with
+`full_tensor()` (a transient full-size copy per rank, rows x cols elements), runs Newton–Schulz
+redundantly, and keeps its own rows of the result. tests/test_scale.py checks one process against two
+gloo processes.
+
+No step depends on tensor values through Python control flow, so `step()` also runs on a model built
+on the meta device with meta gradients and creates state of the right shapes (the memory estimator).
 """
 
 from __future__ import annotations
@@ -86,8 +90,8 @@ def norm_along(matrix: torch.Tensor, dim: int) -> torch.Tensor:
 
     On a DTensor sharded along `dim` (the embedding's dim 0 under FSDP2) the local norms are combined
     by an explicit all-reduce (redistribute Partial -> Replicate). On the CPU a reduction over dim 0
-    of a contiguous matrix is ~15x slower than over dim 1 (32000x512 fp32, one thread: 75 ms vs 5 ms),
-    so plain CPU tensors accumulate squares block by block instead (5.5 ms).
+    of a contiguous matrix is ~15x slower than over dim 1 (32000x512 fp32, one thread: 75 ms vs 3-5 ms),
+    so plain CPU tensors accumulate squares block by block instead (4.5-5.5 ms).
     """
     if _is_dtensor(matrix):
         from torch.distributed.tensor import Replicate
@@ -101,9 +105,10 @@ def norm_along(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix, 2, dim=dim, keepdim=True)
 
 
-def _column_sum_of_squares(matrix: torch.Tensor, block: int = 256) -> torch.Tensor:
-    # Rows are added into a cache-sized [block, cols] accumulator (at least fp32, so bf16 gradients
-    # do not lose the sum), which is then reduced once.
+def _column_sum_of_squares(matrix: torch.Tensor, block_elements: int = 2**18) -> torch.Tensor:
+    # Rows are added into a cache-sized [block, cols] accumulator (1 MiB in fp32; at least fp32, so
+    # bf16 gradients do not lose the sum), which is then reduced once.
+    block = max(1, block_elements // max(1, matrix.size(1)))
     acc = torch.zeros(min(block, matrix.size(0)), matrix.size(1), device=matrix.device,
                       dtype=torch.promote_types(matrix.dtype, torch.float32))
     for start in range(0, matrix.size(0), block):
@@ -116,13 +121,13 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
                          lr: float) -> None:
     """`p -= lr * d / clamp_min(rms(d, dim), 1e-8)` for each (p, d, dim); column and row normalization.
 
-    With rms = norm / sqrt(n): the per-vector factor -lr * sqrt(n) / clamp_min(norm, 1e-8 * sqrt(n))
-    is computed on the small norm tensors, so each matrix takes one reduction pass and one
-    multiply-add pass, and the small-tensor arithmetic is batched with foreach calls.
+    With rms = norm / sqrt(n) this is `p += (-lr * sqrt(n)) * d * (1 / clamp_min(norm, 1e-8 * sqrt(n)))`:
+    each matrix takes one reduction pass and one multiply-add pass, and the arithmetic on the small
+    norm tensors is batched with foreach calls.
     """
     factors, sqrt_ns = [], []
     for d, dim in zip(directions, dims):
-        matrix = d.reshape(d.size(0), -1)  # >2-D tensors: [size(0), -1]
+        matrix = d if d.dim() == 2 else d.reshape(d.size(0), -1)  # >2-D tensors: [size(0), -1]
         norm = norm_along(matrix, dim)
         if d.dim() > 2:  # back to a shape that broadcasts against d
             norm = norm.view((-1,) + (1,) * (d.dim() - 1) if dim == 1 else (1,) + tuple(d.shape[1:]))
@@ -130,8 +135,9 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
         sqrt_ns.append(math.sqrt(matrix.size(dim)))
     torch._foreach_clamp_min_(factors, [RMS_FLOOR * s for s in sqrt_ns])
     torch._foreach_reciprocal_(factors)
-    torch._foreach_mul_(factors, [-lr * s for s in sqrt_ns])
-    torch._foreach_addcmul_(params, directions, factors)
+    # The scalar -lr * sqrt(n) rides on addcmul's `value`: a separate mul of the small factors costs
+    # more (a wrapped-scalar tensor per call) than the clamp and reciprocal together.
+    torch._foreach_addcmul_(params, directions, factors, [-lr * s for s in sqrt_ns])
 
 
 def singular_step_(param: torch.Tensor, direction: torch.Tensor, *, lr: float, ns_steps: int) -> None:
