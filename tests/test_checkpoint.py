@@ -17,7 +17,7 @@ import yaml
 
 import lowmem.optim
 from lowmem.config import load_config
-from lowmem.errors import CheckpointError
+from lowmem.errors import CheckpointError, ConfigError
 from lowmem.models import LlamaConfig, build_model
 from lowmem.train import checkpoint
 from lowmem.train import loop
@@ -212,3 +212,26 @@ def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(tiny_corpu
         "train.steps": 10, "train.eval_tokens": 100}), "train.skip_nonfinite": 1})
     summary = train(skipping)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 10
+
+
+def test_a_new_run_never_overwrites_a_run_with_checkpoints(tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{"train.steps": 2}))
+    train(config)
+    before = sorted(p.name for p in checkpoint.list_checkpoints(run_dir))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{"train.steps": 2})))
+    assert sorted(p.name for p in checkpoint.list_checkpoints(run_dir)) == before
+
+
+def test_default_run_directories_are_new_per_run_and_a_bare_resume_finds_the_newest(tmp_path, monkeypatch):
+    from lowmem.train.loop import default_run_dir, latest_run_dir
+
+    monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
+    name = default_run_dir(load_config())
+    assert name.startswith(str(tmp_path / "runs" / "cpu-tiny-adamw-"))
+    for i, sub in enumerate(["a", "b"]):
+        (tmp_path / "runs" / sub).mkdir(parents=True)
+        (tmp_path / "runs" / sub / "config.yaml").write_text("model: cpu-tiny\n")
+        os.utime(tmp_path / "runs" / sub / "config.yaml", (1000 + i, 1000 + i))
+    assert latest_run_dir().name == "b"

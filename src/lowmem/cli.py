@@ -45,7 +45,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--checkpoint-every": ("train.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
     "--keep-checkpoints": ("train.keep_checkpoints", int, "how many newest checkpoints to keep"),
     "--skip-nonfinite": ("train.skip_nonfinite", int, "skip up to K steps with a non-finite loss"),
-    "--output-dir": ("train.output_dir", str, "run directory"),
+    "--output-dir": ("train.output_dir", str, "run directory (default: a new runs/<model>-<optimizer>-<time>)"),
 }
 
 
@@ -85,7 +85,7 @@ def add_train_parser(subparsers) -> None:
                    help="also report the papers' legacy perplexity figure")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: --output-dir's")
+                   help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: the newest run under runs/")
     p.add_argument("--list-optimizers", action="store_true", help="list registered optimizers and exit")
     p.set_defaults(func=run_train)
 
@@ -109,11 +109,15 @@ def train_config_from_args(args: argparse.Namespace):
     config_path = args.config
     if args.resume is not None and config_path is None:
         # A resume starts from the run's own config; flags may change only what does not alter results.
-        run_dir = Path(args.resume or overrides.get("train.output_dir") or "runs/latest")
-        run_dir = run_dir if (run_dir / "config.yaml").exists() else run_dir.parent.parent
-        if (run_dir / "config.yaml").exists():
-            config_path = run_dir / "config.yaml"
-            overrides.setdefault("train.output_dir", str(run_dir))
+        from lowmem.train.loop import latest_run_dir
+
+        target = args.resume or overrides.get("train.output_dir")
+        run_dir = Path(target) if target else latest_run_dir()
+        for candidate in (run_dir, run_dir.parent, run_dir.parent.parent):  # run, step dir, rank file
+            if (candidate / "config.yaml").exists():
+                config_path = candidate / "config.yaml"
+                overrides.setdefault("train.output_dir", str(candidate))
+                break
     return load_config(config_path, overrides)
 
 
@@ -130,6 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
     resume = None
     if args.resume is not None:
         resume = args.resume or config.train.output_dir
+        if resume is None:
+            raise ConfigError("--resume found no run directory; pass --resume RUN_DIR")
     train(config, resume=resume)
     return 0
 

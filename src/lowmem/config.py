@@ -64,7 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     skip_nonfinite: int = 0  # how many non-finite-loss steps may be skipped before stopping
-    output_dir: str = "runs/latest"
+    output_dir: str | None = None  # None: runs/<model>-<optimizer>-<date>-<time>
     progress: bool = True
 
 

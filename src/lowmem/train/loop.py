@@ -34,6 +34,7 @@ from lowmem.train.schedule import lr_factor
 
 
 logger = logging.getLogger(__name__)
+RUNS_ROOT = "runs"
 
 
 class TrainingStopped(LowmemError):
@@ -101,6 +102,20 @@ def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]
             "estimate_optimizer_state_bytes": est.optimizer_states}
 
 
+def default_run_dir(config: RunConfig) -> str:
+    """runs/<model>-<optimizer>-<date>-<time>: a new directory per run, so no run overwrites another."""
+    return str(Path(RUNS_ROOT) / f"{config.model}-{config.optim.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def latest_run_dir(root: str | Path = None) -> Path:
+    """The most recently written run directory under `root` (default runs/), for a bare --resume."""
+    root = Path(root or RUNS_ROOT)
+    candidates = [p.parent for p in root.glob("*/config.yaml")] if root.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"no run to resume under {root}/; pass --resume with a run directory")
+    return max(candidates, key=lambda p: (p / "config.yaml").stat().st_mtime)
+
+
 def _model_vocab(preset: str, tokenizer_vocab: int) -> int:
     """A paper preset keeps its declared vocabulary (32000 for t5-base, whose 100 extra sentinel ids
     never occur in encoded text); a CPU tier takes the tokenizer's."""
@@ -125,7 +140,14 @@ def train(config: RunConfig, resume: str | Path | None = None) -> dict[str, Any]
 
 def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict[str, Any]:
     t_cfg, d_cfg = config.train, config.data
+    if t_cfg.output_dir is None:
+        t_cfg.output_dir = default_run_dir(config)
     run_dir = Path(t_cfg.output_dir)
+    if resume is None and checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds a run with checkpoints; continue it with --resume {run_dir}, or "
+            "choose another --output-dir (nothing was changed)"
+        )
     per_step = t_cfg.micro_batch_size * info.world_size
     if t_cfg.batch_size % per_step:
         raise ConfigError(
