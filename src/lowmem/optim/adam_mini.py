@@ -45,12 +45,11 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.base import check_beta, check_grad, check_nonneg
+from lowmem.optim.base import all_reduce_partials, check_beta, check_grad, check_nonneg, is_dtensor, sharded_groups
 from lowmem.optim.roles import param_groups
 
 
@@ -92,41 +91,16 @@ def block_rows(param: torch.Tensor, rows_per_block: int | None) -> int:
     return 1 if param.dim() >= 2 else _rows(param)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's part of `tensor` as a [local_rows, -1] view (writes reach the tensor), and the
     global index of its first row."""
-    if not _is_dtensor(tensor):
+    if not is_dtensor(tensor):
         return tensor.view(_rows(tensor), -1), 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local = tensor.to_local()
     _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return local.view(_rows(local), -1), (offset[0] if offset else 0)
-
-
-def sharded_groups(param: torch.Tensor) -> tuple:
-    """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
-    if not _is_dtensor(param):
-        return ()
-    mesh = param.device_mesh
-    return tuple(mesh.get_group(i) for i, placement in enumerate(param.placements) if placement.is_shard())
-
-
-def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=dist.ReduceOp.SUM) -> None:
-    """Complete per-tensor partial reductions in place: one flat all-reduce per distinct sharding."""
-    by_groups: dict[tuple, list[torch.Tensor]] = {}
-    for partial, pgs in zip(partials, groups):
-        if pgs:
-            by_groups.setdefault(pgs, []).append(partial)
-    for pgs, tensors in by_groups.items():
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        for pg in pgs:
-            dist.all_reduce(flat, op=op, group=pg)
-        torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))
 
 
 def _check_settings(group: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lowmem.optim.base import check_grad, check_nonneg, check_beta, group_by_device_dtype
+from lowmem.optim.base import check_beta, check_grad, check_nonneg, group_by_device_dtype, is_dtensor
 
 
 def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
@@ -45,7 +45,7 @@ def adamw_update(
     """One AdamW step over lists of tensors (steps are incremented here)."""
     if not params:
         return
-    if foreach and not any(_is_dtensor(p) for p in params):
+    if foreach and not any(is_dtensor(p) for p in params):
         for group in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
             _adamw_foreach(*group, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         return
@@ -79,9 +79,6 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
     torch._foreach_add_(denoms, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 class AdamW(Optimizer):

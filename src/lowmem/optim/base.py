@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 
 
 def check_nonneg(name: str, value: float) -> None:
@@ -45,3 +46,29 @@ def group_by_device_dtype(*tensor_lists: list[torch.Tensor]) -> list[tuple[list[
         for bucket, item in zip(buckets[key], items):
             bucket.append(item)
     return [tuple(lists) for lists in buckets.values()]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is an FSDP2/DTensor shard (checked by name: importing DTensor is not free)."""
+    return type(t).__name__ == "DTensor"
+
+
+def sharded_groups(param: torch.Tensor) -> tuple:
+    """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
+    if not is_dtensor(param):
+        return ()
+    mesh = param.device_mesh
+    return tuple(mesh.get_group(i) for i, placement in enumerate(param.placements) if placement.is_shard())
+
+
+def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=dist.ReduceOp.SUM) -> None:
+    """Complete per-tensor partial reductions in place: one flat all-reduce per distinct sharding."""
+    by_groups: dict[tuple, list[torch.Tensor]] = {}
+    for partial, pgs in zip(partials, groups):
+        if pgs:
+            by_groups.setdefault(pgs, []).append(partial)
+    for pgs, tensors in by_groups.items():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        for pg in pgs:
+            dist.all_reduce(flat, op=op, group=pg)
+        torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update, init_adam_state
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
@@ -60,20 +60,17 @@ def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str) -> float:
     raise ValueError(f"invalid adjust_lr: {adjust_lr!r}; choose one of: {', '.join(ADJUST_LR)}")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
 
 def orthogonalize(update: torch.Tensor, *, ns_steps: int, ns_dtype: torch.dtype) -> torch.Tensor:
     """NS(update) viewed as a matrix [size(0), -1]; a DTensor is gathered whole and its rows kept."""
-    whole = update.full_tensor() if _is_dtensor(update) else update  # all-gather: NS needs the matrix
+    whole = update.full_tensor() if is_dtensor(update) else update  # all-gather: NS needs the matrix
     # torch.optim.Muon divides by max(||U||, eps); newton_schulz divides by ||U|| + eps, which for a
     # small update (q/k early in training: ||U|| ~ 1e-4) is a 1e-3 change of scale that NS's
     # nonlinearity turns into a 1e-5 change of the result. Normalizing first makes that +eps act on a
     # unit norm (a 1e-7 change) while keeping a zero update zero.
     whole = whole / torch.linalg.vector_norm(whole).clamp_min(NS_EPS)
     ortho = newton_schulz(whole.reshape(whole.size(0), -1), steps=ns_steps, dtype=ns_dtype).view(whole.shape)
-    if not _is_dtensor(update):
+    if not is_dtensor(update):
         return ortho
     from torch.distributed.tensor import DTensor, Replicate
 

@@ -65,7 +65,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update, init_adam_state
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
@@ -93,7 +93,7 @@ def norm_along(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     of a contiguous matrix is ~15x slower than over dim 1 (32000x512 fp32, one thread: 75 ms vs 3-5 ms),
     so plain CPU tensors accumulate squares block by block instead (4.5-5.5 ms).
     """
-    if _is_dtensor(matrix):
+    if is_dtensor(matrix):
         from torch.distributed.tensor import Replicate
 
         norm = torch.linalg.vector_norm(matrix, 2, dim=dim, keepdim=True)
@@ -142,11 +142,11 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
 
 def singular_step_(param: torch.Tensor, direction: torch.Tensor, *, lr: float, ns_steps: int) -> None:
     """`param -= lr * sqrt(max(rows, cols)) * NS(direction)`; a DTensor is all-gathered (NS needs the matrix)."""
-    whole = direction.full_tensor() if _is_dtensor(direction) else direction
+    whole = direction.full_tensor() if is_dtensor(direction) else direction
     rows = whole.size(0)
     cols = whole.numel() // max(1, rows)
     update = newton_schulz(whole.reshape(rows, cols), steps=ns_steps).view(whole.shape)
-    if _is_dtensor(direction):
+    if is_dtensor(direction):
         from torch.distributed.tensor import DTensor, Replicate
 
         mesh = direction.device_mesh
@@ -194,9 +194,6 @@ def scale_update(
     else:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 def _check_settings(settings: dict[str, Any]) -> None:

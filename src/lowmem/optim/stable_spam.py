@@ -47,9 +47,8 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.adam_mini import all_reduce_partials, sharded_groups
 from lowmem.optim.adamw import adamw_update
-from lowmem.optim.base import check_beta, check_grad, check_nonneg
+from lowmem.optim.base import all_reduce_partials, check_beta, check_grad, check_nonneg, sharded_groups
 
 
 def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
