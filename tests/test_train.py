@@ -116,3 +116,16 @@ def test_list_optimizers_shows_the_registry(capsys):
     assert cli_main(["train", "--list-optimizers"]) == 0
     out = capsys.readouterr().out
     assert "adamw" in out
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-pure"])
+def test_bf16_precisions_train_and_keep_their_dtypes(precision, tiny_corpus, token_cache, tmp_path):
+    summary = train(load_config(overrides=tiny_run_overrides(
+        tiny_corpus, token_cache, tmp_path / precision, **{"train.steps": 6, "train.precision": precision})))
+    assert summary["val_perplexity"] < summary["initial_val_perplexity"]
+    memory = summary["memory"]
+    n_params = summary["parameters"]
+    # bf16-pure: weights and Adam states are bf16 (2 bytes); autocast keeps fp32 weights and states.
+    bytes_per_weight = 2 if precision == "bf16-pure" else 4
+    assert memory["parameter_bytes"] == bytes_per_weight * n_params
+    assert memory["optimizer_state_bytes"] // n_params == 2 * bytes_per_weight
