@@ -202,152 +202,156 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     val_batches = lowmem_data.validation_batches(val_source, tokenizer, d_cfg.seq_len, t_cfg.micro_batch_size,
                                                  t_cfg.eval_tokens, mode=d_cfg.seq_mode)
     autocast = _autocast(t_cfg.precision, info.device)
+    try:
 
-    step, tokens, skipped, initial_eval = 0, 0, 0, None
-    if resume_body is not None:
-        checkpoint.load_model_state(model, resume_body["model"])
-        checkpoint.load_optimizer_state(optimizer, resume_body["optimizer"])
-        loader.load_state_dict(resume_body["loader"])
-        for intervention in interventions:
-            intervention.load_state_dict(resume_body["interventions"][intervention.name])
-        checkpoint.set_rng_state(resume_body["rng"])
-        step, tokens, skipped = resume_body["step"], resume_body["tokens"], resume_body["skipped"]
-        initial_eval = EvalResult(**resume_body["initial_eval"])
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_body is not None else None) if info.is_main else None
-    last_checkpoint = checkpoint.list_checkpoints(run_dir)[-1] if checkpoint.list_checkpoints(run_dir) else None
-
-    def save_checkpoint() -> Path:
-        payload = {
-            "step": step, "tokens": tokens, "skipped": skipped,
-            "model": checkpoint.model_state(model),
-            "optimizer": checkpoint.optimizer_state(optimizer),
-            "loader": loader.state_dict(),
-            "interventions": {i.name: i.state_dict() for i in interventions},
-            "rng": checkpoint.rng_state(),
-            "config": config.to_dict(),
-            "initial_eval": vars(initial_eval) if initial_eval else None,
-        }
-        return checkpoint.save(run_dir, step, payload, info.rank, info.world_size, t_cfg.keep_checkpoints,
-                               barrier=(lambda: barrier(info)) if info.enabled else None)
-
-    if initial_eval is None:
-        initial_eval = evaluate(model, val_batches, info.device, autocast, info)
-        if metrics:
-            metrics.write({"step": 0, "tokens": 0, "val_loss": initial_eval.loss, "val_perplexity": initial_eval.perplexity})
-
-    progress = None
-    if info.is_main and t_cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=t_cfg.steps, initial=step, desc=f"{config.optim.name}", unit="step", dynamic_ncols=True)
-
-    model.train()
-    batches = iter(loader)
-    window_seconds, window_tokens, train_seconds = 0.0, 0, 0.0
-    last_gradient_bytes = 0
-    stop = _StopRequest()
-    with stop:
-        while step < t_cfg.steps:
-            step_start = time.perf_counter()
-            factor = lr_factor(step, t_cfg.steps, t_cfg.warmup_ratio, t_cfg.min_lr_ratio)
+        step, tokens, skipped, initial_eval = 0, 0, 0, None
+        if resume_body is not None:
+            checkpoint.load_model_state(model, resume_body["model"])
+            checkpoint.load_optimizer_state(optimizer, resume_body["optimizer"])
+            loader.load_state_dict(resume_body["loader"])
             for intervention in interventions:
-                factor *= intervention.lr_factor(step + 1)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+                intervention.load_state_dict(resume_body["interventions"][intervention.name])
+            checkpoint.set_rng_state(resume_body["rng"])
+            step, tokens, skipped = resume_body["step"], resume_body["tokens"], resume_body["skipped"]
+            initial_eval = EvalResult(**resume_body["initial_eval"])
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_body is not None else None) if info.is_main else None
+        existing = checkpoint.list_checkpoints(run_dir)
+        last_checkpoint = existing[-1] if existing else None
 
-            micro_batches = [next(batches) for _ in range(accumulation)]
-            local_targets = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-            global_targets = int(all_reduce_sum(torch.tensor([local_targets], dtype=torch.int64), info).item())
-            # DDP and FSDP average gradients over ranks, hence the factor world_size.
-            scale = info.world_size / max(global_targets, 1)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, mb in enumerate(micro_batches):
-                sync = contextlib.nullcontext()
-                if info.enabled and t_cfg.distributed == "ddp" and i < accumulation - 1:
-                    sync = model.no_sync()
-                with sync:
-                    with autocast:
-                        logits = model(mb["input_ids"].to(info.device))
-                    micro_loss = token_loss_sum(logits, mb["labels"].to(info.device))
-                    (micro_loss * scale).backward()
-                loss_sum += micro_loss.detach().double().cpu()
-            loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)
+        def save_checkpoint() -> Path:
+            payload = {
+                "step": step, "tokens": tokens, "skipped": skipped,
+                "model": checkpoint.model_state(model),
+                "optimizer": checkpoint.optimizer_state(optimizer),
+                "loader": loader.state_dict(),
+                "interventions": {i.name: i.state_dict() for i in interventions},
+                "rng": checkpoint.rng_state(),
+                "config": config.to_dict(),
+                "initial_eval": vars(initial_eval) if initial_eval else None,
+            }
+            return checkpoint.save(run_dir, step, payload, info.rank, info.world_size, t_cfg.keep_checkpoints,
+                                   barrier=(lambda: barrier(info)) if info.enabled else None)
 
-            log_now = (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.steps
-            if not math.isfinite(loss):
+        if initial_eval is None:
+            initial_eval = evaluate(model, val_batches, info.device, autocast, info)
+            if metrics:
+                metrics.write({"step": 0, "tokens": 0, "val_loss": initial_eval.loss, "val_perplexity": initial_eval.perplexity})
+
+        progress = None
+        if info.is_main and t_cfg.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=t_cfg.steps, initial=step, desc=f"{config.optim.name}", unit="step", dynamic_ncols=True)
+
+        model.train()
+        batches = iter(loader)
+        window_seconds, window_tokens, train_seconds = 0.0, 0, 0.0
+        last_gradient_bytes = 0
+        stop = _StopRequest()
+        with stop:
+            while step < t_cfg.steps:
+                step_start = time.perf_counter()
+                factor = lr_factor(step, t_cfg.steps, t_cfg.warmup_ratio, t_cfg.min_lr_ratio)
+                for intervention in interventions:
+                    factor *= intervention.lr_factor(step + 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+
+                micro_batches = [next(batches) for _ in range(accumulation)]
+                local_targets = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+                global_targets = int(all_reduce_sum(torch.tensor([local_targets], dtype=torch.int64), info).item())
+                # DDP and FSDP average gradients over ranks, hence the factor world_size.
+                scale = info.world_size / max(global_targets, 1)
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for i, mb in enumerate(micro_batches):
+                    sync = contextlib.nullcontext()
+                    if info.enabled and t_cfg.distributed == "ddp" and i < accumulation - 1:
+                        sync = model.no_sync()
+                    with sync:
+                        with autocast:
+                            logits = model(mb["input_ids"].to(info.device))
+                        micro_loss = token_loss_sum(logits, mb["labels"].to(info.device))
+                        (micro_loss * scale).backward()
+                    loss_sum += micro_loss.detach().double().cpu()
+                loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)
+
+                log_now = (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.steps
+                if not math.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    if skipped > t_cfg.skip_nonfinite:
+                        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+                        raise TrainingStopped(
+                            f"non-finite loss ({loss}) at step {step + 1}; {where}. Lower the learning rate or "
+                            "resume from that checkpoint; --skip-nonfinite K skips up to K such steps"
+                        )
+                    if info.is_main:
+                        print(f"warning: non-finite loss at step {step + 1}, update skipped ({skipped}/{t_cfg.skip_nonfinite})")
+                else:
+                    if t_cfg.clip_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad_norm)
+                    optimizer.step()
+                # Measured while gradients still exist, so gradient bytes are real, not zero.
+                memory = _memory_snapshot(core, optimizer) if log_now else {}
+                last_gradient_bytes = memory.get("gradient_bytes", last_gradient_bytes)
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                if skipped > t_cfg.skip_nonfinite:
-                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-                    raise TrainingStopped(
-                        f"non-finite loss ({loss}) at step {step + 1}; {where}. Lower the learning rate or "
-                        "resume from that checkpoint; --skip-nonfinite K skips up to K such steps"
-                    )
-                if info.is_main:
-                    print(f"warning: non-finite loss at step {step + 1}, update skipped ({skipped}/{t_cfg.skip_nonfinite})")
-            else:
-                if t_cfg.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad_norm)
-                optimizer.step()
-            # Measured while gradients still exist, so gradient bytes are real, not zero.
-            memory = _memory_snapshot(core, optimizer) if log_now else {}
-            last_gradient_bytes = memory.get("gradient_bytes", last_gradient_bytes)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += global_targets
-            for intervention in interventions:
-                intervention.after_step(step, core, optimizer)
-            # Throughput counts training steps only, not evaluation or checkpoint writing.
-            step_seconds = time.perf_counter() - step_start
-            train_seconds += step_seconds
-            window_seconds += step_seconds
-            window_tokens += global_targets
+                step += 1
+                tokens += global_targets
+                for intervention in interventions:
+                    intervention.after_step(step, core, optimizer)
+                # Throughput counts training steps only, not evaluation or checkpoint writing.
+                step_seconds = time.perf_counter() - step_start
+                train_seconds += step_seconds
+                window_seconds += step_seconds
+                window_tokens += global_targets
 
-            if log_now:
-                record = {"step": step, "tokens": tokens, "loss": loss, "lr": factor * optimizer.param_groups[0]["initial_lr"],
-                          "tokens_per_second": window_tokens / max(window_seconds, 1e-9), **memory}
-                if metrics:
-                    metrics.write(record)
+                if log_now:
+                    record = {"step": step, "tokens": tokens, "loss": loss, "lr": factor * optimizer.param_groups[0]["initial_lr"],
+                              "tokens_per_second": window_tokens / max(window_seconds, 1e-9), **memory}
+                    if metrics:
+                        metrics.write(record)
+                    if progress:
+                        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:,.0f}")
+                    window_seconds, window_tokens = 0.0, 0
                 if progress:
-                    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:,.0f}")
-                window_seconds, window_tokens = 0.0, 0
-            if progress:
-                progress.update(1)
-            if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.steps:
-                result = evaluate(model, val_batches, info.device, autocast, info)
-                if metrics:
-                    metrics.write({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
-            if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.steps:
-                last_checkpoint = save_checkpoint()
-            stop_flag = torch.tensor([1 if stop.signal_name else 0])
-            if all_reduce_sum(stop_flag, info).item() and step < t_cfg.steps:
-                last_checkpoint = save_checkpoint()
-                if progress:
-                    progress.close()
-                if info.is_main:
-                    print(f"{stop.signal_name or 'stop signal'} received: stopped after step {step}; checkpoint saved "
-                          f"to {last_checkpoint}. Continue with: lowmem train --resume {run_dir}")
-                return {"stopped": True, "step": step, "checkpoint": str(last_checkpoint)}
-    if progress:
-        progress.close()
+                    progress.update(1)
+                if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < t_cfg.steps:
+                    result = evaluate(model, val_batches, info.device, autocast, info)
+                    if metrics:
+                        metrics.write({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
+                if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.steps:
+                    last_checkpoint = save_checkpoint()
+                stop_flag = torch.tensor([1 if stop.signal_name else 0])
+                if all_reduce_sum(stop_flag, info).item() and step < t_cfg.steps:
+                    last_checkpoint = save_checkpoint()
+                    if progress:
+                        progress.close()
+                    if info.is_main:
+                        print(f"{stop.signal_name or 'stop signal'} received: stopped after step {step}; checkpoint saved "
+                              f"to {last_checkpoint}. Continue with: lowmem train --resume {run_dir}")
+                    return {"stopped": True, "step": step, "checkpoint": str(last_checkpoint)}
+        if progress:
+            progress.close()
 
-    final = evaluate(model, val_batches, info.device, autocast, info)
-    last_checkpoint = save_checkpoint()
-    summary = {
-        "model": config.model, "optimizer": config.optim.name, "data": d_cfg.source,
-        "parameters": n_params, "vocab_size": core.config.vocab_size, "steps": step, "tokens": tokens,
-        "val_loss": final.loss, "val_perplexity": final.perplexity,
-        "val_legacy_perplexity": final.legacy_perplexity if t_cfg.legacy_perplexity else None,
-        "val_tokens": final.tokens, "initial_val_perplexity": initial_eval.perplexity,
-        "tokens_per_second": tokens / max(train_seconds, 1e-9), "wall_seconds": train_seconds,
-        "skipped_steps": skipped, "checkpoint": str(last_checkpoint),
-        "memory": {**_memory_snapshot(core, optimizer), "gradient_bytes": last_gradient_bytes,
-                   **_memory_estimate(config, core.config.vocab_size, hparams)},
-    }
-    if info.is_main:
-        metrics.write({"step": step, "tokens": tokens, "val_loss": final.loss, "val_perplexity": final.perplexity})
-        write_json(run_dir / "summary.json", summary)
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{config.model} + {config.optim.name}")
-        print(summary_table(summary))
-        print(f"run directory: {run_dir}")
-    return summary
+        final = evaluate(model, val_batches, info.device, autocast, info)
+        last_checkpoint = save_checkpoint()
+        summary = {
+            "model": config.model, "optimizer": config.optim.name, "data": d_cfg.source,
+            "parameters": n_params, "vocab_size": core.config.vocab_size, "steps": step, "tokens": tokens,
+            "val_loss": final.loss, "val_perplexity": final.perplexity,
+            "val_legacy_perplexity": final.legacy_perplexity if t_cfg.legacy_perplexity else None,
+            "val_tokens": final.tokens, "initial_val_perplexity": initial_eval.perplexity,
+            "tokens_per_second": tokens / max(train_seconds, 1e-9), "wall_seconds": train_seconds,
+            "skipped_steps": skipped, "checkpoint": str(last_checkpoint),
+            "memory": {**_memory_snapshot(core, optimizer), "gradient_bytes": last_gradient_bytes,
+                       **_memory_estimate(config, core.config.vocab_size, hparams)},
+        }
+        if info.is_main:
+            metrics.write({"step": step, "tokens": tokens, "val_loss": final.loss, "val_perplexity": final.perplexity})
+            write_json(run_dir / "summary.json", summary)
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{config.model} + {config.optim.name}")
+            print(summary_table(summary))
+            print(f"run directory: {run_dir}")
+        return summary
+    finally:
+        loader.close()  # its prefetch thread would otherwise outlive an in-process run
