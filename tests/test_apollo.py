@@ -57,7 +57,7 @@ def assert_close(ours, theirs, initial, tol=1e-5):
 
 
 def official_apollo(params, proj="random", **hp):
-    apollo_torch = pytest.importorskip("apollo_torch", reason="the official APOLLO package (apollo-torch) is not installed")
+    apollo_torch = pytest.importorskip("apollo_torch", reason="the official APOLLO package apollo-torch is not installed")
     group = {"params": params, "rank": hp.pop("rank"), "update_proj_gap": GAP, "scale": hp.pop("scale"),
              "scale_type": hp.pop("scale_type"), "proj": proj, "proj_type": "std"}
     return apollo_torch.APOLLOAdamW([group], **hp)
@@ -191,4 +191,5 @@ def test_registered_names_presets_and_defaults():
     hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
     assert (hidden["rank"], hidden["scale_type"], hidden["scale"], hidden["proj"]) == (16, "channel", 1.0, "random")
     apollo = lowmem.optim.REGISTRY["apollo"]
-    assert [apollo.presets[s]["rank"] for s in ("llama-60m", "llama-130m", "llama-350m", "llama-1b")] == [128, 256, 256, 512]
+    sizes = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
+    assert [apollo.presets[s]["rank"] for s in sizes] == [128, 256, 256, 512]

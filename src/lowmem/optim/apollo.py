@@ -125,7 +125,8 @@ class Apollo(ProjectedAdam):
             grad_norms_sq = torch.linalg.vector_norm(grad, dim=dim, keepdim=True).square_()
             update_norm_sq = sum_over_shards((grad_norms_sq * scaling.square()).sum(), p)
         else:
-            low_rank_norms_sq = torch.stack([torch.linalg.vector_norm(direction), torch.linalg.vector_norm(low_rank)]).square_()
+            norms = [torch.linalg.vector_norm(direction), torch.linalg.vector_norm(low_rank)]
+            low_rank_norms_sq = torch.stack(norms).square_()
             if side == "right":  # R's rows are sharded like W's; a left R is whole on every rank
                 low_rank_norms_sq = sum_over_shards(low_rank_norms_sq, p)
             direction_norm, low_rank_norm = low_rank_norms_sq.sqrt().unbind()

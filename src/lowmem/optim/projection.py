@@ -265,7 +265,8 @@ def rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return whole.redistribute(mesh, like.placements).to_local()  # a local slice, no communication
 
 
-def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int, ...], row_sharded: bool) -> torch.Tensor:
+def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int, ...],
+               row_sharded: bool) -> torch.Tensor:
     """Wrap this rank's state tensor as a DTensor laid out like parameter `like` (plain tensors pass through)."""
     if not is_dtensor(like):
         return local
@@ -358,7 +359,8 @@ class ProjectedAdam(Optimizer):
     def _schedule(self) -> dict[torch.Tensor, tuple[int, int]]:
         """param -> (1-based position among all parameters, refresh offset)."""
         if self._schedule_cache is None:
-            staggered = [(p, g) for g in self.param_groups if g["stagger"] for p in g["params"] if self._projectable(g, p)]
+            staggered = [(p, g) for g in self.param_groups if g["stagger"]
+                         for p in g["params"] if self._projectable(g, p)]
             offsets = {p: (i * g["update_proj_gap"]) // len(staggered) for i, (p, g) in enumerate(staggered)}
             everything = [p for g in self.param_groups for p in g["params"]]
             self._schedule_cache = {p: (i + 1, offsets.get(p, 0)) for i, p in enumerate(everything)}
