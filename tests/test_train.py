@@ -129,3 +129,18 @@ def test_bf16_precisions_train_and_keep_their_dtypes(precision, tiny_corpus, tok
     bytes_per_weight = 2 if precision == "bf16-pure" else 4
     assert memory["parameter_bytes"] == bytes_per_weight * n_params
     assert memory["optimizer_state_bytes"] // n_params == 2 * bytes_per_weight
+
+
+def test_momentum_reset_from_the_command_line_dips_the_lr_after_each_reset(capsys, tiny_corpus, token_cache, tmp_path):
+    out = tmp_path / "run"
+    code = cli_main(["train", "--model", "cpu-tiny", "--data", str(tiny_corpus), "--vocab-size", "320",
+                     "--seq-len", "32", "--seq-mode", "pad", "--steps", "9", "--batch-size", "4",
+                     "--micro-batch-size", "4", "--eval-tokens", "500", "--log-every", "1", "--lr", "1e-3",
+                     "--warmup-ratio", "0", "--min-lr-ratio", "1", "--no-progress", "--output-dir", str(out),
+                     "--intervention", "momentum-reset:every=3,lr_ramp_steps=2"])
+    assert code == 0, capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    # Resets after steps 3 and 6: the next update runs at the floor (0.1%), the one after halfway back.
+    assert lrs[4] == pytest.approx(1e-6) and lrs[7] == pytest.approx(1e-6)
+    assert lrs[5] == pytest.approx(1e-3 * (0.001 + 0.999 * 0.5)) and lrs[8] == lrs[5]
+    assert lrs[3] == lrs[6] == lrs[9] == pytest.approx(1e-3)
