@@ -128,7 +128,7 @@ def test_reset_step_is_a_first_adam_step():
         p.grad = g
     torch.optim.Adam(first, lr=HP["lr"], betas=HP["betas"], eps=HP["eps"]).step()
     first_step = {n: p.detach() for (n, _), p in zip(model.named_parameters(), first)}
-    assert max_relative_difference(first_step, dict(model.named_parameters())) < 1e-12
+    assert max_relative_difference(first_step, dict(model.named_parameters())) < 1e-10  # fp64; a first Adam step (~lr*sign) amplifies rounding
     # The released code's reset step is not a first Adam step.
     assert max_relative_difference(first_step, dict(stale_model.named_parameters())) > 1e-4
     # A first Adam step moves every entry with a gradient by lr (up to eps), against the gradient.

@@ -49,7 +49,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.base import all_reduce_partials, check_beta, check_grad, check_nonneg, is_dtensor, sharded_groups
+from lowmem.optim.base import all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
 from lowmem.optim.roles import param_groups
 
 
@@ -105,11 +105,7 @@ def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _check_settings(group: dict[str, Any]) -> None:
     check_nonneg("lr", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
-    check_beta("betas[0]", betas[0])
-    check_beta("betas[1]", betas[1])
+    check_betas("betas", group["betas"])
     check_nonneg("eps", group["eps"])
     check_nonneg("weight_decay", group["weight_decay"])
     rows_per_block = group.get("rows_per_block")

@@ -18,6 +18,13 @@ def check_beta(name: str, value: float) -> None:
         raise ValueError(f"invalid {name}: {value!r}; it must be in [0, 1)")
 
 
+def check_betas(name: str, betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"invalid {name}: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
+    check_beta(f"{name}[0]", betas[0])
+    check_beta(f"{name}[1]", betas[1])
+
+
 def check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"invalid {name}: {value!r}; it must be an integer >= 1")

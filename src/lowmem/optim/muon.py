@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update, init_adam_state
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int, is_dtensor
+from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
@@ -114,11 +114,7 @@ def _check_settings(group: dict[str, Any]) -> None:
         raise ValueError(f"invalid nesterov: {group['nesterov']!r}; it must be True or False")
     check_nonneg("weight_decay", group["weight_decay"])
     check_nonneg("adam_lr", group["adam_lr"])
-    betas = group["adam_betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid adam_betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
-    check_beta("adam_betas[0]", betas[0])
-    check_beta("adam_betas[1]", betas[1])
+    check_betas("adam_betas", group["adam_betas"])
     check_nonneg("adam_eps", group["adam_eps"])
     check_positive_int("ns_steps", group["ns_steps"])
     if group["ns_dtype"] not in NS_DTYPES:

@@ -76,7 +76,7 @@ import torch
 from torch.optim import Optimizer
 
 from lowmem.optim.adamw import adamw_update, init_adam_state
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.base import check_betas, check_grad, check_nonneg, check_positive_int
 from lowmem.optim.roles import default_role
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -315,11 +315,7 @@ class ProjectedAdam(Optimizer):
 
     def _check_group(self, settings: dict[str, Any]) -> None:
         check_nonneg("lr", settings["lr"])
-        betas = settings["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"invalid betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
+        check_betas("betas", settings["betas"])
         check_nonneg("eps", settings["eps"])
         check_nonneg("weight_decay", settings["weight_decay"])
         check_positive_int("rank", settings["rank"])

@@ -65,7 +65,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update, init_adam_state
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, check_positive_int, is_dtensor
+from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
@@ -200,11 +200,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
     check_nonneg("lr", settings["lr"])
     check_beta("momentum", settings["momentum"])
     check_nonneg("adam_lr", settings["adam_lr"])
-    betas = settings["adam_betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid adam_betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
-    check_beta("adam_betas[0]", betas[0])
-    check_beta("adam_betas[1]", betas[1])
+    check_betas("adam_betas", settings["adam_betas"])
     check_nonneg("adam_eps", settings["adam_eps"])
     check_nonneg("weight_decay", settings["weight_decay"])
     if settings["normalization"] not in NORMALIZATIONS:

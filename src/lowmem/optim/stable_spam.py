@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update
-from lowmem.optim.base import all_reduce_partials, check_beta, check_grad, check_nonneg, sharded_groups
+from lowmem.optim.base import all_reduce_partials, check_beta, check_betas, check_grad, check_nonneg, sharded_groups
 
 
 def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
@@ -64,11 +64,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _check_settings(group: dict[str, Any]) -> None:
     check_nonneg("lr", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"invalid betas: {betas!r}; it must be a pair (beta1, beta2), each in [0, 1)")
-    check_beta("betas[0]", betas[0])
-    check_beta("betas[1]", betas[1])
+    check_betas("betas", group["betas"])
     check_nonneg("eps", group["eps"])
     check_nonneg("weight_decay", group["weight_decay"])
     for name in ("gamma1", "gamma2", "theta"):
