@@ -77,10 +77,12 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    # One colour per method in both plots (the default cycle repeats after ten).
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(best))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, run in best.items():
         state = run.get("memory", {}).get("optimizer_state_bytes", 0)
-        ax.scatter(state / 2**20, run["val_perplexity"], s=40)
+        ax.scatter(state / 2**20, run["val_perplexity"], s=40, color=colours[method])
         ax.annotate(method, (state / 2**20, run["val_perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("optimizer state (MiB, measured)")
     ax.set_ylabel("validation perplexity (best lr)")
@@ -94,7 +96,8 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     for method, run in sorted(best.items()):
         records = [r for r in read_metrics(Path(run["dir"]) / "metrics.jsonl") if "loss" in r]
         if records:
-            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=method, linewidth=1)
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=method, linewidth=1,
+                    color=colours[method])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_ylim(top=min(ax.get_ylim()[1], 8))
