@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,20 +51,29 @@ def _lowmem(*args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+# The child runs the real CLI and sends itself `sig` during the forward pass of training step
+# `at_step`, so the stop lands on exactly that step however fast the machine is.
+_SIGNAL_AT_STEP = """
+import os, signal, sys
+from lowmem import cli
+from lowmem.train import loop
+at_step, sig, real, calls = int(sys.argv[1]), int(sys.argv[2]), loop.token_loss_sum, [0]
+def counting(logits, labels):
+    calls[0] += 1
+    if calls[0] == at_step:
+        os.kill(os.getpid(), sig)
+    return real(logits, labels)
+loop.token_loss_sum = counting
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
 def _stop_midway(config_path: Path, run_dir: Path, at_step: int, sig=signal.SIGTERM) -> tuple[int, str]:
-    """Start a run in a subprocess, send `sig` once step `at_step` is logged; return (exit code, stdout)."""
-    proc = _lowmem("train", "--config", str(config_path))
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= at_step and "loss" in x
-                                    for x in metrics.read_text().splitlines() if x.strip()):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.02)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return proc.returncode, out
+    """Run training in a subprocess that receives `sig` during step `at_step`; return (exit code, stdout)."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(at_step), str(int(sig)),
+                           "train", "--config", str(config_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.returncode, proc.stdout
 
 
 @pytest.mark.parametrize("name", lowmem.optim.available())
@@ -80,8 +88,7 @@ def test_stopped_and_resumed_run_logs_bitwise_identical_losses(name, tiny_corpus
     _, out = _stop_midway(split_cfg, split_dir, at_step=STEPS // 2)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
     assert "checkpoint saved" in out
-    stopped_at = max(_losses(split_dir))
-    assert stopped_at < STEPS, "the run finished before the signal arrived"
+    assert max(_losses(split_dir)) == STEPS // 2  # stopped after finishing the step it was signalled in
 
     resumed = _lowmem("train", "--resume", str(split_dir))
     _, err = resumed.communicate(timeout=300)
@@ -131,7 +138,7 @@ def test_sigint_also_saves_and_exits_cleanly(tiny_corpus, token_cache, tmp_path)
     cfg = _write_config(tmp_path / "c.yaml", tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{"train.steps": 40}))
     _, out = _stop_midway(cfg, run_dir, at_step=3, sig=signal.SIGINT)
     assert "SIGINT received" in out and "checkpoint saved" in out
-    assert checkpoint.list_checkpoints(run_dir)
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000003"]
 
 
 def test_checkpoints_are_atomic_keep_the_last_k_and_hold_only_plain_data(tiny_corpus, token_cache, tmp_path):
