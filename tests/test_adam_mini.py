@@ -147,6 +147,7 @@ def _straddle_worker(rank: int, world_size: int, init_file: str, out_file: str) 
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_file)
+        dist.barrier()  # tear down together (gloo can abort a busy peer)
     finally:
         dist.destroy_process_group()
 

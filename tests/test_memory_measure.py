@@ -106,6 +106,7 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, result_file: str
         optimizer.step()
         if rank == 0:
             torch.save({"tensor": tensor_bytes([weight]), "state": optimizer_state_bytes(optimizer)}, result_file)
+        dist.barrier()  # tear down together (gloo can abort a busy peer)
     finally:
         dist.destroy_process_group()
 

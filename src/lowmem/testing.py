@@ -75,6 +75,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_file)
+        # Tear down together: a rank destroying its gloo group while the peer is still busy can
+        # abort the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -85,6 +85,10 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, clean: bool = True) -> None:
+    """Destroy the process group; after a clean run, first wait for every rank (gloo can abort a
+    peer that is still busy), after an error not (a rank that failed alone would hang the rest)."""
     if info.enabled and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

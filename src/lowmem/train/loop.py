@@ -133,9 +133,12 @@ def train(config: RunConfig, resume: str | Path | None = None) -> dict[str, Any]
     config.validate()
     info = init_distributed(config.train.device)
     try:
-        return _train(config, info, resume)
-    finally:
-        shutdown(info)
+        summary = _train(config, info, resume)
+    except BaseException:
+        shutdown(info, clean=False)
+        raise
+    shutdown(info)
+    return summary
 
 
 def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict[str, Any]:
