@@ -28,6 +28,36 @@ def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
+class AdamBatch:
+    """The parameters one optimizer step leaves to Adam, gathered for a single `adamw_update` call."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
+
+    def add(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        if not state:
+            init_adam_state(state, param)
+        self.params.append(param)
+        self.grads.append(param.grad)
+        self.exp_avgs.append(state["exp_avg"])
+        self.exp_avg_sqs.append(state["exp_avg_sq"])
+        self.steps.append(state["step"])
+
+    def step(self, **hparams: Any) -> None:
+        adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, **hparams)
+
+
+def scheduled_adam_lr(adam_lr: float, group: dict[str, Any]) -> float:
+    """`adam_lr` at the group's current point of the schedule: adam_lr * lr / initial_lr, so tensors
+    left to Adam by SCALE or Muon follow the same warmup and cosine as the rest (0 at a zero peak)."""
+    peak = group["initial_lr"]
+    return adam_lr * group["lr"] / peak if peak else 0.0
+
+
 def adamw_update(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -108,23 +138,12 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, ms, vs, steps = [], [], [], [], []
+            batch = AdamBatch()
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                check_grad(p)
-                state = self.state[p]
-                if not state:
-                    init_adam_state(state, p)
-                params.append(p)
-                grads.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+                if p.grad is not None:
+                    check_grad(p)
+                    batch.add(p, self.state[p])
             beta1, beta2 = group["betas"]
-            adamw_update(
-                params, grads, ms, vs, steps,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], foreach=group["foreach"],
-            )
+            batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], foreach=group["foreach"])
         return loss

@@ -41,7 +41,7 @@ import torch
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.adamw import adamw_update, init_adam_state
+from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
@@ -185,7 +185,7 @@ class Muon(Optimizer):
 
     def _step_group(self, group: dict[str, Any]) -> None:
         matrices, matrix_grads, buffers = [], [], []
-        others, other_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        adam = AdamBatch()
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -198,22 +198,14 @@ class Muon(Optimizer):
                 matrix_grads.append(p.grad)
                 buffers.append(state["momentum_buffer"])
                 continue
-            if not state:
-                init_adam_state(state, p)
-            others.append(p)
-            other_grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            adam.add(p, state)
 
         muon_update(matrices, matrix_grads, buffers, lr=group["lr"], momentum=group["momentum"],
                     nesterov=group["nesterov"], weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
                     ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]])
-        peak = group["initial_lr"]
         beta1, beta2 = group["adam_betas"]
-        adamw_update(others, other_grads, exp_avgs, exp_avg_sqs, steps,
-                     lr=group["adam_lr"] * group["lr"] / peak if peak else 0.0,
-                     beta1=beta1, beta2=beta2, eps=group["adam_eps"], weight_decay=group["weight_decay"])
+        adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
+                  eps=group["adam_eps"], weight_decay=group["weight_decay"])
 
 
 register(

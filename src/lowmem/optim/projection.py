@@ -75,7 +75,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lowmem.optim.adamw import adamw_update, init_adam_state
+from lowmem.optim.adamw import AdamBatch
 from lowmem.optim.base import check_betas, check_grad, check_nonneg, check_positive_int
 from lowmem.optim.roles import default_role
 
@@ -372,7 +372,7 @@ class ProjectedAdam(Optimizer):
                 loss = closure()
         schedule = self._schedule()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            adam = AdamBatch()
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -380,17 +380,11 @@ class ProjectedAdam(Optimizer):
                 state = self.state[p]
                 if self._projectable(group, p):
                     self._projected_step(p, state, group, *schedule[p])
-                    continue
-                if not state:
-                    init_adam_state(state, p)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+                else:
+                    adam.add(p, state)
             beta1, beta2 = group["betas"]
-            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+            adam.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], foreach=group["foreach"])
         return loss
 
     def _projected_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], position: int,

@@ -64,7 +64,7 @@ import torch
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.adamw import adamw_update, init_adam_state
+from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
@@ -269,21 +269,14 @@ class SCALE(Optimizer):
         momentum_roles = MOMENTUM_PLACEMENTS[group["momentum_on"]]
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
-        vectors, vector_grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        adam = AdamBatch()
         for p in group["params"]:
             if p.grad is None:
                 continue
             check_grad(p)
             role = "vector" if p.dim() < 2 else group_role(group, p)
             if role == "vector":
-                state = self.state[p]
-                if not state:
-                    init_adam_state(state, p)
-                vectors.append(p)
-                vector_grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+                adam.add(p, self.state[p])
                 continue
             if role in momentum_roles:  # the only matrices with state: the rest leave self.state untouched
                 state = self.state[p]
@@ -298,11 +291,9 @@ class SCALE(Optimizer):
 
         scale_update(params, grads, buffers, dims, lr=group["lr"], momentum=group["momentum"],
                      weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"])
-        peak = group["initial_lr"]
         beta1, beta2 = group["adam_betas"]
-        adamw_update(vectors, vector_grads, exp_avgs, exp_avg_sqs, steps,
-                     lr=group["adam_lr"] * group["lr"] / peak if peak else 0.0,
-                     beta1=beta1, beta2=beta2, eps=group["adam_eps"], weight_decay=group["weight_decay"])
+        adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
+                  eps=group["adam_eps"], weight_decay=group["weight_decay"])
 
 
 # The papers' released scripts, per model size. The ablation variants reuse them: methods.md gives
