@@ -28,7 +28,6 @@ Precision (what the trainer's --precision does):
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -286,8 +285,7 @@ def accepted_hparams(optimizer: str) -> set[str]:
     """The hyperparameter names optimizer `optimizer`'s constructor takes (ConfigError if unknown)."""
     if optimizer not in lowmem.optim.available():
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(lowmem.optim.available())}")
-    cls = lowmem.optim.REGISTRY[optimizer].load()
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    return lowmem.optim.REGISTRY[optimizer].hyperparameters()
 
 
 def hparams_for(optimizer: str, hparams: dict[str, Any], shared: bool = False) -> dict[str, Any]:

@@ -37,6 +37,10 @@ class Method:
     def load(self) -> type[Optimizer]:
         return _resolve(self.target)
 
+    def hyperparameters(self) -> set[str]:
+        """The names the optimizer's constructor takes besides `params`."""
+        return set(inspect.signature(self.load().__init__).parameters) - {"self", "params"}
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return _resolve(self.groups)(model) if self.groups else param_groups(model)
 
@@ -95,14 +99,13 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
     if preset is not None and preset in method.presets:
         settings.update(method.presets[preset])
     settings.update(hparams)
-    cls = method.load()
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    accepted = method.hyperparameters()
     unknown = set(settings) - accepted
     if unknown:
         raise ConfigError(
             f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
-    return cls(method.param_groups(model), **settings)
+    return method.load()(method.param_groups(model), **settings)
 
 
 __all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "named_roles", "param_groups", "register"]

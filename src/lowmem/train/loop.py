@@ -75,15 +75,9 @@ def _optimizer_hparams(config: RunConfig) -> dict[str, Any]:
     if config.optim.lr is not None:
         hparams["lr"] = config.optim.lr
     method = lowmem.optim.REGISTRY.get(config.optim.name)
-    if method is not None and "total_T" in _accepted(method) and "total_T" not in hparams:
+    if method is not None and "total_T" in method.hyperparameters() and "total_T" not in hparams:
         hparams["total_T"] = config.train.steps  # Stable-SPAM's beta1 decay spans the run
     return hparams
-
-
-def _accepted(method: lowmem.optim.Method) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(method.load().__init__).parameters)
 
 
 def _memory_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
