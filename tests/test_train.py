@@ -144,3 +144,15 @@ def test_momentum_reset_from_the_command_line_dips_the_lr_after_each_reset(capsy
     assert lrs[4] == pytest.approx(1e-6) and lrs[7] == pytest.approx(1e-6)
     assert lrs[5] == pytest.approx(1e-3 * (0.001 + 0.999 * 0.5)) and lrs[8] == lrs[5]
     assert lrs[3] == lrs[6] == lrs[9] == pytest.approx(1e-3)
+
+
+def test_stable_spam_beta1_decay_spans_the_run():
+    import subprocess
+    import sys
+
+    # A fresh process: its registry holds only adamw until a method is looked up, and the trainer
+    # must still find that stable-spam takes total_T (it once did not, silently).
+    code = ("from lowmem.config import load_config; from lowmem.train.loop import _optimizer_hparams; "
+            "print(_optimizer_hparams(load_config(overrides={'optim.name': 'stable-spam', 'train.steps': 123})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'total_T': 123}"

@@ -84,6 +84,14 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def method(name: str) -> Method:
+    """The registry entry of optimizer `name` (every built-in method module loaded first)."""
+    _load_builtin_methods()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
 def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any) -> Optimizer:
     """Build optimizer `name` over `model`'s role groups.
 
@@ -91,21 +99,18 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
     `hparams` override them. Unknown names and unknown hyperparameters raise ValueError naming the
     valid choices.
     """
-    _load_builtin_methods()
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    method = REGISTRY[name]
-    settings = dict(method.defaults)
-    if preset is not None and preset in method.presets:
-        settings.update(method.presets[preset])
+    entry = method(name)
+    settings = dict(entry.defaults)
+    if preset is not None and preset in entry.presets:
+        settings.update(entry.presets[preset])
     settings.update(hparams)
-    accepted = method.hyperparameters()
+    accepted = entry.hyperparameters()
     unknown = set(settings) - accepted
     if unknown:
         raise ConfigError(
             f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
-    return method.load()(method.param_groups(model), **settings)
+    return entry.load()(entry.param_groups(model), **settings)
 
 
-__all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "named_roles", "param_groups", "register"]
+__all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles", "param_groups", "register"]

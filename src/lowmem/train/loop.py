@@ -74,8 +74,7 @@ def _optimizer_hparams(config: RunConfig) -> dict[str, Any]:
     hparams = dict(config.optim.hparams)
     if config.optim.lr is not None:
         hparams["lr"] = config.optim.lr
-    method = lowmem.optim.REGISTRY.get(config.optim.name)
-    if method is not None and "total_T" in method.hyperparameters() and "total_T" not in hparams:
+    if "total_T" in lowmem.optim.method(config.optim.name).hyperparameters() and "total_T" not in hparams:
         hparams["total_T"] = config.train.steps  # Stable-SPAM's beta1 decay spans the run
     return hparams
 
