@@ -167,9 +167,10 @@ HARMLESS = {
 
 def results_affecting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Lines 'key: old -> new' for every difference between two config dicts that alters results."""
+    before, after = _flatten(old), _flatten(new)
     differences = []
-    for key in sorted(set(_flatten(old)) | set(_flatten(new))):
-        a, b = _flatten(old).get(key), _flatten(new).get(key)
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
         if a != b and key not in HARMLESS:
             differences.append(f"{key}: {a!r} -> {b!r}")
     return differences

@@ -21,18 +21,15 @@ import torch
 from torch import nn
 
 from lowmem.errors import CheckpointError
+from lowmem.optim.base import is_dtensor
 
 FORMAT = "lowmem-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _local(value: Any) -> Any:
     """Replace DTensors by their local shards, recursively (the saved form)."""
-    if _is_dtensor(value):
+    if is_dtensor(value):
         return value.to_local().detach().clone()
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
@@ -90,7 +87,7 @@ def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, tensor in current.items():
-            local = tensor.to_local() if _is_dtensor(tensor) else tensor
+            local = tensor.to_local() if is_dtensor(tensor) else tensor
             if local.shape != saved[name].shape:
                 raise CheckpointError(
                     f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, the model's is "
@@ -109,14 +106,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if not _is_dtensor(param) or param not in optimizer.state:
+            if not is_dtensor(param) or param not in optimizer.state:
                 continue
             from torch.distributed.tensor import DTensor
 
             state = optimizer.state[param]
             local_shape = param.to_local().shape
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and not _is_dtensor(value) and value.shape == local_shape and value.dim() > 0:
+                if isinstance(value, torch.Tensor) and not is_dtensor(value) and value.shape == local_shape and value.dim() > 0:
                     state[key] = DTensor.from_local(
                         value.to(param.to_local().device), param.device_mesh, param.placements,
                         shape=param.shape, stride=param.stride(),
@@ -177,7 +174,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
 
 
-def resolve(path_or_run: str | Path, world_size: int = 1) -> Path:
+def resolve(path_or_run: str | Path) -> Path:
     """A checkpoint step directory from a run directory (its newest), a step directory or a rank file."""
     path = Path(path_or_run)
     if path.is_file():
