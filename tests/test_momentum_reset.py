@@ -12,7 +12,7 @@ import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.reset import MomentumReset, reset_moments
 from lowmem.testing import TINY, _batch, _loss, max_relative_difference
-from lowmem.train.interventions import build_intervention
+from lowmem.interventions import build_intervention
 
 LR = 1e-2
 

@@ -150,7 +150,7 @@ def test_stable_spam_beta1_decay_spans_the_run():
 
     # A fresh process: its registry holds only adamw until a method is looked up, and the trainer
     # must still find that stable-spam takes total_T (it once did not, silently).
-    code = ("from lowmem.config import load_config; from lowmem.train.loop import _optimizer_hparams; "
-            "print(_optimizer_hparams(load_config(overrides={'optim.name': 'stable-spam', 'train.steps': 123})))")
+    code = ("from lowmem.assembly import optimizer_hparams; "
+            "print(optimizer_hparams('stable-spam', {}, None, steps=123))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "{'total_T': 123}"

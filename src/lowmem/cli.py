@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lowmem.errors import ConfigError, LowmemError
 
 # flag -> dotted config key; every flag defaults to None so only flags the user gave override.
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--model": ("model", str, "model preset: llama-60m ... llama-7b, or cpu-tiny/cpu-small/cpu-base"),
+    "--model": ("model.preset", str, "model preset: llama-60m ... llama-7b, or cpu-tiny/cpu-small/cpu-base"),
     "--data": ("data.source", str, "builtin | c4 | a directory, file or glob of json/jsonl(.gz)/txt/parquet"),
     "--text-field": ("data.text_field", str, "JSON/parquet field holding the text (default text)"),
     "--tokenizer": ("data.tokenizer", str, "bpe (trained here, cached) or a Hugging Face name/path, e.g. t5-base"),
@@ -49,28 +47,6 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _key_values(items: list[str], what: str) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{what} {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = _parse_value(value)
-    return out
-
-
-def _intervention(spec: str) -> dict[str, Any]:
-    name, _, rest = spec.partition(":")
-    return {"name": name, **_key_values([kv for kv in rest.split(",") if kv], "intervention setting")}
-
-
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain a model", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +55,8 @@ def add_train_parser(subparsers) -> None:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer hyperparameter, repeatable, e.g. --opt rank=128 --opt update_proj_gap=200")
+    p.add_argument("--structure", metavar="NAME:KEY=VALUE,...",
+                   help="weight structure of the hidden matrices, e.g. lowrank:rank=128,alpha=32 (see --list-structures)")
     p.add_argument("--intervention", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="periodic intervention, e.g. momentum-reset:every=200,lr_ramp_steps=10")
     p.add_argument("--legacy-perplexity", action="store_true", default=None,
@@ -87,11 +65,16 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: the newest run under runs/")
     p.add_argument("--list-optimizers", action="store_true", help="list registered optimizers and exit")
+    p.add_argument("--list-structures", action="store_true", help="list registered structures and exit")
+    p.add_argument("--list-interventions", action="store_true", help="list registered interventions and exit")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a Python file or module first (one that registers its own optimizer, "
+                        "structure or intervention); repeatable, and needed again on --resume")
     p.set_defaults(func=run_train)
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from lowmem.config import load_config
+    from lowmem.config import load_config, parse_key_values, parse_spec
 
     overrides: dict[str, Any] = {}
     for flag, (key, _, _) in TRAIN_FLAGS.items():
@@ -99,9 +82,11 @@ def train_config_from_args(args: argparse.Namespace):
         if value is not None:
             overrides[key] = value
     if args.opt:
-        overrides["optim.hparams"] = _key_values(args.opt, "--opt")
+        overrides["optim.hparams"] = parse_key_values(args.opt, "--opt")
+    if args.structure:
+        overrides["model.structure"] = parse_spec(args.structure, "structure")
     if args.intervention:
-        overrides["optim.interventions"] = [_intervention(s) for s in args.intervention]
+        overrides["optim.interventions"] = [parse_spec(s, "intervention") for s in args.intervention]
     if args.legacy_perplexity:
         overrides["train.legacy_perplexity"] = True
     if args.no_progress:
@@ -121,13 +106,43 @@ def train_config_from_args(args: argparse.Namespace):
     return load_config(config_path, overrides)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    if args.list_optimizers:
-        import lowmem.optim
+def load_plugins(plugins: list[str]) -> None:
+    """Import each plugin: a path to a .py file, or a module name."""
+    import importlib
+    import importlib.util
 
-        for name in lowmem.optim.available():
-            print(f"{name:14s} {lowmem.optim.REGISTRY[name].summary}")
-        return 0
+    for plugin in plugins:
+        path = Path(plugin)
+        if plugin.endswith(".py"):
+            if not path.is_file():
+                raise ConfigError(f"--plugin {plugin}: no such file; pass a Python file or an importable module name")
+            spec = importlib.util.spec_from_file_location(f"lowmem_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as err:
+                raise ConfigError(f"--plugin {plugin}: {err}; pass a Python file or an importable module name") from None
+
+
+def _list(registry) -> None:
+    for name, entry in registry.items():
+        summary = getattr(entry, "summary", None) or (entry.__doc__ or "").strip().splitlines()[0:1]
+        print(f"{name:16s} {summary if isinstance(summary, str) else ''.join(summary)}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lowmem import registry
+
+    load_plugins(args.plugin)
+    listing = {"list_optimizers": registry.OPTIMIZERS, "list_structures": registry.STRUCTURES,
+               "list_interventions": registry.INTERVENTIONS}
+    for flag, table in listing.items():
+        if getattr(args, flag):
+            _list(table)
+            return 0
     from lowmem.train.loop import train
 
     config = train_config_from_args(args)

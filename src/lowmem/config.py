@@ -70,13 +70,23 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    # The model section: a preset name (`model: llama-60m`), or a mapping naming the preset and the
+    # structure applied to its hidden matrices (`model: {preset: llama-60m, structure: {name:
+    # lowrank, rank: 128}}`). `model` keeps the preset name; `structure` the structure's settings.
     model: str = "cpu-tiny"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    structure: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; a dense model keeps the string form, so configs and checkpoints written
+        before structures existed compare equal to today's."""
+        out = dataclasses.asdict(self)
+        structure = out.pop("structure")
+        if structure:
+            out["model"] = {"preset": self.model, "structure": structure}
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
@@ -85,7 +95,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key == "model":
-                kwargs["model"] = value
+                kwargs["model"], kwargs["structure"] = _model_section(value)
             elif key in sections:
                 kwargs[key] = _build_section(sections[key], value or {}, key)
             else:
@@ -112,6 +122,24 @@ class RunConfig:
             raise ConfigError("train.warmup_ratio and train.min_lr_ratio must lie in [0, 1]")
         if self.optim.lr is not None and self.optim.lr < 0:
             raise ConfigError(f"optim.lr must be >= 0, got {self.optim.lr}")
+
+
+def _model_section(value: Any) -> tuple[str, dict[str, Any] | None]:
+    """(preset, structure) from the model section's string or mapping form."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict):
+        unknown = set(value) - {"preset", "structure"}
+        if unknown or not isinstance(value.get("preset"), str):
+            raise ConfigError(
+                f"the model section must be a preset name or a mapping {{preset: NAME, structure: {{name: ..., ...}}}}; "
+                f"got {value!r}"
+            )
+        structure = value.get("structure")
+        if structure is not None and (not isinstance(structure, dict) or not isinstance(structure.get("name"), str)):
+            raise ConfigError(f"model.structure must be a mapping with a 'name', e.g. {{name: lowrank, rank: 128}}; got {structure!r}")
+        return value["preset"], dict(structure) if structure else None
+    raise ConfigError(f"the model section must be a preset name or a mapping with 'preset'; got {value!r}")
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
@@ -145,12 +173,42 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if keys[0] == "model" and len(keys) > 1 and isinstance(target.get("model"), str):
+        target["model"] = {"preset": target["model"]}  # model.preset / model.structure on the string form
     node = target
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
             raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a config section")
         node = node[key]
     node[keys[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """A value as written on the command line: YAML scalars and lists (`128`, `true`, `[0.9, 0.99]`),
+    else the text itself (a mode name)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
+    """{"key": value} from ["key=value", ...]; dashes in keys become underscores."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{what} {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def parse_spec(spec: str, what: str = "setting") -> dict[str, Any]:
+    """{"name": NAME, key: value, ...} from "NAME:key=value,key=value" (a structure or intervention)."""
+    name, _, rest = spec.partition(":")
+    if not name.strip():
+        raise ConfigError(f"{what} {spec!r} has no name; write NAME:key=value,...")
+    return {"name": name.strip(), **parse_key_values([kv for kv in rest.split(",") if kv], f"{what} setting")}
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -17,7 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lowmem.models import LlamaConfig, build_model
+from lowmem.assembly import build_model, build_optimizer
+from lowmem.models import LlamaConfig
+from lowmem.optim.base import is_dtensor
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=32)
 
@@ -51,7 +53,7 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()
-        if type(t).__name__ == "DTensor":
+        if is_dtensor(t):
             t = t.full_tensor()
         out[name] = t.clone()
     return out
@@ -61,8 +63,6 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
             dtype: torch.dtype) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    import lowmem.optim
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
@@ -70,7 +70,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
-        optimizer = lowmem.optim.build(name, model, **hparams)
+        optimizer = build_optimizer(name, model, hparams=hparams)
         train_steps(model, optimizer, steps, rank=rank, world_size=world_size)
         state = _full_state(model)
         if rank == 0:
@@ -90,11 +90,9 @@ def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, wor
     fp32 adaptive methods amplify that to ~1e-5; in fp64 a correct sharded method agrees to ~1e-12,
     so any real sharding error stands out.
     """
-    import lowmem.optim
-
     torch.manual_seed(0)
     model = build_model(TINY).to(dtype)
-    optimizer = lowmem.optim.build(name, model, **hparams)
+    optimizer = build_optimizer(name, model, hparams=hparams)
     train_steps(model, optimizer, steps)
     single = _full_state(model)
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import lowmem.optim
 from lowmem.errors import ConfigError
-from lowmem.memory.estimate import GB, PRECISIONS, MemoryEstimate, compare, estimate_memory, hparams_for
+from lowmem.config import PRECISIONS
+from lowmem.memory.estimate import GB, MemoryEstimate, compare, estimate_memory, hparams_for
 from lowmem.models.llama import PRESETS
 
 BASELINE = "adamw"
@@ -78,8 +79,7 @@ def _gb(nbytes: float) -> str:
 
 
 def _settings(est: MemoryEstimate) -> str:
-    method = lowmem.optim.REGISTRY[est.optimizer]
-    settings = {**method.defaults, **method.presets.get(est.model, {}), **est.hparams}
+    settings = lowmem.optim.method(est.optimizer).settings(est.model, est.hparams)
     return ", ".join(f"{k}={v}" for k, v in settings.items()) or "class defaults"
 
 

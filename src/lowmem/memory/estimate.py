@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 import lowmem.optim
+from lowmem.assembly import build_model, build_optimizer
+from lowmem.config import PRECISIONS
 from lowmem.errors import ConfigError
 from lowmem.memory.measure import iter_state_tensors, optimizer_state_bytes
-from lowmem.models.llama import LlamaConfig, build_model, resolve_config
+from lowmem.models.llama import LlamaConfig, resolve_config
 from lowmem.optim.roles import named_roles
-
-PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
 PAPER_BYTES_PER_ELEMENT = 2
 GB = 1e9
 # Steps taken on meta before the state is counted. Every registered method creates all of its state
@@ -163,16 +163,17 @@ StateFormula = Callable[[nn.Module, torch.optim.Optimizer], list[tuple[str, tupl
 STATE_FORMULAS: dict[str, StateFormula] = {}
 
 
-def _meta_model(config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
-    model = build_model(config, device="meta").to(dtype)
+def _meta_model(config: LlamaConfig, dtype: torch.dtype, structure: dict[str, Any] | None) -> nn.Module:
+    model = build_model(config, structure=structure, device="meta", dtype=dtype)
     for param in model.parameters():
-        param.grad = torch.empty_like(param)
+        if param.requires_grad:
+            param.grad = torch.empty_like(param)
     return model
 
 
 def _build_optimizer(name: str, model: nn.Module, preset: str | None, hparams: dict[str, Any]) -> torch.optim.Optimizer:
     try:
-        return lowmem.optim.build(name, model, preset=preset, **hparams)
+        return build_optimizer(name, model, preset=preset, hparams=hparams)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -221,11 +222,13 @@ def estimate_memory(
     seq_len: int = 256,
     precision: str = "bf16-pure",
     activation_checkpointing: bool = False,
+    structure: dict[str, Any] | None = None,
 ) -> MemoryEstimate:
     """Predict the memory of training `model` with `optimizer` (see the module docstring).
 
     `model` is a preset name (its name also picks the optimizer's per-size defaults, as in training)
-    or a LlamaConfig; `hparams` override the optimizer's defaults. Raises ConfigError for an unknown
+    or a LlamaConfig; `structure` a structure spec ({"name": "lowrank", "rank": 128}) applied to its
+    hidden matrices, as in training; `hparams` override the optimizer's defaults. Raises ConfigError for an unknown
     preset, optimizer, hyperparameter or precision.
     """
     hparams = dict(hparams or {})
@@ -239,7 +242,7 @@ def estimate_memory(
             f"use {config.max_seq_len} or less"
         )
     preset = model if isinstance(model, str) else None
-    meta = _meta_model(config, weight_dtype)
+    meta = _meta_model(config, weight_dtype, structure)
     opt = _build_optimizer(optimizer, meta, preset, hparams)
     notes: list[str] = []
     try:
@@ -283,9 +286,7 @@ def estimate_memory(
 
 def accepted_hparams(optimizer: str) -> set[str]:
     """The hyperparameter names optimizer `optimizer`'s constructor takes (ConfigError if unknown)."""
-    if optimizer not in lowmem.optim.available():
-        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(lowmem.optim.available())}")
-    return lowmem.optim.REGISTRY[optimizer].hyperparameters()
+    return lowmem.optim.method(optimizer).hyperparameters()
 
 
 def hparams_for(optimizer: str, hparams: dict[str, Any], shared: bool = False) -> dict[str, Any]:
@@ -298,7 +299,7 @@ def hparams_for(optimizer: str, hparams: dict[str, Any], shared: bool = False) -
     """
     chosen: dict[str, Any] = {}
     accepted = accepted_hparams(optimizer) if shared else set()
-    fixed = lowmem.optim.REGISTRY[optimizer].defaults if shared else {}
+    fixed = lowmem.optim.method(optimizer).defaults if shared else {}
     for key, value in hparams.items():
         scope, dot, name = key.rpartition(".")
         if dot:

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lowmem.optim.base import is_dtensor
+
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     # A DTensor's numel() is the global size; the rank holds only its shard.
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

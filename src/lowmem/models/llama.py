@@ -11,6 +11,7 @@ Init N(0, 0.02) for every matrix, RMSNorm eps 1e-6. Parameter names follow Huggi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -200,16 +201,8 @@ def build_model(
 ) -> Llama:
     """Build a LLaMA from a preset name or config. `device="meta"` allocates nothing (estimates use it)."""
     config = resolve_config(preset_or_config, vocab_size, **overrides)
-    with torch.device(device) if device is not None else _null():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         return Llama(config)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def count_parameters(model: nn.Module) -> int:

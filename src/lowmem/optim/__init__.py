@@ -1,25 +1,26 @@
-"""lowmem's optimizers and the one registry of methods.
+"""lowmem's optimizers, registered in `lowmem.registry.OPTIMIZERS`.
 
     opt = lowmem.optim.build("scale", model, lr=1e-3)            # roles from the model
     opt = lowmem.optim.build("galore", model, preset="llama-60m")  # the paper's defaults for a size
 
-Every optimizer is a torch.optim.Optimizer over param groups carrying a `role`
-(see lowmem.optim.roles). Each registry entry names its class lazily, so importing lowmem.optim
-does not import every method.
+Every optimizer is a torch.optim.Optimizer over param groups carrying a `role` and, for parameters a
+structure made (low-rank factors, sparse values), a `kind` (see lowmem.optim.roles). Each method
+module registers its names (`register(name, Method(...))`); `Method` names its class lazily, so
+importing lowmem.optim does not import every method.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.errors import ConfigError
-from lowmem.optim.roles import ROLES, assign_roles, named_roles, param_groups
+from lowmem.optim.roles import KINDS, ROLES, assign_roles, group_kind, named_roles, param_groups
+from lowmem.registry import OPTIMIZERS, resolve_target
 
 
 @dataclass(frozen=True)
@@ -33,84 +34,85 @@ class Method:
     # "module:function" building this method's groups from the model, where roles alone are not
     # enough (Adam-mini's per-head blocks); None: lowmem.optim.param_groups.
     groups: str | None = None
+    # Hyperparameters that follow from the run rather than from the method, as
+    # {hyperparameter: run quantity}; e.g. Stable-SPAM's {"total_T": "steps"} (its beta1 decay spans
+    # the run). The run assembly fills them unless the user set them.
+    from_run: dict[str, str] = field(default_factory=dict)
+    # Parameter kinds (lowmem.optim.roles.KINDS) the method trains, each with a documented treatment
+    # in the class docstring; build() refuses a model with any other kind.
+    kinds: tuple[str, ...] = ("dense",)
 
     def load(self) -> type[Optimizer]:
-        return _resolve(self.target)
+        return resolve_target(self.target)
 
     def hyperparameters(self) -> set[str]:
         """The names the optimizer's constructor takes besides `params`."""
         return set(inspect.signature(self.load().__init__).parameters) - {"self", "params"}
 
+    def settings(self, preset: str | None = None, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters this method is built with: its defaults, then the preset's, then `hparams`."""
+        settings = dict(self.defaults)
+        if preset is not None and preset in self.presets:
+            settings.update(self.presets[preset])
+        settings.update(hparams or {})
+        return settings
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return _resolve(self.groups)(model) if self.groups else param_groups(model)
+        return resolve_target(self.groups)(model) if self.groups else param_groups(model)
 
 
-def _resolve(target: str) -> Any:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
-
-REGISTRY: dict[str, Method] = {
-    "adamw": Method("lowmem.optim.adamw:AdamW", "AdamW, the baseline (every tensor gets Adam)"),
-}
+# Kept for callers that read the table directly; lookups go through method(), which loads every
+# built-in method module first.
+REGISTRY = OPTIMIZERS
 
 
 def register(name: str, method: Method) -> None:
-    REGISTRY[name] = method
+    OPTIMIZERS.register(name, method)
 
 
-def _load_builtin_methods() -> None:
-    # Each method module registers its names on import; listed here so the registry is complete.
-    for module in _METHOD_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-
-
-_METHOD_MODULES = (
-    "lowmem.optim.scale",
-    "lowmem.optim.galore",
-    "lowmem.optim.apollo",
-    "lowmem.optim.muon",
-    "lowmem.optim.adam_mini",
-    "lowmem.optim.stable_spam",
-)
+# AdamW is elementwise, so every kind is an ordinary tensor to it: factors, sparse values, masked weights.
+register("adamw", Method("lowmem.optim.adamw:AdamW", "AdamW, the baseline (every tensor gets Adam)",
+                         kinds=("dense", "factor-a", "factor-b", "sparse-values", "masked")))
 
 
 def available() -> list[str]:
-    _load_builtin_methods()
-    return sorted(REGISTRY)
+    return OPTIMIZERS.names()
 
 
 def method(name: str) -> Method:
     """The registry entry of optimizer `name` (every built-in method module loaded first)."""
-    _load_builtin_methods()
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return OPTIMIZERS.get(name)
 
 
 def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any) -> Optimizer:
     """Build optimizer `name` over `model`'s role groups.
 
     `preset` picks the method's published defaults for a model size (e.g. "llama-60m"); explicit
-    `hparams` override them. Unknown names and unknown hyperparameters raise ValueError naming the
-    valid choices.
+    `hparams` override them. Unknown names and unknown hyperparameters raise ConfigError naming the
+    valid choices; a parameter kind the method cannot train (a low-rank factor for a projection
+    method, say) is refused with the kinds it accepts.
     """
     entry = method(name)
-    settings = dict(entry.defaults)
-    if preset is not None and preset in entry.presets:
-        settings.update(entry.presets[preset])
-    settings.update(hparams)
+    settings = entry.settings(preset, hparams)
     accepted = entry.hyperparameters()
     unknown = set(settings) - accepted
     if unknown:
         raise ConfigError(
             f"optimizer {name!r} has no hyperparameter(s) {sorted(unknown)}; it accepts: {', '.join(sorted(accepted))}"
         )
-    return entry.load()(entry.param_groups(model), **settings)
+    groups = entry.param_groups(model)
+    supported = entry.kinds
+    for group in groups:
+        kind = group_kind(group)
+        if kind not in supported:
+            raise ConfigError(
+                f"optimizer {name!r} cannot train {kind!r} parameters (made by the model's structure); it "
+                f"handles: {', '.join(sorted(supported))}. Choose another optimizer (adamw handles every kind) "
+                "or another structure"
+            )
+    return entry.load()(groups, **settings)
 
 
-__all__ = ["REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles", "param_groups", "register"]
+__all__ = ["KINDS", "REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles",
+           "param_groups", "register"]

@@ -11,6 +11,7 @@ ramping back over 10 steps. `lr_ramp_steps` reproduces the ramp: the k-th update
 while k <= lr_ramp_steps (so the first update after a reset, the first one with fresh moments, runs
 at lr_floor), and at the scheduled LR after that. lr_ramp_steps = 0 (the default) keeps the LR.
 
+A user of the optimizer-state contract (lowmem.optim.state.reset_state on every parameter).
 Works with every lowmem optimizer that keeps Adam's `exp_avg` / `exp_avg_sq` / `step` in its state
 (AdamW, GaLore, Fira, APOLLO, Adam-mini, Stable-SPAM, the AdamW part of SCALE and Muon) and with
 torch.optim's Adam/AdamW; other state (projectors, seeds, SPAM's norm EMAs) is left alone. An
@@ -26,40 +27,32 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lowmem.interventions import BaseIntervention
 from lowmem.optim.base import check_positive_int
-from lowmem.train.interventions import register_intervention
+from lowmem.optim.state import reset_state
+from lowmem.registry import INTERVENTIONS
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-MOMENT_KEYS = ADAM_MOMENTS + ("max_exp_avg_sq", "momentum_buffer")
 
 
 def reset_moments(optimizer: Optimizer) -> int:
     """Zero every moment tensor of `optimizer` and set its step counters to 0; return how many
     parameters had Adam moments. Raises ValueError if the optimizer has state but no Adam moments.
     """
-    adam_params = 0
-    for state in optimizer.state.values():
-        if not isinstance(state, dict):
-            continue
-        for key in MOMENT_KEYS:
-            if isinstance(state.get(key), torch.Tensor):
-                state[key].zero_()
-        if any(isinstance(state.get(key), torch.Tensor) for key in ADAM_MOMENTS):
-            adam_params += 1
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                step.zero_()
-            elif step is not None:
-                state["step"] = type(step)(0)
+    adam_params = sum(
+        1 for state in optimizer.state.values()
+        if isinstance(state, dict) and any(isinstance(state.get(key), torch.Tensor) for key in ADAM_MOMENTS)
+    )
     if optimizer.state and adam_params == 0:
         raise ValueError(
             f"momentum reset needs an Adam-family optimizer (state with 'exp_avg'/'exp_avg_sq'); "
             f"{type(optimizer).__name__} keeps none"
         )
+    reset_state(optimizer)
     return adam_params
 
 
-class MomentumReset:
+class MomentumReset(BaseIntervention):
     """Intervention: reset the optimizer's moments every `every` steps, with an optional LR ramp.
 
     Args:
@@ -112,4 +105,4 @@ class MomentumReset:
         self.last_reset_step = state["last_reset_step"]
 
 
-register_intervention("momentum-reset", "lowmem.optim.reset:MomentumReset")
+INTERVENTIONS.register("momentum-reset", MomentumReset)

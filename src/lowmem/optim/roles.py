@@ -15,17 +15,30 @@ vocabulary size; if none matches, no head is assigned and a warning says so. Ten
 dimensions that belong to no Linear (convolutions, say) are treated as hidden and viewed 2-D by the
 methods that need a matrix. A parameter passed to an optimizer in a group without a role gets
 `default_role(param)`: vector for 1-D, hidden otherwise.
+
+Kinds, beside roles: what a parameter *is*, when a structure (lowmem.structure) made it. A module
+declares them in a `param_kinds` attribute, {local parameter name: kind}; undeclared parameters are
+`dense`. Groups are split by (role, kind) and carry `kind` when it is not dense, so an optimizer
+knows a low-rank factor from a whole weight:
+  dense          an ordinary weight
+  factor-a       the input-side factor A (r x in) of a product B A; its partner is the module's factor-b
+  factor-b       the output-side factor B (out x r) of B A
+  sparse-values  the 1-D nonzero values of a sparse matrix whose positions the module keeps as an index
+  masked         a dense-stored weight of which only the entries of a mask are active
+  frozen         a fixed base weight (requires_grad False: in no optimizer group)
+Each registry entry lists the kinds its method trains (`Method.kinds`); `build` refuses the rest.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 ROLES = ("hidden", "embedding", "head", "vector")
+KINDS = ("dense", "factor-a", "factor-b", "sparse-values", "masked", "frozen")
 
 
 def default_role(param: torch.Tensor) -> str:
@@ -77,21 +90,48 @@ def assign_roles(model: nn.Module) -> dict[nn.Parameter, str]:
     return roles
 
 
-def param_groups(model: nn.Module, **per_role: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameter groups with a `role` key, in the model's parameter order, empty roles omitted.
+def assign_kinds(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Map every parameter a module declares in its `param_kinds` to that kind (others are dense)."""
+    kinds: dict[nn.Parameter, str] = {}
+    for module in model.modules():
+        declared = getattr(module, "param_kinds", None)
+        if not declared:
+            continue
+        for name, kind in declared.items():
+            if kind not in KINDS:
+                raise ValueError(f"{type(module).__name__} declares parameter {name!r} of unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
+            param = module._parameters.get(name)
+            if param is not None:
+                kinds[param] = kind
+    return kinds
 
-    `per_role` adds hyperparameters to one role's group, e.g. `param_groups(m, vector={"lr": 1e-2})`.
+
+def param_groups(model: nn.Module, **per_role: dict[str, Any]) -> list[dict[str, Any]]:
+    """Parameter groups with a `role` key (and `kind` when not dense), in the model's parameter
+    order, empty groups omitted; one group per (role, kind).
+
+    `per_role` adds hyperparameters to one role's groups, e.g. `param_groups(m, vector={"lr": 1e-2})`.
     """
     unknown = set(per_role) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {', '.join(ROLES)}")
     roles = assign_roles(model)
+    kinds = assign_kinds(model)
     groups = []
     for role in ROLES:
-        params = [p for p, r in roles.items() if r == role]
-        if params:
-            groups.append({"params": params, "role": role, **per_role.get(role, {})})
+        for kind in KINDS:
+            params = [p for p, r in roles.items() if r == role and kinds.get(p, "dense") == kind]
+            if params:
+                extra = {} if kind == "dense" else {"kind": kind}
+                groups.append({"params": params, "role": role, **extra, **per_role.get(role, {})})
     return groups
+
+
+def group_kind(group: dict[str, Any]) -> str:
+    kind = group.get("kind", "dense")
+    if kind not in KINDS:
+        raise ValueError(f"param group has kind {kind!r}; kinds are {', '.join(KINDS)}")
+    return kind
 
 
 def group_role(group: dict[str, Any], param: torch.Tensor) -> str:
@@ -107,13 +147,3 @@ def named_roles(model: nn.Module) -> dict[str, str]:
     """Parameter name to role, for reports and tests."""
     roles = assign_roles(model)
     return {name: roles[p] for name, p in model.named_parameters() if p in roles}
-
-
-def iter_params(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Normalize an optimizer's `params` argument to a list of groups (a bare iterable: one group)."""
-    params = list(params)
-    if not params:
-        raise ValueError("optimizer got an empty parameter list")
-    if isinstance(params[0], dict):
-        return params
-    return [{"params": params}]

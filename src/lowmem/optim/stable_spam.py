@@ -192,5 +192,6 @@ class StableSPAM(Optimizer):
 register(
     "stable-spam",
     Method("lowmem.optim.stable_spam:StableSPAM",
-           "Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients, momentum reset every update_gap steps"),
+           "Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients, momentum reset every update_gap steps",
+           from_run={"total_T": "steps"}),  # its beta1 decay spans the run
 )

@@ -1,8 +1,11 @@
 """Checkpoints that resume exactly and load with `torch.load(weights_only=True)` only.
 
-A checkpoint is one file per rank, `<run>/checkpoints/step-XXXXXXXX/rank-R.pt`, holding the model and
-optimizer state (DTensor shards stored as their local tensors), step and tokens seen, the data
-loader's position, every RNG state, the interventions' state and the run config. The step directory
+A checkpoint is one file per rank, `<run>/checkpoints/step-XXXXXXXX/rank-R.pt`, holding the state of
+each of the run's components by name (`components_state` / `load_components`): the model and the
+optimizer (DTensor shards stored as their local tensors), the data loader's position, the
+interventions, the structure, every RNG state, and the progress (step, tokens seen, skipped steps,
+the first evaluation, kept at the top level as before), with the run config beside them. A new
+component adds its state by giving the trainer one more entry; the loop does not change. The step directory
 is written under a temporary name and renamed when every rank has finished, so a checkpoint either
 exists whole or not at all; the newest K are kept. lowmem never unpickles arbitrary objects: a file
 that needs `weights_only=False` is refused with the reason.
@@ -14,7 +17,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -118,6 +121,91 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
                         value.to(param.to_local().device), param.device_mesh, param.placements,
                         shape=param.shape, stride=param.stride(),
                     )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ModelComponent:
+    """The model's weights and buffers (the unwrapped module's; DTensors saved as local shards)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return model_state(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_model_state(self.model, state)
+
+
+class OptimizerComponent:
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return optimizer_state(self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, state)
+
+
+class NamedComponents:
+    """Several components (the interventions) under one key, each by its own `name`."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def state_dict(self) -> dict[str, Any]:
+        return {item.name: item.state_dict() for item in self.items}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for item in self.items:
+            if item.name not in state:
+                raise CheckpointError(
+                    f"the checkpoint has no state for {item.name!r} (it has {sorted(state)}); resume with the "
+                    "interventions the run was started with"
+                )
+            item.load_state_dict(state[item.name])
+
+
+class RngComponent:
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+# Components whose entries sit at the top level of the file (the layout before components existed).
+FLAT_COMPONENTS = ("progress",)
+
+
+def components_state(components: dict[str, Stateful]) -> dict[str, Any]:
+    """The checkpoint payload of `components`: each one's state under its name."""
+    payload: dict[str, Any] = {}
+    for name, component in components.items():
+        state = component.state_dict()
+        if name in FLAT_COMPONENTS:
+            payload.update(state)
+        else:
+            payload[name] = state
+    return payload
+
+
+def load_components(components: dict[str, Stateful], body: dict[str, Any]) -> None:
+    """Give each component its state from a loaded checkpoint. A component absent from the file
+    (one that did not exist when it was written) is accepted only if it has no state to lose."""
+    for name, component in components.items():
+        if name in FLAT_COMPONENTS:
+            component.load_state_dict(body)
+        elif name in body:
+            component.load_state_dict(body[name])
+        elif component.state_dict():
+            raise CheckpointError(f"the checkpoint holds no {name!r} state, which this run needs; resume with the run's own settings")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -12,10 +12,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lowmem.train.distributed import DistInfo, all_reduce_sum
+from lowmem.distributed import DistInfo, all_reduce_sum
+from lowmem.train.loss import count_targets, token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,6 @@ class EvalResult:
     perplexity: float
     legacy_perplexity: float
     tokens: int
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100 (computed in fp32)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
@@ -49,7 +43,7 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
         if index >= len(batches):
             continue
         loss_sum = token_loss_sum(logits, labels).double().item()
-        count = (labels != -100).sum().item()
+        count = count_targets(labels)
         totals += torch.tensor([loss_sum, count, loss_sum / max(count, 1)], dtype=torch.float64)
     all_reduce_sum(totals, info)
     model.train(was_training)

@@ -1,0 +1,117 @@
+"""One assembly for a run: a config becomes its model, optimizer and interventions, in one place.
+
+    run = assemble(config, vocab_size=tokenizer.vocab_size, info=info)
+    run.model       # what the loop calls: wrapped for DDP, or sharded by FSDP2, or the model itself
+    run.core        # the unwrapped model (interventions, memory snapshots, checkpoints)
+    run.optimizer   # built over run.core's role/kind groups, with the run's hyperparameters
+    run.interventions, run.structure
+
+The order is torchtitan's: build the preset on the target device, apply the structure (it rewrites
+the hidden matrices before anything else sees them), cast for the precision, wrap for DDP/FSDP2,
+then build the optimizer over the wrapped parameters and the interventions for the run. The
+trainer, `lowmem memory` (on the meta device), `lowmem.testing`, the benchmarks and the bench
+runner's runs all come through here, so a structure or a method that works in one works in all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import lowmem.optim
+from lowmem.config import RunConfig
+from lowmem.distributed import DistInfo, wrap_model
+from lowmem.errors import ConfigError
+from lowmem.interventions import Intervention, RunContext, build_interventions
+from lowmem.models import LlamaConfig, resolve_config
+from lowmem.models import build_model as build_preset
+from lowmem.structure import Structure, build_structure
+
+
+@dataclass
+class Run:
+    model: nn.Module
+    core: nn.Module
+    optimizer: Optimizer
+    interventions: list[Intervention] = field(default_factory=list)
+    structure: Structure | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def model_vocab(preset: str | LlamaConfig, tokenizer_vocab: int | None) -> int | None:
+    """A paper preset keeps its declared vocabulary (32000 for t5-base, whose 100 extra sentinel ids
+    never occur in encoded text); a CPU tier takes the tokenizer's."""
+    declared = resolve_config(preset).vocab_size
+    return tokenizer_vocab if declared is None else declared
+
+
+def build_model(preset: str | LlamaConfig, vocab_size: int | None = None, structure: dict[str, Any] | Structure | None = None,
+                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of a run, unwrapped: the preset (or config), the structure applied, cast to `dtype`."""
+    # Initialized on the CPU (or meta) and then moved, so a GPU run starts from the same weights as a CPU run.
+    on_meta = device is not None and torch.device(device).type == "meta"
+    model = build_preset(preset, vocab_size=vocab_size, device="meta" if on_meta else None)
+    structure = structure if isinstance(structure, Structure) or structure is None else build_structure(structure)
+    if structure is not None:
+        structure.apply(model)
+    if device is not None and not on_meta:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def optimizer_hparams(name: str, hparams: dict[str, Any] | None = None, lr: float | None = None,
+                      steps: int | None = None) -> dict[str, Any]:
+    """The hyperparameters a run passes to optimizer `name`: the user's, `lr` if given, and what the
+    method takes from the run (Method.from_run) unless the user set it."""
+    out = dict(hparams or {})
+    if lr is not None:
+        out["lr"] = lr
+    run_quantities = {"steps": steps}
+    for hparam, quantity in lowmem.optim.method(name).from_run.items():
+        if hparam not in out and run_quantities.get(quantity) is not None:
+            out[hparam] = run_quantities[quantity]
+    return out
+
+
+def build_optimizer(name: str, model: nn.Module, preset: str | None = None, hparams: dict[str, Any] | None = None,
+                    lr: float | None = None, steps: int | None = None) -> Optimizer:
+    """Optimizer `name` over `model` with the run's hyperparameters; every group keeps `initial_lr`,
+    the base the schedule multiplies."""
+    optimizer = lowmem.optim.build(name, model, preset=preset, **optimizer_hparams(name, hparams, lr, steps))
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return optimizer
+
+
+def weight_dtype(precision: str) -> torch.dtype | None:
+    return torch.bfloat16 if precision == "bf16-pure" else None
+
+
+def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | None = None,
+             device: torch.device | str | None = None) -> Run:
+    """The parts of the run `config` describes, on `info`'s device (or `device`), wrapped per `info`."""
+    info = info or DistInfo()
+    target = device if device is not None else info.device
+    vocab = model_vocab(config.model, vocab_size)
+    structure = build_structure(config.structure)
+    core = build_model(config.model, vocab_size=vocab, structure=structure, device=target,
+                       dtype=weight_dtype(config.train.precision))
+    if config.data.seq_len > core.config.max_seq_len:
+        raise ConfigError(
+            f"--seq-len {config.data.seq_len} is above the maximum sequence length {core.config.max_seq_len} of "
+            f"model {config.model}; use --seq-len {core.config.max_seq_len} or less"
+        )
+    model = wrap_model(core, info, config.train.distributed)
+    core = model.module if hasattr(model, "module") else model
+    hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)
+    optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)
+    context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size)
+    interventions = build_interventions(config.optim.interventions, context)
+    return Run(model=model, core=core, optimizer=optimizer, interventions=interventions, structure=structure,
+               hparams=hparams)

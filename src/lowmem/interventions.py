@@ -1,0 +1,107 @@
+"""Periodic interventions: the protocol, and how a config names one.
+
+An intervention acts on the model and optimizer at step boundaries: momentum reset
+(lowmem.optim.reset), and whatever a structure brings (refactorization, merges, topology updates).
+The trainer calls every intervention through this one protocol. Each owns its state and returns it
+from `state_dict()` (tensors and plain numbers only), which checkpoints keep under the intervention's
+`name`, so after a resume interventions land on the same steps as in an uninterrupted run.
+
+Step numbering: `step` is the number of the optimizer step concerned (1-based).
+  setup(context)                      once, before training: the run's length, rank and world size
+  lr_factor(step)                     multiplies the scheduled lr of optimizer step `step`
+  before_step(step, model, optimizer) after backward, before optimizer step `step`: gradients are alive
+  after_step(step, model, optimizer)  right after optimizer step `step`, before the next forward pass
+`model` is the unwrapped model (no DDP wrapper; FSDP2 shards are DTensors).
+
+Registered in lowmem.registry.INTERVENTIONS by the module that defines each; built from a config
+entry {"name": ..., key: value, ...} (on the command line `--intervention name:key=value,...`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lowmem.errors import ConfigError
+from lowmem.registry import INTERVENTIONS
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an intervention may need to know about the run it is part of."""
+
+    total_steps: int
+    rank: int = 0
+    world_size: int = 1
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    name: str
+
+    def setup(self, context: RunContext) -> None: ...
+
+    def before_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None: ...
+
+    def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None: ...
+
+    def lr_factor(self, step: int) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class BaseIntervention:
+    """No-op defaults for every hook, so an intervention defines only the ones it uses."""
+
+    name = "intervention"
+
+    def setup(self, context: RunContext) -> None:
+        pass
+
+    def before_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        pass
+
+    def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        pass
+
+    def lr_factor(self, step: int) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_intervention(name: str, **settings: Any) -> Intervention:
+    """The intervention registered as `name`, built with `settings`; bad settings raise ConfigError."""
+    cls = INTERVENTIONS.get(name)
+    try:
+        return cls(**settings)
+    except TypeError as err:
+        raise ConfigError(f"intervention {name!r}: {err}; see its documentation for the settings it takes") from None
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"intervention {name!r}: {err}") from None
+
+
+def build_interventions(specs: list[dict[str, Any]], context: RunContext) -> list[Intervention]:
+    """Interventions from config entries, set up for the run."""
+    interventions = []
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ConfigError(f"an intervention entry must be a mapping with a 'name', got {spec!r}")
+        intervention = build_intervention(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+        intervention.setup(context)
+        interventions.append(intervention)
+    names = [i.name for i in interventions]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"interventions {names} repeat a name; their states would collide in checkpoints")
+    return interventions

@@ -1,0 +1,102 @@
+"""The optimizer contract for changed parameters: reset some state, or move it to a new parameter.
+
+Structures and interventions change parameters under a running optimizer: a momentum reset clears
+every moment; a ReLoRA merge re-initializes two factors and must clear only theirs; a sparse
+topology update regrows some entries of a weight and must clear only those; a refactorization
+replaces the factors' values (and may rotate their moments into the new bases). Two calls cover it:
+
+  reset_state(optimizer, params=None, masks=None)
+      params None: every parameter; masks {param: bool tensor shaped like param}: only those
+      entries. Whole parameters: every moment tensor is zeroed and the step counter set to 0, so the
+      next update is a first step (bias correction restarted). Entries: the moments of those entries
+      are zeroed, and so are per-entry step counters where the optimizer keeps them; a per-tensor
+      step counter is left alone (that is what plain Adam does with regrown weights: the cold start
+      SMET fixes). An optimizer with its own rule defines `reset_param_state(param, mask)` and is
+      called instead.
+  replace_parameter(optimizer, old, new, remap=None)
+      `new` takes `old`'s place in its group; its state is `remap(old_state)` if given, else empty
+      (the optimizer rebuilds it on the next step, as for a new parameter).
+
+State that is not a moment (projection bases, seeds, norm EMAs) is left to the optimizer. A masked
+reset of a state tensor that is not shaped like its parameter (GaLore's projected moments) is
+refused: its entries are not the parameter's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from lowmem.errors import ConfigError
+
+# Moment tensors an Adam-family or momentum optimizer keeps per parameter.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+STEP_KEYS = ("step",)
+
+
+def _reset_whole(state: dict[str, Any]) -> None:
+    for key in MOMENT_KEYS:
+        if isinstance(state.get(key), torch.Tensor):
+            state[key].zero_()
+    for key in STEP_KEYS:
+        step = state.get(key)
+        if isinstance(step, torch.Tensor):
+            step.zero_()
+        elif step is not None:
+            state[key] = type(step)(0)
+
+
+def _reset_entries(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor) -> None:
+    for key in MOMENT_KEYS + STEP_KEYS:
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        if value.shape != param.shape:
+            raise ConfigError(
+                f"cannot reset entries of optimizer state {key!r} of shape {tuple(value.shape)}: it is not "
+                f"shaped like its parameter {tuple(param.shape)} (a projected state); reset whole parameters instead"
+            )
+        value.masked_fill_(mask.to(value.device), 0)
+
+
+def reset_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = None,
+                masks: dict[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """Reset the state of `params` (all by default), or only the `masks` entries; return how many
+    parameters had state reset."""
+    if masks is not None:
+        targets = list(masks)
+    elif params is not None:
+        targets = list(params)
+    else:
+        targets = [p for group in optimizer.param_groups for p in group["params"]]
+    custom = getattr(optimizer, "reset_param_state", None)
+    count = 0
+    for param in targets:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        mask = masks.get(param) if masks is not None else None
+        if custom is not None:
+            custom(param, mask)
+        elif mask is None:
+            _reset_whole(state)
+        else:
+            _reset_entries(state, param, mask)
+        count += 1
+    return count
+
+
+def replace_parameter(optimizer: Optimizer, old: torch.Tensor, new: torch.Tensor,
+                      remap: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Put `new` where `old` is in the optimizer's groups, with `remap(old_state)` as its state."""
+    for group in optimizer.param_groups:
+        for i, param in enumerate(group["params"]):
+            if param is old:
+                group["params"][i] = new
+                old_state = optimizer.state.pop(old, None)
+                if remap is not None and old_state:
+                    optimizer.state[new] = remap(old_state)
+                return
+    raise ValueError("replace_parameter: the old parameter is in none of the optimizer's groups")

@@ -1,0 +1,102 @@
+"""One registry mechanism for everything a config names: optimizers, structures, interventions.
+
+    OPTIMIZERS.register("adamw", Method(...))            # in the module that defines the entry
+    STRUCTURES.get("lowrank")                            # loads the built-in modules first
+    INTERVENTIONS.names()
+
+This module sits at the bottom of lowmem's import graph: it imports nothing of lowmem but its errors.
+Each registry knows the built-in modules that register into it (by name, imported on first lookup),
+so importing a registry never imports every method, and an entry is registered in exactly one
+place: the module that defines it. Code outside lowmem (a test, a user's file) registers its own
+entries the same way, before the run is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Generic, Iterator, TypeVar
+
+from lowmem.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+class Registry(Generic[T]):
+    """Name -> entry, for one kind of component (`what` names it in error messages)."""
+
+    def __init__(self, what: str, builtin_modules: tuple[str, ...] = ()) -> None:
+        self.what = what
+        self._builtin_modules = builtin_modules
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str, entry: T) -> T:
+        self._entries[name] = entry
+        return entry
+
+    def _load_builtins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._builtin_modules:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as err:  # a built-in module not present in this install
+                if err.name != module:
+                    raise
+
+    def get(self, name: str, default: Any = _MISSING) -> T:
+        """The entry `name`; unknown names raise ConfigError listing the choices (or return `default`)."""
+        self._load_builtins()
+        if not isinstance(name, str) or name not in self._entries:
+            if default is not _MISSING:
+                return default
+            raise ConfigError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self.names()) or '(none)'}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __setitem__(self, name: str, entry: T) -> None:
+        self.register(name, entry)
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        self._load_builtins()
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(name, self._entries[name]) for name in self.names()]
+
+
+def resolve_target(target: str) -> Any:
+    """The object named by "module:attribute", imported on demand."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+OPTIMIZERS: Registry[Any] = Registry("optimizer", (
+    "lowmem.optim",  # registers adamw
+    "lowmem.optim.scale",
+    "lowmem.optim.galore",
+    "lowmem.optim.apollo",
+    "lowmem.optim.muon",
+    "lowmem.optim.adam_mini",
+    "lowmem.optim.stable_spam",
+))
+STRUCTURES: Registry[Any] = Registry("structure", ())
+INTERVENTIONS: Registry[Any] = Registry("intervention", ("lowmem.optim.reset",))
