@@ -59,6 +59,8 @@ PRESETS: dict[str, LlamaConfig] = {
     "cpu-tiny": LlamaConfig(128, 352, 4, 2, vocab_size=None, max_seq_len=512),
     "cpu-small": LlamaConfig(256, 688, 4, 4, vocab_size=None, max_seq_len=512),
     "cpu-base": LlamaConfig(384, 1024, 6, 6, vocab_size=None, max_seq_len=512),
+    # Kilobytes of weights: for tests and fixtures that need a whole run in a fraction of a second.
+    "cpu-micro": LlamaConfig(16, 32, 2, 1, vocab_size=None, max_seq_len=64),
 }
 
 
