@@ -21,7 +21,7 @@ import time
 import torch
 
 import lowmem.optim
-from lowmem.models import build_model
+from lowmem.assembly import build_model
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
 

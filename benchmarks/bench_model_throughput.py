@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lowmem.models import build_model, resolve_config
+from lowmem.assembly import build_model
+from lowmem.models import resolve_config
 
 
 def hf_twin(ours):

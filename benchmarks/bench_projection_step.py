@@ -32,8 +32,7 @@ import warnings
 
 import torch
 
-import lowmem.optim
-from lowmem.models import build_model
+from lowmem.assembly import build_model, build_optimizer
 from lowmem.optim.projection import projection_side, randomized_svd_projection, svd_projection
 from lowmem.optim.roles import assign_roles
 
@@ -65,7 +64,7 @@ def ours_optimizer(name: str, model: torch.nn.Module, gap: int, **extra):
     hparams = {"update_proj_gap": gap, **extra}
     if name == "fira":
         hparams["compat"] = "official"  # the same arithmetic as the released code
-    return lowmem.optim.build(name, model, preset="llama-60m", **hparams)
+    return build_optimizer(name, model, preset="llama-60m", hparams=hparams)
 
 
 def model_with_grads(seed: int = 0) -> torch.nn.Module:

@@ -19,8 +19,7 @@ import time
 
 import torch
 
-import lowmem.optim
-from lowmem.models import build_model
+from lowmem.assembly import build_model, build_optimizer
 
 
 def _time(step, steps: int) -> float:
@@ -49,7 +48,7 @@ def main() -> None:
     grads = [p.grad for p in params]
     n = sum(p.numel() for p in params)
 
-    scale = lowmem.optim.build(args.optimizer, model, preset=args.model)
+    scale = build_optimizer(args.optimizer, model, preset=args.model)
     adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
     @torch.no_grad()

@@ -50,3 +50,13 @@ def test_bad_grid_files_are_refused_before_anything_runs(methods, message, tiny_
 def test_missing_grid_file_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_grid(tmp_path / "nope.yaml", tmp_path / "out")
+
+
+def test_a_grid_method_can_name_a_structure_and_interventions(tiny_corpus, token_cache, tmp_path):
+    grid = _grid(tmp_path, tiny_corpus, token_cache, {
+        "lowrank-restarts": {"optimizer": "adamw", "lr": [1.0e-3], "structure": {"name": "lowrank", "rank": 8},
+                             "interventions": [{"name": "momentum-reset", "every": 2}]}})
+    (run,) = load_grid(grid, tmp_path / "out")
+    assert run.optimizer == "adamw" and run.name == "lowrank-restarts/lr0.001"
+    assert run.config["model"] == {"preset": "cpu-tiny", "structure": {"name": "lowrank", "rank": 8}}
+    assert run.config["optim"]["interventions"] == [{"name": "momentum-reset", "every": 2}]
