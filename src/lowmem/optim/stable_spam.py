@@ -155,7 +155,8 @@ class StableSPAM(LowmemOptimizer):
         clipped = []
         for (group, _, state, grad, k, _), peak in zip(work, max_abs):
             theta = group["theta"]
-            state["max_abs_avg"].mul_(theta).add_(peak, alpha=1 - theta)
+            # theta*M + (1-theta)*peak as written (an in-place add with alpha may fuse into one FMA).
+            state["max_abs_avg"].copy_(theta * state["max_abs_avg"] + (1 - theta) * peak)
             limit = state["max_abs_avg"] / (1 - theta**k)
             # max|g| = 0 means no entry exceeds the (non-negative) limit: the factor is never used.
             factor = (limit / peak.clamp_min(torch.finfo(peak.dtype).tiny)).to(grad.dtype)
@@ -163,14 +164,15 @@ class StableSPAM(LowmemOptimizer):
 
         # 2. Norm normalization with the bias-corrected EMAs of ||g|| (coefficient gamma1 times the
         # cosine factor) and ||g||^2 (sum over all shards). In at least fp32: a bf16 norm keeps 3 digits.
-        sum_sq = [torch.linalg.vector_norm(g, dtype=w[2]["norm_avg"].dtype).square() for w, g in zip(work, clipped)]
+        norms = [torch.linalg.vector_norm(g, dtype=w[2]["norm_avg"].dtype) for w, g in zip(work, clipped)]
+        sum_sq = [n.square() for n in norms]
         all_reduce_partials(sum_sq, shardings)
         buckets: dict[tuple[int, float], list] = {}
-        for (group, p, state, _, k, cosine), grad, sq in zip(work, clipped, sum_sq):
+        for (group, p, state, _, k, cosine), grad, local_norm, sq, pgs in zip(work, clipped, norms, sum_sq, shardings):
             gamma1, gamma2 = group["gamma1"] * cosine, group["gamma2"]
-            norm = sq.sqrt()
-            state["norm_avg"].mul_(gamma1).add_(norm, alpha=1 - gamma1)
-            state["norm_sq_avg"].mul_(gamma2).add_(sq, alpha=1 - gamma2)
+            norm = sq.sqrt() if pgs else local_norm  # a whole tensor's norm, not sqrt(norm^2) (one rounding less)
+            state["norm_avg"].copy_(gamma1 * state["norm_avg"] + (1 - gamma1) * norm)
+            state["norm_sq_avg"].copy_(gamma2 * state["norm_sq_avg"] + (1 - gamma2) * sq)
             target = (state["norm_avg"] / (1 - gamma1**k)) / ((state["norm_sq_avg"] / (1 - gamma2**k)).sqrt() + group["eps"])
             # A zero gradient stays zero (0 / tiny), with no data-dependent branch.
             grad.mul_((target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(grad.dtype))
