@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from lowmem.optim import Method, register
 from lowmem.optim.base import LowmemOptimizer, all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
 from lowmem.optim.roles import param_groups

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from lowmem.optim.base import LowmemOptimizer, check_beta, check_grad, check_nonneg, group_by_device_dtype, is_dtensor
 
 EPS_PLACEMENTS = ("corrected", "uncorrected")

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import (
