@@ -335,7 +335,11 @@ class ProjectedAdam(LowmemOptimizer):
         foreach: bool = True,
         **own: Any,
     ) -> None:
-        self._schedule_cache: dict[torch.Tensor, tuple[int, int, int]] | None = None
+        # **own carries a subclass's own arguments; anything its signature does not list is a typo.
+        unknown = set(own) - set(inspect.signature(type(self).__init__).parameters)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        self._schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         stagger=stagger, foreach=foreach, **own)
