@@ -60,6 +60,46 @@ def test_matches_torch_adamw_over_20_steps(foreach, hparams):
     assert set(a0) == {"step", "exp_avg", "exp_avg_sq"} and a0["step"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("decay", ["before", "after"])
+def test_uncorrected_eps_placement_is_the_released_form(foreach, decay):
+    """eps_placement="uncorrected": step size lr*sqrt(1-beta2^t)/(1-beta1^t), denominator sqrt(v)+eps,
+    written out here in float64 over 12 steps (eps 1e-3 so that its placement matters)."""
+    from lowmem.optim.adamw import adamw_update
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    expected = [p.clone() for p in params]
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    ref_m, ref_v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(0.0), torch.tensor(3.0)]  # the second tensor as if restarted at another count
+    lr, b1, b2, eps, wd = 0.01, 0.9, 0.99, 1e-3, 0.1
+    for _ in range(12):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        counts = [s.item() + 1 for s in steps]
+        adamw_update(params, grads, ms, vs, steps, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                     foreach=foreach, eps_placement="uncorrected", decay=decay)
+        for i, (g, t) in enumerate(zip(grads, counts)):
+            if decay == "before":
+                expected[i] = expected[i] * (1 - lr * wd)
+            ref_m[i] = b1 * ref_m[i] + (1 - b1) * g
+            ref_v[i] = b2 * ref_v[i] + (1 - b2) * g * g
+            expected[i] = expected[i] - lr * (1 - b2**t) ** 0.5 / (1 - b1**t) * ref_m[i] / (ref_v[i].sqrt() + eps)
+            if decay == "after":
+                expected[i] = expected[i] * (1 - lr * wd)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-14)
+    # ... and it is not torch's form: the same run with eps on sqrt(v_hat) ends elsewhere.
+    corrected = [torch.randn(s, generator=torch.Generator().manual_seed(0), dtype=torch.float64) for s in shapes[:1]]
+    other = corrected[0].clone()
+    g = torch.full(shapes[0], 1e-3, dtype=torch.float64)
+    for placement, target in (("corrected", corrected[0]), ("uncorrected", other)):
+        adamw_update([target], [g], [torch.zeros_like(g)], [torch.zeros_like(g)], [torch.tensor(0.0)], lr=lr,
+                     beta1=b1, beta2=b2, eps=eps, weight_decay=0.0, eps_placement=placement)
+    assert (corrected[0] - other).abs().max() > 1e-4
+
+
 def test_state_dict_loads_with_weights_only():
     torch.manual_seed(0)
     model = build_model("cpu-tiny", vocab_size=VOCAB)

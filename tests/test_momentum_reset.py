@@ -45,7 +45,8 @@ def test_registered_as_an_intervention():
     assert isinstance(reset, MomentumReset) and reset.name == "momentum-reset"
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam-mini", "stable-spam", "muon", "galore", "fira", "apollo", "scale"])
+@pytest.mark.parametrize("name", ["adamw", "adam-mini", "stable-spam", "muon", "muon-all", "galore", "fira", "apollo",
+                                  "scale"])
 def test_reset_zeroes_moments_and_steps_of_every_adam_family_optimizer(name):
     if name not in lowmem.optim.available():
         pytest.skip(f"optimizer {name!r} is not in this checkout's registry")
@@ -89,14 +90,36 @@ def test_update_after_a_reset_is_a_first_adam_step(make):
         assert torch.allclose(moved[big].abs(), torch.full_like(moved[big], LR), rtol=1e-3)
 
 
-def test_lr_dips_to_the_floor_after_a_reset_and_ramps_back():
-    reset = MomentumReset(every=10, lr_ramp_steps=4, lr_floor=0.001)
-    factors = [reset.lr_factor(step) for step in range(1, 26)]
-    assert factors[:10] == [1.0] * 10  # no reset has happened before step 10
-    assert factors[10:15] == pytest.approx([0.001, 0.25075, 0.5005, 0.75025, 1.0])  # steps 11-15
-    assert factors[15:20] == [1.0] * 5
-    assert factors[20] == pytest.approx(0.001)  # step 21, after the reset at step 20
+def test_lr_dip_and_ramp_follow_the_reference_timing():
+    """The reference (OptimAI-Lab/Memory_Efficient_Pretraining, 10 steps from 0.001): the last step
+    before a reset at 0.1%, the first step on fresh moments at ~11%, the target by the 9th."""
+    reset = MomentumReset(every=10, lr_ramp_steps=10, lr_floor=0.001)
+    factors = {step: reset.lr_factor(step) for step in range(1, 32)}
+    assert [factors[s] for s in range(1, 10)] == [1.0] * 9
+    assert factors[10] == pytest.approx(0.001)  # its update is the last one on the old moments
+    assert factors[11] == pytest.approx(0.001 + 0.999 / 9) and 0.11 < factors[11] < 0.12
+    assert [factors[s] for s in range(11, 20)] == pytest.approx([0.001 + 0.999 * k / 9 for k in range(1, 10)])
+    assert factors[19] == 1.0 and factors[20] == pytest.approx(0.001) and factors[29] == 1.0
+    short = MomentumReset(every=10, lr_ramp_steps=4, lr_floor=0.001)
+    assert [short.lr_factor(s) for s in range(9, 16)] == pytest.approx([1.0, 0.001, 0.334, 0.667, 1.0, 1.0, 1.0])
+    assert [MomentumReset(every=5, lr_ramp_steps=1).lr_factor(s) for s in (4, 5, 6)] == [1.0, 0.001, 1.0]
     assert all(MomentumReset(every=10).lr_factor(step) == 1.0 for step in range(1, 40))
+
+
+@pytest.mark.parametrize("name", ["fira", "apollo", "apollo-mini"])
+def test_reset_drops_the_norm_growth_limiter_state(name):
+    """The reference rebuilds its optimizer, which forgets the limiter's previous norm: so does a reset,
+    and the first update after it is not limited by the pre-reset norm."""
+    model = _model()
+    opt = _build(name, model, **({} if name == "apollo-mini" else {"rank": 8}))
+    reset = MomentumReset(every=3)
+    _run(model, opt, reset, 0, 2)
+    assert any("limiter_norm" in state for state in opt.state.values())
+    _run(model, opt, reset, 2, 3)
+    assert not any("limiter_norm" in state for state in opt.state.values())
+    assert any("projection" in state for state in opt.state.values())  # the projections are kept
+    _run(model, opt, reset, 3, 4)
+    assert any("limiter_norm" in state for state in opt.state.values())
 
 
 def test_resets_land_on_the_same_steps_after_a_resume():

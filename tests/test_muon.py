@@ -29,11 +29,12 @@ class _OracleMuon:
     made a copy during its step, so the oracle's own Newton–Schulz code runs in fp32.
     """
 
-    def __init__(self, model, *, lr, momentum, nesterov, weight_decay, adjust_lr, adam_lr, fp32=True):
+    def __init__(self, model, *, lr, momentum, nesterov, weight_decay, adjust_lr, adam_lr, fp32=True,
+                 muon_roles=("hidden",)):
         groups = {g["role"]: g["params"] for g in lowmem.optim.param_groups(model)}
-        self.muon = torch.optim.Muon(groups["hidden"], lr=lr, momentum=momentum, nesterov=nesterov,
-                                     weight_decay=weight_decay, adjust_lr_fn=adjust_lr)
-        rest = [p for role in ("embedding", "head", "vector") for p in groups[role]]
+        self.muon = torch.optim.Muon([p for role in muon_roles for p in groups[role]], lr=lr, momentum=momentum,
+                                     nesterov=nesterov, weight_decay=weight_decay, adjust_lr_fn=adjust_lr)
+        rest = [p for role in ("embedding", "head", "vector") if role not in muon_roles for p in groups[role]]
         self.adamw = torch.optim.AdamW(rest, lr=adam_lr, weight_decay=weight_decay)
         self.fp32 = fp32
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
@@ -68,6 +69,34 @@ def test_matches_torch_muon_and_adamw_in_fp32(hp):
     assert max_relative_difference({n: ours_params[n] for n in hidden}, {n: oracle_params[n] for n in hidden}) <= 1e-5
     assert max_relative_difference(ours_params, oracle_params) <= 1e-5
     assert max_relative_difference(ours_params, dict(_model().named_parameters())) > 1e-2
+
+
+@pytest.mark.parametrize("hp", CASES, ids=["original-nesterov-wd", "match_rms_adamw-plain"])
+def test_muon_all_matches_torch_muon_on_every_matrix(hp):
+    """muon-all: torch.optim.Muon on hidden matrices, embedding and head; torch AdamW on the gains only."""
+    ours_model, oracle_model = _model(), _model()
+    ours = lowmem.optim.build("muon-all", ours_model, ns_dtype="float32", **hp)
+    oracle = _OracleMuon(oracle_model, muon_roles=("hidden", "embedding", "head"), **hp)
+    train_steps(ours_model, ours, 20, lr_schedule=False)
+    train_steps(oracle_model, oracle, 20, lr_schedule=False)
+    ours_params, oracle_params = dict(ours_model.named_parameters()), dict(oracle_model.named_parameters())
+    assert max_relative_difference(ours_params, oracle_params) <= 1e-5
+    assert max_relative_difference(ours_params, dict(_model().named_parameters())) > 1e-2
+    assert set(ours.state[ours_model.embed_tokens.weight]) == {"momentum_buffer"}
+    assert set(ours.state[ours_model.lm_head.weight]) == {"momentum_buffer"}
+    assert set(ours.state[ours_model.norm.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("preset,paper_gb", [("llama-60m", 0.23), ("llama-130m", 0.54), ("llama-350m", 1.47),
+                                             ("llama-1b", 5.36), ("llama-7b", 26.95)])
+def test_muon_all_memory_is_the_scale_papers_muon_row(preset, paper_gb):
+    """The SCALE paper's Muon memory (methods.md section 10) is one state element per parameter,
+    embedding and head included: muon-all reproduces every cell; muon (embedding and head on Adam) does not."""
+    from lowmem.memory.estimate import estimate_memory
+
+    assert round(estimate_memory(preset, "muon-all").paper_gb, 2) == paper_gb
+    if preset == "llama-60m":
+        assert round(estimate_memory(preset, "muon").paper_gb, 2) != paper_gb
 
 
 def test_the_fp32_oracle_is_sensitive_to_ns_precision():
@@ -126,6 +155,11 @@ def test_default_bf16_differs_from_fp32_option():
     train_steps(a, lowmem.optim.build("muon", a), 3)
     train_steps(b, lowmem.optim.build("muon", b, ns_dtype=torch.float32), 3)
     assert 0 < max_relative_difference(dict(a.named_parameters()), dict(b.named_parameters())) < 0.05
+
+
+def test_rejects_bad_hyperparameters_matrices():
+    with pytest.raises(ValueError, match="matrices"):
+        Muon(_model().parameters(), matrices="embedding")
 
 
 def test_rejects_bad_hyperparameters():

@@ -270,3 +270,41 @@ def test_step_on_meta_model_creates_state_of_the_right_shapes(name):
         assert state["step"].item() == 2
     # AdamW roles: full-size moments.
     assert optimizer.state[model.lm_head.weight]["exp_avg"].shape == model.lm_head.weight.shape
+
+
+def test_shared_constructor_arguments_are_stated_once_and_listed_by_every_method():
+    import inspect
+
+    from lowmem.optim.projection import ProjectedAdam
+
+    shared = set(inspect.signature(ProjectedAdam.__init__).parameters) - {"self", "params"}
+    assert {"lr", "betas", "eps", "weight_decay", "rank", "update_proj_gap", "scale", "proj_type", "svd",
+            "stagger", "foreach"} == shared
+    for cls, own in ((GaLore, set()), (Fira, {"compat"}), (Apollo, {"scale_type", "proj", "seed"})):
+        params = inspect.signature(cls.__init__).parameters
+        assert set(params) - {"self", "params"} == shared | own, cls.__name__
+    apollo = inspect.signature(Apollo.__init__).parameters
+    assert (apollo["rank"].default, apollo["scale"].default) == (256, 1.0)
+    assert inspect.signature(Fira.__init__).parameters["compat"].default == "official"
+    w = torch.nn.Parameter(torch.randn(12, 8))
+    opt = Apollo([{"params": [w], "role": "hidden"}], rank=2, seed=3, lr=0.5)
+    assert (opt.defaults["rank"], opt.defaults["seed"], opt.defaults["lr"], opt.defaults["eps"]) == (2, 3, 0.5, 1e-6)
+    with pytest.raises(TypeError):
+        Apollo([w], ranks=2)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_evaluates_the_closure_with_grad_and_returns_its_loss(cls):
+    w = torch.nn.Parameter(torch.randn(12, 8))
+    opt = cls([{"params": [w], "role": "hidden"}], rank=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = w.square().sum()
+        loss.backward()
+        return loss
+
+    before = w.detach().clone()
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() == pytest.approx(before.square().sum().item())
+    assert not torch.equal(w.detach(), before)

@@ -48,16 +48,16 @@ def reference_step(params, grads, roles, state, *, lr, lr_max, momentum=0.9, ada
                       "all": ("hidden", "embedding", "head")}[momentum_on]
     for name, W in params.items():
         G, role = grads[name], roles[name]
-        if W.dim() < 2:  # AdamW, bias-corrected, at adam_lr * lr_t / lr_max
+        if W.dim() < 2:  # AdamW at adam_lr * lr_t / lr_max, in the released form (methods.md section 1):
+            # eps added to the uncorrected sqrt(v), both bias corrections in the step size.
             vec_lr = adam_lr * lr / lr_max
             s = state.setdefault(name, {"t": 0, "m": torch.zeros_like(W), "v": torch.zeros_like(W)})
             s["t"] += 1
             W.mul_(1 - vec_lr * weight_decay)
             s["m"] = 0.9 * s["m"] + 0.1 * G
             s["v"] = 0.999 * s["v"] + 0.001 * G * G
-            m_hat = s["m"] / (1 - 0.9 ** s["t"])
-            v_hat = s["v"] / (1 - 0.999 ** s["t"])
-            W.sub_(vec_lr * m_hat / (v_hat.sqrt() + 1e-8))
+            step_size = vec_lr * math.sqrt(1 - 0.999 ** s["t"]) / (1 - 0.9 ** s["t"])
+            W.sub_(step_size * s["m"] / (s["v"].sqrt() + 1e-8))
             continue
         W.mul_(1 - lr * weight_decay)
         D = G

@@ -23,9 +23,9 @@ Heads are structure, not roles: `adam_mini_param_groups(model)` returns the role
 attention module's q and k weights moved into a group with `rows_per_block = head_dim`. It finds
 attention modules by structure (a module with an integer `head_dim` and nn.Linear children
 `q_proj`, `k_proj`: lowmem's LLaMA and Hugging Face's), never by parameter-name substrings.
-`lowmem.optim.build("adam-mini", model)` receives only `param_groups(model)`, so until the registry
-lets a method supply its own groups it gives q and k per-row blocks; use
-`AdamMini(adam_mini_param_groups(model))` for the paper's partition.
+The registry entry names `adam_mini_param_groups` as its group builder, so
+`lowmem.optim.build("adam-mini", model)` gives q and k one block per head (the paper's partition);
+`AdamMini(lowmem.optim.param_groups(model))` gives them per-row blocks.
 
 State per tensor: `step` (float32 scalar), `exp_avg` (the tensor's shape), `exp_avg_sq` (shape
 [n_blocks]). The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
@@ -46,10 +46,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
-from lowmem.optim.base import all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
+from lowmem.optim.base import LowmemOptimizer, all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
 from lowmem.optim.roles import param_groups
 
 
@@ -121,7 +120,7 @@ def _check_settings(group: dict[str, Any]) -> None:
             )
 
 
-class AdamMini(Optimizer):
+class AdamMini(LowmemOptimizer):
     """Adam-mini: Adam with one second moment per block; see the module docstring for the blocks.
 
     Args:
@@ -146,12 +145,7 @@ class AdamMini(Optimizer):
         super().add_param_group(param_group)
         _check_settings(self.param_groups[-1])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         # Pass 1: per-block partial sums of g^2 over local rows; then one all-reduce completes them.
         work, partials, shardings = [], [], []
         for group in self.param_groups:
@@ -190,7 +184,6 @@ class AdamMini(Optimizer):
             exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
             param.addcdiv_(exp_avg, denom[block_of_row].unsqueeze(1), value=-lr / (1 - beta1**t))
-        return loss
 
 
 register(

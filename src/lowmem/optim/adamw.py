@@ -7,7 +7,17 @@
 
 `adamw_update` is the functional core every other lowmem optimizer calls for the parameters it leaves
 to Adam (embedding, head, vectors); `AdamW` is the thin class over it and the baseline of every
-comparison. State per parameter: `step` (a float32 scalar tensor, as in torch.optim, so checkpoints
+comparison. The core has both placements of eps found in the methods' released codes:
+
+  eps_placement="corrected"    (torch.optim.AdamW, the formula above; AdamW, Muon, Adam-mini, Stable-SPAM)
+      W -= (lr / (1-beta1^t)) * m / (sqrt(v) / sqrt(1-beta2^t) + eps)
+  eps_placement="uncorrected"  (Kingma & Ba's efficient form; GaLore, Fira, APOLLO and SCALE release this)
+      W -= (lr * sqrt(1-beta2^t) / (1-beta1^t)) * m / (sqrt(v) + eps)
+
+The two differ only through eps (the second's eps is sqrt(1-beta2^t) times larger relative to
+sqrt(v_hat): 30x at t = 1 with beta2 0.999), which matters for tensors whose v is small (norm gains,
+rare embedding rows). `decay="before"` (torch) or `"after"` (GaLore/Fira/APOLLO: `W *= 1 - lr*wd`
+after the update) places the decoupled weight decay. State per parameter: `step` (a float32 scalar tensor, as in torch.optim, so checkpoints
 load with weights_only=True and momentum resets can restart bias correction per tensor), `exp_avg`,
 `exp_avg_sq`.
 """
@@ -17,9 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
-from lowmem.optim.base import check_beta, check_grad, check_nonneg, group_by_device_dtype, is_dtensor
+from lowmem.optim.base import LowmemOptimizer, check_beta, check_grad, check_nonneg, group_by_device_dtype, is_dtensor
+
+EPS_PLACEMENTS = ("corrected", "uncorrected")
+DECAY_PLACEMENTS = ("before", "after")
+# The Adam form of the released GaLore, Fira and APOLLO codes, for the tensors they leave to Adam.
+RELEASED_LOW_RANK_ADAM = {"eps_placement": "uncorrected", "decay": "after"}
 
 
 def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
@@ -48,6 +62,7 @@ class AdamBatch:
         self.steps.append(state["step"])
 
     def step(self, **hparams: Any) -> None:
+        """One `adamw_update` over the gathered tensors (hparams: its keyword arguments)."""
         adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, **hparams)
 
 
@@ -71,30 +86,44 @@ def adamw_update(
     eps: float,
     weight_decay: float,
     foreach: bool = True,
+    eps_placement: str = "corrected",
+    decay: str = "before",
 ) -> None:
-    """One AdamW step over lists of tensors (steps are incremented here)."""
+    """One AdamW step over lists of tensors (steps are incremented here); see the module docstring
+    for `eps_placement` ("corrected" | "uncorrected") and `decay` ("before" | "after")."""
+    if eps_placement not in EPS_PLACEMENTS:
+        raise ValueError(f"invalid eps_placement: {eps_placement!r}; choose one of: {', '.join(EPS_PLACEMENTS)}")
+    if decay not in DECAY_PLACEMENTS:
+        raise ValueError(f"invalid decay: {decay!r}; choose one of: {', '.join(DECAY_PLACEMENTS)}")
     if not params:
         return
+    corrected, decay_first = eps_placement == "corrected", decay == "before"
     if foreach and not any(is_dtensor(p) for p in params):
         for group in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
-            _adamw_foreach(*group, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+            _adamw_foreach(*group, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                           corrected=corrected, decay_first=decay_first)
         return
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         s += 1
         t = s.item()
-        if weight_decay:
+        if weight_decay and decay_first:
             p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bias1 = 1 - beta1**t
         bias2_sqrt = (1 - beta2**t) ** 0.5
-        denom = (v.sqrt() / bias2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bias1)
+        if corrected:
+            p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
+        else:
+            p.addcdiv_(m, v.sqrt().add_(eps), value=-lr * bias2_sqrt / bias1)
+        if weight_decay and not decay_first:
+            p.mul_(1 - lr * weight_decay)
 
 
-def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
+def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                   corrected, decay_first) -> None:
     torch._foreach_add_(steps, 1)
-    if weight_decay:
+    if weight_decay and decay_first:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -102,16 +131,20 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
     # Step counts may differ per tensor (a momentum reset restarts some), so bias corrections are
     # per tensor; they are Python floats to keep the update off the autograd/scalar-tensor path.
     ts = [s.item() for s in steps]
-    step_sizes = [-lr / (1 - beta1**t) for t in ts]
     bias2_sqrts = [(1 - beta2**t) ** 0.5 for t in ts]
     denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, bias2_sqrts)
+    if corrected:
+        step_sizes = [-lr / (1 - beta1**t) for t in ts]
+        torch._foreach_div_(denoms, bias2_sqrts)
+    else:
+        step_sizes = [-lr * b2 / (1 - beta1**t) for t, b2 in zip(ts, bias2_sqrts)]
     torch._foreach_add_(denoms, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+    if weight_decay and not decay_first:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
 
 
-
-class AdamW(Optimizer):
+class AdamW(LowmemOptimizer):
     """AdamW over ordinary params or role groups (roles are accepted and ignored: every tensor is Adam's)."""
 
     def __init__(
@@ -131,12 +164,7 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         for group in self.param_groups:
             batch = AdamBatch()
             for p in group["params"]:
@@ -146,4 +174,3 @@ class AdamW(Optimizer):
             beta1, beta2 = group["betas"]
             batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], foreach=group["foreach"])
-        return loss

@@ -16,9 +16,12 @@ APOLLO-Mini: rank 1, tensor scaling, scale 128; gap 200, lr 0.01. `proj="svd"` u
 basis instead of a random one (the paper's "APOLLO w. SVD").
 
 The random matrix and its seed chain reproduce the released code (see lowmem.optim.projection):
-parameter i (1-based, over all parameters of all groups, in order) starts from seed `seed + i` and
-each refresh advances it with next_seed, so the default seed=0 draws the same matrices as
-apollo_torch. sqrt(scale) multiplies after the limiter, as released by default (the limiter sees a
+the parameter at position i starts from seed `seed + i` and each refresh advances it with next_seed.
+apollo_torch numbers parameters 1, 2, ... over its groups in order, and the released training script
+passes `[{"params": regular}, {"params": low-rank, "rank": ...}]`; lowmem's positions count every
+parameter that is not hidden first, then the hidden matrices (ProjectedAdam._schedule), so
+`lowmem.optim.build("apollo", model)` (role groups, hidden first) draws the same matrices as
+apollo_torch given the released grouping (tests/test_apollo.py checks every parameter). sqrt(scale) multiplies after the limiter, as released by default (the limiter sees a
 ratio, so the order only matters through its 1e-8). Norms of G * s are taken as
 sqrt(sum_c s_c^2 ||G_c||^2), without a full-size temporary.
 
@@ -44,6 +47,7 @@ from lowmem.optim.projection import (
     matrix_shape,
     next_seed,
     norm_growth_limiter,
+    shared_arguments,
     sum_over_shards,
 )
 
@@ -54,48 +58,20 @@ PROJECTIONS = ("random", "svd")
 class Apollo(ProjectedAdam):
     """APOLLO-AdamW (and APOLLO-Mini with rank=1, scale_type="tensor", scale=128); see the module docstring.
 
-    Args:
-        params: parameters or param groups, ideally with roles from `lowmem.optim.param_groups(model)`.
-            Role "hidden" matrices are projected; other roles get AdamW with the same lr, betas, eps
-            and weight_decay.
-        lr: learning rate (0.01).
-        betas, eps, weight_decay: Adam's (eps 1e-6 as released); decoupled weight decay.
-        rank: rank of the auxiliary space; a matrix whose smaller side is <= rank gets AdamW (warned).
-        update_proj_gap: steps between new random projections (200).
-        scale: the update is multiplied by sqrt(scale) (1 for APOLLO, 128 for APOLLO-Mini).
+    Takes lowmem.optim.projection.ProjectedAdam's arguments (here rank 256 and scale 1 by default;
+    the update is multiplied by sqrt(scale)) and:
         scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
-        proj: "random" (Gaussian, from a seed) or "svd" (GaLore's basis).
-        proj_type: "std" (project the smaller side), "reverse_std", "left" or "right".
-        svd: with proj="svd": "exact" or "randomized".
-        seed: base of the per-parameter seeds (parameter i starts at seed + i, as released for seed=0).
-        stagger: spread refreshes over the gap instead of refreshing every matrix on the same step.
-        foreach: use the multi-tensor AdamW path for the parameters left to AdamW.
+        proj: "random" (Gaussian, from a seed) or "svd" (GaLore's basis; then `svd` picks exact or randomized).
+        seed: base of the per-parameter seeds (the hidden matrix at position i starts at seed + i, as
+            released for seed=0; positions as in ProjectedAdam._schedule).
     """
 
     method_name = "apollo"
 
-    def __init__(
-        self,
-        params,
-        lr: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        rank: int = 256,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        scale_type: str = "channel",
-        proj: str = "random",
-        proj_type: str = "std",
-        svd: str = "exact",
-        seed: int = 0,
-        stagger: bool = False,
-        foreach: bool = True,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, scale_type=scale_type, proj=proj,
-                        proj_type=proj_type, svd=svd, seed=seed, stagger=stagger, foreach=foreach)
-        super().__init__(params, defaults)
+    @shared_arguments
+    def __init__(self, params, *, rank: int = 256, scale: float = 1.0, scale_type: str = "channel",
+                 proj: str = "random", seed: int = 0, **shared: Any) -> None:
+        super().__init__(params, rank=rank, scale=scale, scale_type=scale_type, proj=proj, seed=seed, **shared)
 
     def _check_group(self, settings: dict[str, Any]) -> None:
         super()._check_group(settings)
@@ -136,9 +112,12 @@ class Apollo(ProjectedAdam):
         param.addcmul_(grad, scaling / limiter, value=-step_size * math.sqrt(group["scale"]))
 
 
-# APOLLO's README: rank 1/4 of the hidden size "(same as GaLore)" for APOLLO, and its memory cells in the
-# common table (methods.md section 10) equal GaLore's at 60M-1B; 256 at 7B (README: "256 ... for 1B and 7B").
-_RANKS = {"llama-60m": 128, "llama-130m": 256, "llama-350m": 256, "llama-1b": 512, "llama-7b": 256}
+# The released pre-training scripts (scripts/pretrain_c4/llama_*_apollo.sh): rank 128 at 60M, 192 at 130M
+# ("exact 1/4 of llama 130M model dimension"), 256 at 350M, 1B and 7B; channel scaling, scale 1, gap 200,
+# lr 0.01. The presets follow the scripts, because they produced the published perplexities. The common
+# memory table (methods.md section 10) prints GaLore's cells for APOLLO (ranks 256 at 130M and 512 at 1B):
+# pass rank=256 / rank=512 to reproduce those memory figures.
+_RANKS = {"llama-60m": 128, "llama-130m": 192, "llama-350m": 256, "llama-1b": 256, "llama-7b": 256}
 
 register("apollo", Method(
     "lowmem.optim.apollo:Apollo",

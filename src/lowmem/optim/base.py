@@ -1,4 +1,5 @@
-"""Small helpers shared by lowmem's optimizers: hyperparameter checks and tensor grouping."""
+"""Small helpers shared by lowmem's optimizers: hyperparameter checks, tensor grouping, the DTensor
+check, and `LowmemOptimizer`, the base class that owns the step/closure boilerplate."""
 
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: in-place updates reach the DTensor), else `t` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def sharded_groups(param: torch.Tensor) -> tuple:
     """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
     if not is_dtensor(param):
@@ -79,3 +85,20 @@ def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=di
         for pg in pgs:
             dist.all_reduce(flat, op=op, group=pg)
         torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))
+
+
+class LowmemOptimizer(torch.optim.Optimizer):
+    """A torch Optimizer whose `step(closure)` evaluates the closure with grad enabled, then runs the
+    subclass's `_step()` under no_grad and returns the closure's loss (None without one)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step()
+        return loss
+
+    def _step(self) -> None:
+        raise NotImplementedError

@@ -12,17 +12,18 @@ Gradient Low-Rank Projection", arXiv 2403.03507. For each hidden matrix W with g
 Fira -- Chen, Zhang, Xu, Liu, Zhang, Zhou, Xia, "Fira: Can We Achieve Full-rank Training of LLMs
 Under Low-rank Constraint?", arXiv 2410.01623. GaLore plus the gradient outside the subspace:
 
-  S   = G - back(R)                                         the residual
+  S   = G - scale * back(R)                                 the residual, as released (compat="official")
   phi = ||N||_c / ||R||_c   per channel c of the unprojected side (rows of W if m >= n, else columns)
   S   = phi * S;  if ||S_t|| > 1.01 ||S_{t-1}||: S_t *= 1.01 ||S_{t-1}|| / ||S_t||   (norm-growth limiter)
   W  -= lr_t * (scale * back(N) + S)
 
-The released Fira code subtracts `scale * back(R)` instead of back(R) (its project_back multiplies by
-scale), so for scale < 1 part of the in-subspace gradient is added a second time, unlike the paper.
-`compat="official"` reproduces that for comparisons with the released code; the default, "paper",
-follows the paper. Everything shared (projection, Adam form, schedule, FSDP2, meta, state) is in
-lowmem.optim.projection; Adam's bias correction is folded into the step size there, so phi and the
-limiter see what the released code sees.
+The released Fira code subtracts `scale * back(R)` (its project_back multiplies by scale), so for
+scale < 1 part of the in-subspace gradient stays in the residual; every published Fira number comes
+from that form, and it is the default. `compat="paper"` is the paper's `S = G - back(R)` (the
+residual orthogonal to the subspace). Everything shared (projection, Adam form, schedule, FSDP2, meta,
+state, the constructor arguments) is in lowmem.optim.projection; Adam's bias correction is folded
+into the step size there, so phi and the limiter see what the released code sees, and the embedding,
+head and norm gains get the released codes' AdamW (eps added to the uncorrected sqrt(v)).
 
 Defaults are the papers' 60M settings; registry presets give the per-size ones.
 """
@@ -41,53 +42,18 @@ from lowmem.optim.projection import (
     channel_dim,
     check_choice,
     norm_growth_limiter,
+    shared_arguments,
     sum_over_shards,
 )
 
-FIRA_COMPAT = ("paper", "official")
+FIRA_COMPAT = ("official", "paper")
 
 
 class GaLore(ProjectedAdam):
-    """GaLore-AdamW; see the module docstring.
-
-    Args:
-        params: parameters or param groups, ideally with roles from `lowmem.optim.param_groups(model)`.
-            Role "hidden" matrices are projected; other roles get AdamW with the same lr, betas, eps
-            and weight_decay.
-        lr: learning rate (0.01 in the paper's scripts).
-        betas, eps, weight_decay: Adam's (eps 1e-6 as released); decoupled weight decay.
-        rank: projection rank r; a matrix whose smaller side is <= r gets AdamW (with a warning).
-        update_proj_gap: steps between SVD refreshes (200).
-        scale: multiplies the projected update (0.25).
-        proj_type: "std" (project the smaller side), "reverse_std", "left" or "right".
-        svd: "exact" (torch.linalg.svd) or "randomized" (range finder with power iterations; faster
-            on large matrices, the same subspace up to its approximation error).
-        stagger: spread refreshes over the gap (parameter i refreshes when (step + offset_i) % gap == 0)
-            so that no single step recomputes every SVD.
-        foreach: use the multi-tensor AdamW path for the parameters left to AdamW.
-    """
+    """GaLore-AdamW; see the module docstring. Arguments: lowmem.optim.projection.ProjectedAdam's
+    (lr 0.01, eps 1e-6, rank 128, update_proj_gap 200, scale 0.25, ...)."""
 
     method_name = "galore"
-
-    def __init__(
-        self,
-        params,
-        lr: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        rank: int = 128,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        svd: str = "exact",
-        stagger: bool = False,
-        foreach: bool = True,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                        stagger=stagger, foreach=foreach)
-        super().__init__(params, defaults)
 
     def _apply_update(self, p, param, grad, low_rank, direction, projection, side, state, group, *, step_size):
         add_project_back(param, direction, projection, side, alpha=-step_size * group["scale"])
@@ -96,32 +62,16 @@ class GaLore(ProjectedAdam):
 class Fira(ProjectedAdam):
     """Fira-AdamW: GaLore plus the norm-scaled, norm-limited residual; see the module docstring.
 
-    Takes GaLore's arguments (scale 0.25 at 60M-350M, 0.0625 at 1B and 7B) and:
-        compat: "paper" (residual G - back(R)) or "official" (the released code's G - scale*back(R)).
+    Takes ProjectedAdam's arguments (scale 0.25 at 60M-350M, 0.0625 at 1B and 7B) and:
+        compat: "official" (the released code's residual G - scale*back(R), the default) or "paper"
+            (G - back(R)).
     """
 
     method_name = "fira"
 
-    def __init__(
-        self,
-        params,
-        lr: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        rank: int = 128,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        svd: str = "exact",
-        stagger: bool = False,
-        compat: str = "paper",
-        foreach: bool = True,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                        stagger=stagger, compat=compat, foreach=foreach)
-        super().__init__(params, defaults)
+    @shared_arguments
+    def __init__(self, params, *, compat: str = "official", **shared: Any) -> None:
+        super().__init__(params, compat=compat, **shared)
 
     def _check_group(self, settings: dict[str, Any]) -> None:
         super()._check_group(settings)

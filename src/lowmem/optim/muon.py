@@ -15,7 +15,10 @@ learning rate lr_t, exactly as torch.optim.Muon's code:
 (torch.optim.Muon's docstring writes B = momentum*B + G; its code, followed here, uses the EMA. The
 two differ by the factor 1/(1-momentum), which the Frobenius normalization inside NS removes.)
 
-Embedding, head and vectors (1-D tensors always, whatever their group's role) get AdamW (lowmem's
+`matrices="all"` (registered as `muon-all`) also runs Muon on the embedding and the head, viewed
+[vocab, hidden], with the same adjust_lr rule: the configuration the SCALE paper's Muon memory figures
+imply (one state element per parameter). Otherwise the embedding, head and vectors (1-D tensors
+always, whatever their group's role) get AdamW (lowmem's
 core: bias-corrected, eps added to sqrt(v), decoupled decay at their own rate) at
 `adam_lr * lr_t / lr_max`: as in lowmem.optim.scale, each group records `initial_lr` (lr_max) at
 construction and the trainer or a torch scheduler rescales `lr`, so `adam_lr` is the Adam rate at the
@@ -38,15 +41,16 @@ import math
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
-from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
+from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
 ADJUST_LR = ("original", "match_rms_adamw")
+# Which matrices get Muon: "hidden" (Keller Jordan's and torch's), or "all" (embedding and head too).
+MATRICES = {"hidden": frozenset({"hidden"}), "all": frozenset({"hidden", "embedding", "head"})}
 NS_EPS = 1e-7  # torch.optim.Muon's and Keller Jordan's
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -119,6 +123,8 @@ def _check_settings(group: dict[str, Any]) -> None:
     check_positive_int("ns_steps", group["ns_steps"])
     if group["ns_dtype"] not in NS_DTYPES:
         raise ValueError(f"invalid ns_dtype: {group['ns_dtype']!r}; choose one of: {', '.join(NS_DTYPES)}")
+    if group["matrices"] not in MATRICES:
+        raise ValueError(f"invalid matrices: {group['matrices']!r}; choose one of: {', '.join(MATRICES)}")
     if group["adjust_lr"] not in ADJUST_LR:
         raise ValueError(f"invalid adjust_lr: {group['adjust_lr']!r}; choose one of: {', '.join(ADJUST_LR)}")
 
@@ -128,7 +134,7 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
 
 
-class Muon(Optimizer):
+class Muon(LowmemOptimizer):
     """Muon on hidden matrices, AdamW on the embedding, head and vectors; see the module docstring.
 
     Args:
@@ -143,6 +149,8 @@ class Muon(Optimizer):
         ns_dtype: "bfloat16" (Muon's choice) or "float32" / "float64" (or the torch.dtype).
         adam_lr: AdamW's rate for the other roles at the schedule's peak.
         adam_betas, adam_eps: AdamW's betas and eps for the other roles.
+        matrices: "hidden" (Muon on hidden matrices only) or "all" (also the embedding and head, which
+            then keep one momentum buffer each instead of Adam's two moments; see `muon-all`).
     """
 
     def __init__(
@@ -158,10 +166,11 @@ class Muon(Optimizer):
         adam_lr: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        matrices: str = "hidden",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
-                        adam_betas=tuple(adam_betas), adam_eps=adam_eps)
+                        adam_betas=tuple(adam_betas), adam_eps=adam_eps, matrices=matrices)
         _check_settings(defaults)
         super().__init__(params, defaults)
 
@@ -173,25 +182,20 @@ class Muon(Optimizer):
         _check_settings(group)
         group.setdefault("initial_lr", group["lr"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         for group in self.param_groups:
             self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
         matrices, matrix_grads, buffers = [], [], []
         adam = AdamBatch()
+        muon_roles = MATRICES[group["matrices"]]
         for p in group["params"]:
             if p.grad is None:
                 continue
             check_grad(p)
             state = self.state[p]
-            if p.dim() >= 2 and group_role(group, p) == "hidden":
+            if p.dim() >= 2 and group_role(group, p) in muon_roles:
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 matrices.append(p)
@@ -212,4 +216,17 @@ register(
     "muon",
     Method("lowmem.optim.muon:Muon",
            "Muon: Nesterov momentum + Newton–Schulz orthogonalization on hidden matrices, AdamW on the rest"),
+)
+
+# The SCALE paper's Muon rows (methods.md section 10: 0.23 / 0.54 / 1.47 / 5.36 GB at 60M-1B, 26.95 GB at
+# 7B) are exactly 2 bytes x (weights + one state element per parameter), embedding and head included:
+# the configuration that memory implies is Muon's momentum + Newton–Schulz on every matrix, with Adam
+# (two moments) only for the 1-D norm gains. `muon` (embedding and head on Adam) would need 3 elements
+# per embedding/head entry and does not reproduce those cells.
+register(
+    "muon-all",
+    Method("lowmem.optim.muon:Muon",
+           "Muon on every matrix (embedding and head included), AdamW only on 1-D gains: the SCALE "
+           "paper's Muon memory (one state element per parameter)",
+           defaults={"matrices": "all"}),
 )

@@ -33,8 +33,10 @@ so under "std" the rank is taken from the smaller side and the moments are r x m
 Adam is in Kingma & Ba's efficient form (bias correction folded into the step size, eps added to the
 uncorrected sqrt(v)), as in all three released codes, so Fira's and APOLLO's scaling factors and the
 norm-growth limiter see exactly the quantities the published runs saw. Moments are not rotated when
-the subspace changes. Parameters of other roles get AdamW through lowmem.optim.adamw.adamw_update in
-the same optimizer. A hidden-role (or role-less) parameter that cannot be projected -- fewer than two
+the subspace changes. Parameters of other roles (embedding, head, norm gains) get AdamW through
+lowmem.optim.adamw.adamw_update in the same optimizer, in the released codes' form too
+(`eps_placement="uncorrected"`, weight decay after the update): tests/test_galore_fira.py and
+tests/test_apollo.py check every parameter of a model against the official packages. A hidden-role (or role-less) parameter that cannot be projected -- fewer than two
 dims, or rank >= its smaller side -- gets AdamW too, with one warning per param group.
 
 State per projected parameter (tensors and plain numbers only, so `torch.load(weights_only=True)`
@@ -68,16 +70,17 @@ FSDP2 (DTensor parameters sharded on dim 0, i.e. rows; replicated mesh dims are 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
-from lowmem.optim.adamw import AdamBatch
-from lowmem.optim.base import check_betas, check_grad, check_nonneg, check_positive_int
-from lowmem.optim.roles import default_role
+from lowmem.optim.adamw import RELEASED_LOW_RANK_ADAM, AdamBatch
+from lowmem.optim.base import LowmemOptimizer, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor, local_tensor
+from lowmem.optim.roles import group_role
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SVD_METHODS = ("exact", "randomized")
@@ -224,15 +227,6 @@ def norm_growth_limiter(norm: torch.Tensor, state: dict[str, Any], dtype: torch.
 # --------------------------------------------------------------------------- FSDP2 (DTensor) helpers
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (a view: in-place updates reach the DTensor), else `t` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def check_row_sharding(param: torch.Tensor) -> None:
     if not is_dtensor(param):
         return
@@ -297,18 +291,58 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"invalid {name}: {value!r}; choose one of: {', '.join(choices)}")
 
 
-class ProjectedAdam(Optimizer):
+class ProjectedAdam(LowmemOptimizer):
     """Adam on low-rank projections of the hidden matrices, AdamW on everything else.
 
     The skeleton of GaLore, Fira and APOLLO (see the module docstring); a subclass supplies
     `_apply_update` (how N becomes a weight update) and may replace `_new_projection` (the SVD basis
-    by default) and extend `_check_group`.
+    by default) and extend `_check_group`. The constructor arguments the three share are stated
+    once, here; a subclass's `__init__(self, params, *, <its own>, **shared)` is decorated with
+    `shared_arguments`, which gives it the full signature (the registry reads hyperparameters from it).
+
+    Args:
+        params: parameters or param groups, ideally with roles from `lowmem.optim.param_groups(model)`.
+            Role "hidden" matrices are projected; other roles get AdamW (released form) with the same
+            lr, betas, eps and weight_decay.
+        lr: learning rate (0.01 in the papers' scripts).
+        betas, eps, weight_decay: Adam's (eps 1e-6 as released); decoupled weight decay, after the update.
+        rank: projection rank r; a matrix whose smaller side is <= r gets AdamW (with a warning).
+        update_proj_gap: steps between projection refreshes (200).
+        scale: multiplies the projected update (GaLore, Fira) or, as sqrt(scale), APOLLO's update.
+        proj_type: "std" (project the smaller side), "reverse_std", "left" or "right".
+        svd: "exact" (torch.linalg.svd) or "randomized" (range finder with power iterations; faster
+            on large matrices, the same subspace up to its approximation error).
+        stagger: spread refreshes over the gap (parameter i refreshes when (step + offset_i) % gap == 0)
+            so that no single step recomputes every projection.
+        foreach: use the multi-tensor AdamW path for the parameters left to AdamW.
     """
 
     method_name = "projected adam"
 
-    def __init__(self, params, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd: str = "exact",
+        stagger: bool = False,
+        foreach: bool = True,
+        **own: Any,
+    ) -> None:
+        # **own carries a subclass's own arguments; anything its signature does not list is a typo.
+        unknown = set(own) - set(inspect.signature(type(self).__init__).parameters)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         self._schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                        stagger=stagger, foreach=foreach, **own)
         super().__init__(params, defaults)
 
     # -- hyperparameters and the fallback warning
@@ -345,31 +379,34 @@ class ProjectedAdam(Optimizer):
 
     @staticmethod
     def _projectable(group: dict[str, Any], param: torch.Tensor) -> bool:
-        role = group.get("role") or default_role(param)
-        if role != "hidden" or param.dim() < 2:
+        if param.dim() < 2 or group_role(group, param) != "hidden":
             return False
         return group["rank"] < min(matrix_shape(param))
 
     # -- refresh schedule: positions (APOLLO's seeds) and stagger offsets
 
     def _schedule(self) -> dict[torch.Tensor, tuple[int, int]]:
-        """param -> (1-based position among all parameters, refresh offset)."""
+        """param -> (1-based position, refresh offset).
+
+        Positions follow the released scripts' grouping (`[{"params": regular}, {"params": low-rank,
+        "rank": ...}]`: every parameter that is not hidden first, then the hidden ones), each part in
+        the order of the groups, so that lowmem.optim.build's role groups (hidden first) and the
+        released grouping give every hidden matrix the same position, hence the same APOLLO seed.
+        """
         if self._schedule_cache is None:
             staggered = [(p, g) for g in self.param_groups if g["stagger"]
                          for p in g["params"] if self._projectable(g, p)]
             offsets = {p: (i * g["update_proj_gap"]) // len(staggered) for i, (p, g) in enumerate(staggered)}
-            everything = [p for g in self.param_groups for p in g["params"]]
-            self._schedule_cache = {p: (i + 1, offsets.get(p, 0)) for i, p in enumerate(everything)}
+            pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+            hidden = [p for p, g in pairs if p.dim() >= 2 and group_role(g, p) == "hidden"]
+            hidden_ids = {id(p) for p in hidden}
+            ordered = [p for p, _ in pairs if id(p) not in hidden_ids] + hidden
+            self._schedule_cache = {p: (i + 1, offsets.get(p, 0)) for i, p in enumerate(ordered)}
         return self._schedule_cache
 
     # -- the step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         schedule = self._schedule()
         for group in self.param_groups:
             adam = AdamBatch()
@@ -384,8 +421,7 @@ class ProjectedAdam(Optimizer):
                     adam.add(p, state)
             beta1, beta2 = group["betas"]
             adam.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                      weight_decay=group["weight_decay"], foreach=group["foreach"])
-        return loss
+                      weight_decay=group["weight_decay"], foreach=group["foreach"], **RELEASED_LOW_RANK_ADAM)
 
     def _projected_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], position: int,
                         offset: int) -> None:
@@ -440,10 +476,37 @@ class ProjectedAdam(Optimizer):
         raise NotImplementedError
 
 
+_OWN = "own"
+# The public signature of ProjectedAdam.__init__: its named arguments, without **own.
+ProjectedAdam.__init__.__signature__ = inspect.signature(ProjectedAdam.__init__).replace(parameters=[
+    p for p in inspect.signature(ProjectedAdam.__init__).parameters.values() if p.name != _OWN])
+
+
+def shared_arguments(init):
+    """Decorate a ProjectedAdam subclass's `__init__(self, params, *, <own arguments>, **shared)`:
+    its signature becomes ProjectedAdam's arguments (the subclass's defaults where it restates one,
+    such as APOLLO's rank) followed by its own, so `inspect.signature` lists every hyperparameter."""
+    own = inspect.signature(init).parameters
+    base = inspect.signature(ProjectedAdam.__init__).parameters
+    merged = [own["self"], own["params"]]
+    merged += [own[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if name in own else p
+               for name, p in base.items() if name not in ("self", "params")]
+    merged += [p for name, p in own.items() if name not in base and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    merged = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i > 1 else p for i, p in enumerate(merged)]
+
+    @functools.wraps(init)
+    def wrapper(self, params, **kwargs):
+        return init(self, params, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(merged)
+    return wrapper
+
+
 __all__ = [
     "NORM_GROWTH_LIMIT",
     "PROJ_TYPES",
     "ProjectedAdam",
+    "shared_arguments",
     "channel_dim",
     "gaussian_projection",
     "low_rank_adam",

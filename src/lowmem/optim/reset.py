@@ -5,16 +5,21 @@ Every `every` optimizer steps, zero the optimizer's moments and restart Adam's b
   m = v = 0 (also an AMSGrad max and a momentum buffer, if kept);  step = 0
   so the next update is a first Adam step: m_hat = g, v_hat = g^2, |update| = lr per entry (up to eps).
 
-The reference code rebuilds its optimizer at each restart and dips the LR to 0.1% of its target,
-ramping back over 10 steps. `lr_ramp_steps` reproduces the ramp: the k-th update after a reset
-(k = 1, 2, ...) runs at `lr_floor + (1 - lr_floor) * (k - 1) / lr_ramp_steps` times the scheduled LR
-while k <= lr_ramp_steps (so the first update after a reset, the first one with fresh moments, runs
-at lr_floor), and at the scheduled LR after that. lr_ramp_steps = 0 (the default) keeps the LR.
+The reference code (OptimAI-Lab/Memory_Efficient_Pretraining) rebuilds its optimizer at each restart,
+with a jagged schedule that dips the LR to 0.1% of its target on the restart step and ramps it back.
+`lr_ramp_steps` reproduces its timing: with r = step % every (0 on the step after which the reset
+happens), the step runs at `lr_floor + (1 - lr_floor) * r / (lr_ramp_steps - 1)` times the scheduled
+LR while r < lr_ramp_steps, and at the scheduled LR after that. With the reference's 10 steps and
+0.001: the last step before a reset runs at 0.1%, the first step on fresh moments at 11.2%, and the
+9th step after the reset at the target. lr_ramp_steps = 0 (the default) keeps the LR.
+
+The rebuild also drops the state of Fira's and APOLLO's norm-growth limiter (`limiter_norm`), so
+`reset_moments` removes it too: the first update after a reset only records its norm again.
 
 A user of the optimizer-state contract (lowmem.optim.state.reset_state on every parameter).
 Works with every lowmem optimizer that keeps Adam's `exp_avg` / `exp_avg_sq` / `step` in its state
 (AdamW, GaLore, Fira, APOLLO, Adam-mini, Stable-SPAM, the AdamW part of SCALE and Muon) and with
-torch.optim's Adam/AdamW; other state (projectors, seeds, SPAM's norm EMAs) is left alone. An
+torch.optim's Adam/AdamW; other state (projectors, seeds, SPAM's norm EMAs) is left alone, except the limiter's previous norm. An
 optimizer without Adam moments is refused with a ValueError. FSDP2: moments are DTensor shards,
 zeroed in place on every rank — no communication.
 """
@@ -36,8 +41,8 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def reset_moments(optimizer: Optimizer) -> int:
-    """Zero every moment tensor of `optimizer` and set its step counters to 0; return how many
-    parameters had Adam moments. Raises ValueError if the optimizer has state but no Adam moments.
+    """Zero every moment tensor of `optimizer`, set its step counters to 0 and drop the norm-growth
+    limiter's state; return how many parameters had Adam moments. Raises ValueError if the optimizer has state but no Adam moments.
     """
     adam_params = sum(
         1 for state in optimizer.state.values()
@@ -57,8 +62,9 @@ class MomentumReset(BaseIntervention):
 
     Args:
         every: reset after optimizer steps every, 2*every, ... (the reference: 200).
-        lr_ramp_steps: updates after a reset over which the LR climbs back from lr_floor (the reference: 10).
-        lr_floor: the LR factor of the first update after a reset (the reference: 0.001).
+        lr_ramp_steps: steps, from the one before a reset, over which the LR climbs back from lr_floor to
+            the target (the reference: 10; see the module docstring).
+        lr_floor: the LR factor of the step after which a reset happens (the reference: 0.001).
     """
 
     name = "momentum-reset"
@@ -85,10 +91,12 @@ class MomentumReset(BaseIntervention):
 
     def lr_factor(self, step: int) -> float:
         # A function of the step alone, so a resumed run ramps exactly as an uninterrupted one.
-        since_reset = step - ((step - 1) // self.every) * self.every  # 1 for the first update after a reset
-        if step <= self.every or since_reset > self.lr_ramp_steps:
+        since_reset = step % self.every  # 0 on a reset step (the reset follows its update)
+        if step < self.every or since_reset >= self.lr_ramp_steps:
             return 1.0
-        return self.lr_floor + (1.0 - self.lr_floor) * (since_reset - 1) / self.lr_ramp_steps
+        if self.lr_ramp_steps == 1:
+            return self.lr_floor
+        return self.lr_floor + (1.0 - self.lr_floor) * since_reset / (self.lr_ramp_steps - 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"every": self.every, "lr_ramp_steps": self.lr_ramp_steps, "lr_floor": self.lr_floor,

@@ -12,7 +12,9 @@ gradient G at scheduled learning rate lr_t:
 dim = 1 (each output unit's vector over its inputs) for nn.Linear weights [out, in] and the head
 [vocab, hidden]; dim = 0 for the embedding [vocab, hidden] (each hidden unit's column over the
 vocabulary). Tensors with more than 2 dims are viewed as [size(0), -1]. 1-D parameters (norm gains)
-get AdamW (betas (0.9, 0.999), eps 1e-8 added to sqrt(v), bias-corrected) at lr `adam_lr * lr_t / lr_max`.
+get AdamW (betas (0.9, 0.999), eps 1e-8 added to the uncorrected sqrt(v), both bias corrections in
+the step size, as the released code: lowmem.optim.adamw's eps_placement="uncorrected") at lr
+`adam_lr * lr_t / lr_max`.
 Optimizer state: the head's momentum plus Adam's (step, exp_avg, exp_avg_sq) of the 1-D parameters.
 
 The paper's ablations are the same class with two switches (registered as named variants below):
@@ -61,11 +63,10 @@ import math
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
-from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
+from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
 from lowmem.optim.roles import group_role
 
@@ -214,7 +215,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
     check_positive_int("ns_steps", settings["ns_steps"])
 
 
-class SCALE(Optimizer):
+class SCALE(LowmemOptimizer):
     """SCALE (column normalization + head momentum) and its ablations; see the module docstring.
 
     Args:
@@ -255,15 +256,9 @@ class SCALE(Optimizer):
         _check_settings(group)
         group.setdefault("initial_lr", group["lr"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         for group in self.param_groups:
             self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
         momentum_roles = MOMENTUM_PLACEMENTS[group["momentum_on"]]
@@ -293,7 +288,7 @@ class SCALE(Optimizer):
                      weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"])
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
-                  eps=group["adam_eps"], weight_decay=group["weight_decay"])
+                  eps=group["adam_eps"], weight_decay=group["weight_decay"], eps_placement="uncorrected")
 
 
 # The papers' released scripts, per model size. The ablation variants reuse them: methods.md gives

@@ -1,36 +1,35 @@
 """Stable-SPAM (Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
-arXiv 2502.17055).
+arXiv 2502.17055), as the released code (TianjinYellow/StableSPAM, stablespam.py) computes it.
 
-Per tensor, at its step t (1, 2, ...; never reset):
+Per tensor, with its own step counter k (1, 2, ...; each momentum reset sets it back to 1) and the
+global step T (the optimizer's step count, which schedules resets and the cosine):
 
-  1. spike clipping     M   = theta*M + (1-theta)*max|g|;   M_hat = M / (1-theta^t)
-                        g   = clamp(g, -M_hat, M_hat)        (|g_i| > M_hat -> sign(g_i)*M_hat)
-  2. norm normalization n   = ||g||;  N = gamma1*N + (1-gamma1)*n;  V = gamma2*V + (1-gamma2)*n^2
-                        g   = g/n * (N/(1-gamma1^t)) / (sqrt(V/(1-gamma2^t)) + eps)
-  3. momentum reset     if t % update_gap == 0: m = v = 0 and Adam's step k = 0, *before* this
-                        step's update, so the reset step is a first Adam step (k = 1)
-  4. AdamW              beta1_t = beta1 * (eta_min + (1-eta_min) * (1 + cos(pi*min(t, total_T)/total_T))/2)
-                        k += 1;  m = beta1_t*m + (1-beta1_t)*g;  v = beta2*v + (1-beta2)*g^2
-                        W *= 1 - lr*wd;  W -= lr * (m/(1-beta1_t^k)) / (sqrt(v/(1-beta2^k)) + eps)
+  0. cosine factor      c = eta_min + (1-eta_min) * (1 + cos(pi*min(T, total_T)/(total_T+1)))/2
+                        (torch's CosineAnnealingLR with T_max = total_T + 1, as released; c = 1 without total_T)
+  1. spike clipping     M   = theta*M + (1-theta)*max|g|;   M_hat = M / (1-theta^k)
+                        |g_i| > M_hat  ->  g_i * M_hat / max|g|   (every spiking entry by the same factor)
+  2. norm normalization n   = ||g||;  g1 = gamma1*c
+                        N = g1*N + (1-g1)*n;  V = gamma2*V + (1-gamma2)*n^2
+                        g   = g/n * (N/(1-g1^k)) / (sqrt(V/(1-gamma2^k)) + eps)     (g unchanged if n = 0)
+  3. momentum reset     if update_gap and T % update_gap == 0: m = v = 0 and k = 1
+  4. AdamW              beta1_t = beta1 * c;  W *= 1 - lr*wd;
+                        m = beta1_t*m + (1-beta1_t)*g;  v = beta2*v + (1-beta2)*g^2
+                        W -= lr * (m/(1-beta1_t^k)) / (sqrt(v/(1-beta2^k)) + eps)   (torch's eps placement)
 
-`total_T` is the run length (the trainer passes its step count); `total_T=None` keeps beta1 fixed.
-The cosine reaches eta_min at t = total_T and stays there if the run goes on. `update_gap=0` never
-resets.
+`total_T` is the run length (the trainer passes its step count); `total_T=None` keeps beta1 and gamma1
+fixed. `update_gap=0` never resets. Defaults are the released BF16 script's (LLaMA-130M: lr 8e-4,
+gamma1 0.85, gamma2 0.99999, theta 0.999, update_gap 1000, 20k steps; the registry preset
+"llama-130m" sets its lr); the benchmark paper (OptimAI-Lab/Memory_Efficient_Pretraining) found
+update_gap 200 good: pass update_gap=200 for that alternative.
 
-Where this differs from the released code (TianjinYellow/StableSPAM), on purpose:
-  - on a reset step the released code updates and applies the *pre-reset* moments (it holds them in
-    local variables while putting zeros into the state): here the reset takes effect on that step
-    (tests/test_stable_spam.py shows the two diverge exactly there);
-  - the released code keeps one counter per tensor that the reset sets back to 1, which also
-    restarts the bias correction of the clipping and norm EMAs; here those use the tensor's step t,
-    and only Adam's k restarts;
-  - clipped entries become sign(g)*M_hat (methods.md §7); the released code scales them by
-    M_hat/max|g|;
-  - the released code also multiplies gamma1 by the cosine factor; methods.md decays beta1 only.
+One deliberate difference from the released code: on a reset step the released code zeroes the state
+but still updates and applies the *pre-reset* moments (it holds them in local variables) with k = 1,
+a large stale step; here the reset takes effect on its own step, which is a first Adam step on fresh
+moments (tests/test_stable_spam.py shows the two diverge exactly there, and agree before).
 
-State per tensor, all tensors so a resume resets on the same steps: `step` (Adam's k, float32 scalar,
-restarted by resets — also by lowmem.optim.reset), `global_step` (t), `exp_avg`, `exp_avg_sq`, and the
-scalars `max_abs_avg` (M), `norm_avg` (N), `norm_sq_avg` (V).
+State per tensor, all tensors so a resume resets on the same steps: `step` (k, float32 scalar; reset
+here and by lowmem.optim.reset, which restarts every bias correction above), `global_step` (T),
+`exp_avg`, `exp_avg_sq`, and the scalars `max_abs_avg` (M), `norm_avg` (N), `norm_sq_avg` (V).
 
 FSDP2 (DTensor shards): max|g| and ||g||^2 are reductions over the whole tensor, so each rank reduces
 its shard and two all-reduces per step (a max, then a sum; each one flat tensor holding one float per
@@ -44,22 +43,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import adamw_update
-from lowmem.optim.base import all_reduce_partials, check_beta, check_betas, check_grad, check_nonneg, sharded_groups
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    all_reduce_partials,
+    check_beta,
+    check_betas,
+    check_grad,
+    check_nonneg,
+    local_tensor,
+    sharded_groups,
+)
 
 
 def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
-    """The cosine factor on beta1 at step t: 1 at t = 0, eta_min from t = total_T on."""
+    """The cosine factor on beta1 and gamma1 at global step t (the released CosineDecay: torch's
+    CosineAnnealingLR from 1 to eta_min with T_max = total_T + 1, held from t = total_T on)."""
     if total_T is None:
         return 1.0
-    return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * min(t, total_T) / total_T))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if type(t).__name__ == "DTensor" else t
+    return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * min(t, total_T) / (total_T + 1)))
 
 
 def _check_settings(group: dict[str, Any]) -> None:
@@ -79,17 +83,18 @@ def _check_settings(group: dict[str, Any]) -> None:
         raise ValueError(f"invalid total_T: {total!r}; it must be an integer >= 1 (the run's steps) or None")
 
 
-class StableSPAM(Optimizer):
+class StableSPAM(LowmemOptimizer):
     """Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients with periodic momentum resets.
 
     Args:
         params: parameters or param groups (roles are accepted and ignored: every tensor is treated alike).
-        lr, betas, eps, weight_decay: AdamW's (decoupled decay); eps also guards the norm normalization.
-        gamma1, gamma2: EMA coefficients of ||g|| and ||g||^2 (methods.md: 0.7, 0.999; scripts use gamma1 0.85).
-        theta: EMA coefficient of max|g| for spike clipping.
-        eta_min: beta1's final cosine factor.
-        update_gap: reset Adam's moments every this many steps (0: never).
-        total_T: steps over which beta1's factor decays from 1 to eta_min (the run length); None: no decay.
+        lr, betas, eps, weight_decay: AdamW's (decoupled decay, first); eps also guards the norm normalization.
+        gamma1, gamma2: EMA coefficients of ||g|| and ||g||^2 (the released script: 0.85, 0.99999).
+        theta: EMA coefficient of max|g| for spike clipping (0.999).
+        eta_min: final cosine factor of beta1 and gamma1.
+        update_gap: reset Adam's moments every this many steps (the released script: 1000; the benchmark
+            paper: 200; 0: never).
+        total_T: steps over which the cosine factor decays from 1 to eta_min (the run length); None: no decay.
     """
 
     def __init__(
@@ -99,11 +104,11 @@ class StableSPAM(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        gamma1: float = 0.7,
-        gamma2: float = 0.999,
+        gamma1: float = 0.85,
+        gamma2: float = 0.99999,
         theta: float = 0.999,
         eta_min: float = 0.5,
-        update_gap: int = 500,
+        update_gap: int = 1000,
         total_T: int | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
@@ -115,7 +120,7 @@ class StableSPAM(Optimizer):
         _check_settings(self.param_groups[-1])
 
     def _init_state(self, state: dict[str, Any], param: torch.Tensor) -> None:
-        local = _local(param)
+        local = local_tensor(param)
         scalar = dict(dtype=torch.promote_types(param.dtype, torch.float32), device=local.device)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["global_step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -125,12 +130,7 @@ class StableSPAM(Optimizer):
         state["norm_avg"] = torch.zeros((), **scalar)
         state["norm_sq_avg"] = torch.zeros((), **scalar)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         work, shardings = [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -141,57 +141,69 @@ class StableSPAM(Optimizer):
                 if not state:
                     self._init_state(state, p)
                 state["global_step"] += 1
-                work.append((group, p, state, _local(p.grad)))
+                # k: this step's count of the tensor's own counter (adamw_update increments `step` later).
+                k = int(state["step"].item()) + 1
+                cosine = beta1_decay(int(state["global_step"].item()), group["total_T"], group["eta_min"])
+                work.append((group, p, state, local_tensor(p.grad), k, cosine))
                 shardings.append(sharded_groups(p))
         if not work:
-            return loss
+            return
 
-        # 1. Spike clipping against the bias-corrected EMA of max|g| (max over all shards).
-        max_abs = [g.abs().amax().to(state["max_abs_avg"].dtype) for _, _, state, g in work]
+        # 1. Spike clipping against the bias-corrected EMA of max|g| (max over all shards): the entries
+        # above the threshold are scaled by threshold / max|g|, one factor for the tensor.
+        max_abs = [g.abs().amax().to(state["max_abs_avg"].dtype) for _, _, state, g, _, _ in work]
         all_reduce_partials(max_abs, shardings, op=dist.ReduceOp.MAX)
         clipped = []
-        for (group, _, state, grad), peak in zip(work, max_abs):
-            theta, t = group["theta"], state["global_step"].item()
-            state["max_abs_avg"].mul_(theta).add_(peak, alpha=1 - theta)
-            limit = (state["max_abs_avg"] / (1 - theta**t)).to(grad.dtype)
-            clipped.append(torch.clamp(grad, min=-limit, max=limit))
+        for (group, _, state, grad, k, _), peak in zip(work, max_abs):
+            theta = group["theta"]
+            # theta*M + (1-theta)*peak as written (an in-place add with alpha may fuse into one FMA).
+            state["max_abs_avg"].copy_(theta * state["max_abs_avg"] + (1 - theta) * peak)
+            limit = state["max_abs_avg"] / (1 - theta**k)
+            # max|g| = 0 means no entry exceeds the (non-negative) limit: the factor is never used.
+            factor = (limit / peak.clamp_min(torch.finfo(peak.dtype).tiny)).to(grad.dtype)
+            clipped.append(torch.where(grad.abs() > limit.to(grad.dtype), grad * factor, grad))
 
-        # 2. Norm normalization with the bias-corrected EMAs of ||g|| and ||g||^2 (sum over all shards).
-        # In at least fp32: a bf16 norm keeps 3 significant digits.
-        sum_sq = [torch.linalg.vector_norm(g, dtype=state["norm_avg"].dtype).square() for (_, _, state, _), g in zip(work, clipped)]
+        # 2. Norm normalization with the bias-corrected EMAs of ||g|| (coefficient gamma1 times the
+        # cosine factor) and ||g||^2 (sum over all shards). In at least fp32: a bf16 norm keeps 3 digits.
+        norms = [torch.linalg.vector_norm(g, dtype=w[2]["norm_avg"].dtype) for w, g in zip(work, clipped)]
+        sum_sq = [n.square() for n in norms]
         all_reduce_partials(sum_sq, shardings)
-        buckets: dict[tuple[int, float], list[list[torch.Tensor]]] = {}
-        for (group, p, state, _), grad, sq in zip(work, clipped, sum_sq):
-            gamma1, gamma2, t = group["gamma1"], group["gamma2"], state["global_step"].item()
-            norm = sq.sqrt()
-            state["norm_avg"].mul_(gamma1).add_(norm, alpha=1 - gamma1)
-            state["norm_sq_avg"].mul_(gamma2).add_(sq, alpha=1 - gamma2)
-            target = (state["norm_avg"] / (1 - gamma1**t)) / ((state["norm_sq_avg"] / (1 - gamma2**t)).sqrt() + group["eps"])
+        buckets: dict[tuple[int, float], list] = {}
+        for (group, p, state, _, k, cosine), grad, local_norm, sq, pgs in zip(work, clipped, norms, sum_sq, shardings):
+            gamma1, gamma2 = group["gamma1"] * cosine, group["gamma2"]
+            norm = sq.sqrt() if pgs else local_norm  # a whole tensor's norm, not sqrt(norm^2) (one rounding less)
+            state["norm_avg"].copy_(gamma1 * state["norm_avg"] + (1 - gamma1) * norm)
+            state["norm_sq_avg"].copy_(gamma2 * state["norm_sq_avg"] + (1 - gamma2) * sq)
+            target = (state["norm_avg"] / (1 - gamma1**k)) / ((state["norm_sq_avg"] / (1 - gamma2**k)).sqrt() + group["eps"])
             # A zero gradient stays zero (0 / tiny), with no data-dependent branch.
             grad.mul_((target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(grad.dtype))
 
-            # 3. Momentum reset, effective on this very step.
+            # 3. Momentum reset, effective on this very step (lowmem's fix; see the module docstring):
+            # the counter goes to 0 and adamw_update's increment makes this step k = 1.
             gap = group["update_gap"]
-            if gap and int(t) % gap == 0:
+            if gap and int(state["global_step"].item()) % gap == 0:
                 state["exp_avg"].zero_()
                 state["exp_avg_sq"].zero_()
                 state["step"].zero_()
 
-            beta1 = group["betas"][0] * beta1_decay(int(t), group["total_T"], group["eta_min"])
+            beta1 = group["betas"][0] * cosine
             lists = buckets.setdefault((id(group), beta1), [[], [], [], [], [], group])
-            for items, tensor in zip(lists, (_local(p), grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"])):
+            tensors = (local_tensor(p), grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
+                       state["step"])
+            for items, tensor in zip(lists, tensors):
                 items.append(tensor)
 
         # 4. AdamW with the decayed beta1 (one bucket per group and beta1: normally one per group).
         for (_, beta1), (params, grads, exp_avgs, exp_avg_sqs, steps, group) in buckets.items():
             adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
                          beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
-        return loss
 
 
 register(
     "stable-spam",
     Method("lowmem.optim.stable_spam:StableSPAM",
            "Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients, momentum reset every update_gap steps",
+           # The released BF16 script (LLaMA-130M, 20k steps): lr 8e-4 with the class defaults above.
+           presets={"llama-130m": {"lr": 8e-4}},
            from_run={"total_T": "steps"}),  # its beta1 decay spans the run
 )

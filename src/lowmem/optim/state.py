@@ -34,9 +34,14 @@ from lowmem.errors import ConfigError
 # Moment tensors an Adam-family or momentum optimizer keeps per parameter.
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 STEP_KEYS = ("step",)
+# State a whole reset removes: the norm-growth limiter's previous norm (Fira/APOLLO,
+# lowmem.optim.projection), which the reference's rebuilt optimizer does not have either.
+DROPPED_KEYS = ("limiter_norm",)
 
 
 def _reset_whole(state: dict[str, Any]) -> None:
+    for key in DROPPED_KEYS:
+        state.pop(key, None)
     for key in MOMENT_KEYS:
         if isinstance(state.get(key), torch.Tensor):
             state[key].zero_()
