@@ -56,7 +56,8 @@ KNOWN_DISCREPANCIES = {
 
 
 MUON_REASON = ("the table counts one buffer per parameter for Muon (2 B x 2 x weights); lowmem's Muon, as "
-               "methods.md §5 specifies, keeps AdamW's two moments for embedding and head")
+               "methods.md §5 specifies, keeps AdamW's two moments for embedding and head; the variant `muon-all` "
+               "(one buffer for every matrix) reproduces the row, see tests/test_muon.py")
 for _preset in (*SIZES, "llama-7b"):
     KNOWN_DISCREPANCIES["muon", _preset] = MUON_REASON
 
