@@ -67,7 +67,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
-from lowmem.optim.roles import group_role
+from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
 MOMENTUM_PLACEMENTS = {
@@ -79,9 +79,10 @@ MOMENTUM_PLACEMENTS = {
 RMS_FLOOR = 1e-8
 
 
-def normalized_dim(role: str, normalization: str) -> int:
-    """The dim (of the [size(0), -1] view) that column/row normalization reduces over."""
-    column_dim = 0 if role == "embedding" else 1
+def normalized_dim(role: str, normalization: str, input_dim: int = 1) -> int:
+    """The dim (of the [size(0), -1] view) that column/row normalization reduces over; `input_dim` is
+    the weight's input dim (0 for a Conv1D [in, out], lowmem.optim.roles.group_input_dim)."""
+    column_dim = 0 if role == "embedding" else input_dim
     return column_dim if normalization == "column" else 1 - column_dim
 
 
@@ -287,7 +288,7 @@ class SCALE(Optimizer):
                 buffers.append(None)
             params.append(p)
             grads.append(p.grad)
-            dims.append(normalized_dim(role, normalization))
+            dims.append(normalized_dim(role, normalization, group_input_dim(group, p)))
 
         scale_update(params, grads, buffers, dims, lr=group["lr"], momentum=group["momentum"],
                      weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"])

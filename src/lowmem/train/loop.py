@@ -185,7 +185,7 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict
     source = lowmem_data.open_source(d_cfg.source, "train", d_cfg.text_field)
     val_source = lowmem_data.open_source(d_cfg.source, "validation", d_cfg.text_field)
     tokenizer = lowmem_data.load_tokenizer(d_cfg.tokenizer, source, vocab_size=d_cfg.vocab_size, cache_dir=d_cfg.cache_dir)
-    run = assemble(config, vocab_size=tokenizer.vocab_size, info=info)
+    run = assemble(config, vocab_size=tokenizer.vocab_size, info=info, init_weights=resume_body is None)
     n_params = count_parameters(run.core)
     loader = lowmem_data.TokenLoader(source, tokenizer, d_cfg.seq_len, t_cfg.micro_batch_size, mode=d_cfg.seq_mode,
                                      seed=t_cfg.seed, rank=info.rank, world_size=info.world_size)
