@@ -146,9 +146,6 @@ def load_pretrained(model: nn.Module, name_or_dir: str | Path) -> Path:
     """Copy a `LlamaForCausalLM` safetensors checkpoint into lowmem LLaMA `model` in place (bitwise);
     return the directory read. Names and shapes must fit exactly; the error names the first misfit."""
     directory = resolve_pretrained(name_or_dir)
-    config_file = directory / "config.json"
-    if config_file.is_file():
-        check_hf_config(json.loads(config_file.read_text()), model.config, directory)
     saved = from_hf_state_dict(read_safetensors(directory))
     current = model.state_dict()
     for name, tensor in current.items():
@@ -168,6 +165,10 @@ def load_pretrained(model: nn.Module, name_or_dir: str | Path) -> Path:
     if unexpected:
         raise ConfigError(f"--init-from {directory}: tensors the model has no place for: {unexpected[:5]}; "
                           "they come from a different architecture")
+    # Shapes first (the likeliest misfit, named exactly), then what shapes do not show.
+    config_file = directory / "config.json"
+    if config_file.is_file():
+        check_hf_config(json.loads(config_file.read_text()), model.config, directory)
     with torch.no_grad():
         for name, tensor in current.items():
             tensor.copy_(saved[name].to(tensor.dtype))

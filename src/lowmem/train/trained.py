@@ -28,7 +28,7 @@ from lowmem import data as lowmem_data
 from lowmem.assembly import build_model, model_vocab, weight_dtype
 from lowmem.config import RunConfig
 from lowmem.data.tokenizer import bpe_cache_path
-from lowmem.errors import CheckpointError, ConfigError, LowmemError
+from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError
 from lowmem.structure import Structure, build_structure
 from lowmem.train import checkpoint
 from lowmem.train.log import progress_bar, write_json
@@ -136,18 +136,23 @@ def eval_source(spec: str, split: str = "auto", text_field: str = "text") -> low
     validation files if the source has them, else every document (a .txt the run never saw)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown --split {split!r}; choose one of: {', '.join(SPLITS)}")
-    validation = lowmem_data.open_source(spec, "validation", text_field)
+    validation = lowmem_data.open_source(spec, "validation", text_field, require_documents=False)
     held_out = any(shard.held_out is not None for shard in validation.shards)
     if split == "validation" or (split == "auto" and not held_out):
-        return validation
-    train = lowmem_data.open_source(spec, "train", text_field)
-    if not held_out:
-        shards = train.shards + validation.shards
-    else:  # the held-out rule splits each file: read each file once, whole
-        shards = tuple(type(s)(name=s.name, reader=s.reader, held_out=None) for s in train.shards)
-    # Labelled "validation" so the batch iterator takes it as it is.
-    return type(validation)(spec=spec, split="validation", text_field=text_field,
-                            identity=f"all of {train.identity}", shards=shards)
+        source = validation
+    else:
+        train = lowmem_data.open_source(spec, "train", text_field, require_documents=False)
+        if not held_out:
+            shards = train.shards + validation.shards
+        else:  # the held-out rule splits each file: read each file once, whole
+            shards = tuple(type(s)(name=s.name, reader=s.reader, held_out=None) for s in train.shards)
+        # Labelled "validation" so the batch iterator takes it as it is.
+        source = type(validation)(spec=spec, split="validation", text_field=text_field,
+                                  identity=f"all of {train.identity}", shards=shards)
+    if next(source.iter_documents(), None) is None:
+        raise DataError(f"{spec!r} gives no documents to evaluate with --split {split}"
+                        + ("; use --split all (every document) or another source" if split == "validation" else ""))
+    return source
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
