@@ -139,8 +139,13 @@ def assign_roles(model: nn.Module) -> dict[nn.Parameter, str]:
             + ". Define those two methods on the model to make the roles explicit.",
             stacklevel=3,
         )
-    elif head is None and any(p.requires_grad for p in embedding.parameters()) and _has_vocab_linear(model, embedding):
-        raise _head_not_found(model)
+    elif head is None:
+        warnings.warn(
+            f"{type(model).__name__}.get_output_embeddings() gives no head: no parameter gets the role 'head' "
+            "(SCALE then keeps no momentum). Fine for a decoder without a language-model head; otherwise make "
+            "get_output_embeddings() return the layer that produces the logits",
+            stacklevel=3,
+        )
     roles: dict[nn.Parameter, str] = {}
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     embedding_params = {id(p) for p in embedding.parameters()} if embedding is not None else set()
@@ -171,12 +176,6 @@ def assign_roles(model: nn.Module) -> dict[nn.Parameter, str]:
             stacklevel=3,
         )
     return roles
-
-
-def _has_vocab_linear(model: nn.Module, embedding: nn.Module) -> bool:
-    """Whether the model looks like a language model (a Linear or Conv1D onto the embedding's vocabulary)."""
-    vocab = getattr(embedding, "num_embeddings", None)
-    return vocab is not None and any(isinstance(m, nn.Linear) and m.out_features == vocab for m in model.modules())
 
 
 def assign_kinds(model: nn.Module) -> dict[nn.Parameter, str]:
