@@ -14,6 +14,7 @@ from conftest import tiny_run_overrides
 from lowmem.assembly import build_model
 from lowmem.cli import main
 from lowmem.config import RunConfig, load_config
+from lowmem.errors import CheckpointError, ConfigError
 from lowmem.models.generate import greedy_generate
 from lowmem.train import checkpoint
 from lowmem.train.loop import train
@@ -328,3 +329,33 @@ def test_plain_lines_instead_of_a_bar_when_stdout_is_not_a_terminal(tiny_corpus,
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"], captured.out
     assert all("loss=" in line and "lr=" in line for line in lines)
     assert "\r" not in captured.out + captured.err
+
+
+def _hf_micro(tmp_path: Path, **config) -> tuple[Path, object]:
+    """A transformers-made LlamaForCausalLM shaped like cpu-micro (vocab 320), saved with save_pretrained."""
+    fields = dict(vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0)
+    fields.update(config)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    out = tmp_path / f"hf-{len(list(tmp_path.iterdir()))}"
+    model.save_pretrained(str(out))
+    return out, model
+
+
+def test_init_from_a_transformers_checkpoint_tied_or_not(tmp_path, capsys):
+    for tied in (False, True):
+        directory, hf = _hf_micro(tmp_path, tie_word_embeddings=tied)
+        ours = build_model("cpu-micro", vocab_size=320, init_from=str(directory))
+        tokens = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
+        if tied:  # the head starts as the embedding and trains apart from it (lowmem's head is untied)
+            assert torch.equal(ours.lm_head.weight, ours.embed_tokens.weight)
+            assert ours.lm_head.weight.data_ptr() != ours.embed_tokens.weight.data_ptr()
+    directory, _ = _hf_micro(tmp_path, rope_theta=500000.0)
+    with pytest.raises(ConfigError, match="rope_theta=500000.0, the run's model has 10000.0"):
+        build_model("cpu-micro", vocab_size=320, init_from=str(directory))
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="holds no model.safetensors"):
+        build_model("cpu-micro", vocab_size=320, init_from=str(directory))

@@ -2,5 +2,5 @@
 (`lowmem export RUN --to hf DIR`). The other direction, `lowmem train --init-from DIR`, is
 lowmem.models.hf (the trainer needs it, below this layer); lowmem's optimizers take any HF causal LM
 directly (`lowmem.optim.build("scale", hf_model)`, roles from lowmem.optim.roles), also as
-`transformers.Trainer(..., optimizers=(optimizer, None))`. transformers is imported only here and
-only when used."""
+`transformers.Trainer(..., optimizers=(optimizer, None))`. transformers is imported
+lazily, only when exporting."""
