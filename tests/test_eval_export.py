@@ -359,3 +359,16 @@ def test_init_from_a_transformers_checkpoint_tied_or_not(tmp_path, capsys):
     (directory / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         build_model("cpu-micro", vocab_size=320, init_from=str(directory))
+
+
+def test_init_from_is_results_affecting_and_log_sinks_are_not():
+    from lowmem.config import results_affecting_differences
+
+    base = RunConfig().to_dict()
+    changed = RunConfig.from_dict({**base, "train": {**base["train"], "init_from": "exported/"}}).to_dict()
+    assert results_affecting_differences(base, changed) == ["train.init_from: None -> 'exported/'"]
+    logged = RunConfig.from_dict({**base, "train": {**base["train"], "log_to": ["tensorboard"]}}).to_dict()
+    assert results_affecting_differences(base, logged) == []
+    # A checkpoint written before these keys existed compares equal to today's defaults.
+    old = {**base, "train": {k: v for k, v in base["train"].items() if k not in ("init_from", "log_to")}}
+    assert results_affecting_differences(old, base) == []
