@@ -11,7 +11,9 @@ gradient G at scheduled learning rate lr_t:
 
 dim = 1 (each output unit's vector over its inputs) for nn.Linear weights [out, in] and the head
 [vocab, hidden]; dim = 0 for the embedding [vocab, hidden] (each hidden unit's column over the
-vocabulary). Tensors with more than 2 dims are viewed as [size(0), -1]. 1-D parameters (norm gains)
+vocabulary). A weight stored [in, out] (GPT-2's Conv1D; its group carries input_dim 0, see
+lowmem.optim.roles) is normalized over its dim 0, the inputs, so the rule means the same for every
+orientation. Tensors with more than 2 dims are viewed as [size(0), -1]. 1-D parameters (norm gains)
 get AdamW (betas (0.9, 0.999), eps 1e-8 added to sqrt(v), bias-corrected) at lr `adam_lr * lr_t / lr_max`.
 Optimizer state: the head's momentum plus Adam's (step, exp_avg, exp_avg_sq) of the 1-D parameters.
 

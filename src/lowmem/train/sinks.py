@@ -64,16 +64,20 @@ class WandbSink:
         self.run.finish()
 
 
-def check_sinks(names: list[str]) -> None:
-    unknown = [name for name in names if name not in SINKS]
+def _names(names: list[str] | str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+
+
+def check_sinks(names: list[str] | str) -> None:
+    unknown = [name for name in _names(names) if name not in SINKS]
     if unknown:
         raise ConfigError(f"unknown --log-to {', '.join(unknown)}; choose from: {', '.join(SINKS)} (metrics.jsonl is always written)")
 
 
-def open_sinks(names: list[str], run_dir: Path, config: dict[str, Any], resume_step: int | None = None) -> list[Any]:
-    """The sinks `names` asks for, opened for the run at `run_dir`."""
-    check_sinks(list(names))
+def open_sinks(names: list[str] | str, run_dir: Path, config: dict[str, Any], resume_step: int | None = None) -> list[Any]:
+    """The sinks `names` asks for (a list, or "tensorboard,wandb"), opened for the run at `run_dir`."""
+    check_sinks(names)
     sinks: list[Any] = []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(_names(names)):
         sinks.append(TensorBoardSink(run_dir, resume_step) if name == "tensorboard" else WandbSink(run_dir, config, resume_step))
     return sinks
