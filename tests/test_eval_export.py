@@ -372,3 +372,20 @@ def test_init_from_is_results_affecting_and_log_sinks_are_not():
     # A checkpoint written before these keys existed compares equal to today's defaults.
     old = {**base, "train": {k: v for k, v in base["train"].items() if k not in ("init_from", "log_to")}}
     assert results_affecting_differences(old, base) == []
+
+
+def test_a_run_with_a_named_hugging_face_tokenizer_exports_it(trained_run, tiny_corpus, token_cache, tmp_path):
+    from lowmem.data import load_tokenizer
+
+    named = tmp_path / "hf-tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(_tokenizer_file(trained_run)), eos_token="</s>",
+                                         pad_token="<pad>").save_pretrained(str(named))
+    run = tmp_path / "run"
+    train(load_config(None, tiny_run_overrides(tiny_corpus, token_cache, run, **{
+        "train.steps": 1, "model": "cpu-micro", "data.tokenizer": str(named)})))
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    ours = load_tokenizer(str(named))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert [theirs(t)["input_ids"] for t in TEXTS] == ours.encode_batch(TEXTS)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["vocab_size"]) == (ours.eos_id, ours.pad_id, ours.vocab_size)
