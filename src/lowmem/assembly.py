@@ -29,6 +29,7 @@ from lowmem.errors import ConfigError
 from lowmem.interventions import Intervention, RunContext, build_interventions
 from lowmem.models import LlamaConfig, resolve_config
 from lowmem.models import build_model as build_preset
+from lowmem.models.hf import load_pretrained
 from lowmem.structure import Structure, build_structure
 
 
@@ -50,11 +51,16 @@ def model_vocab(preset: str | LlamaConfig, tokenizer_vocab: int | None) -> int |
 
 
 def build_model(preset: str | LlamaConfig, vocab_size: int | None = None, structure: dict[str, Any] | Structure | None = None,
-                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of a run, unwrapped: the preset (or config), the structure applied, cast to `dtype`."""
+                device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                init_from: str | None = None) -> nn.Module:
+    """The model of a run, unwrapped: the preset (or config), its weights replaced by a Hugging Face
+    LlamaForCausalLM checkpoint if `init_from` names one, the structure applied, cast to `dtype`."""
     # Initialized on the CPU (or meta) and then moved, so a GPU run starts from the same weights as a CPU run.
     on_meta = device is not None and torch.device(device).type == "meta"
     model = build_preset(preset, vocab_size=vocab_size, device="meta" if on_meta else None)
+    if init_from and not on_meta:
+        # Before the structure: a structure converts the loaded dense weights (a LoRA base, a low-rank start).
+        load_pretrained(model, init_from)
     structure = structure if isinstance(structure, Structure) or structure is None else build_structure(structure)
     if structure is not None:
         structure.apply(model)
@@ -94,14 +100,16 @@ def weight_dtype(precision: str) -> torch.dtype | None:
 
 
 def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | None = None,
-             device: torch.device | str | None = None) -> Run:
-    """The parts of the run `config` describes, on `info`'s device (or `device`), wrapped per `info`."""
+             device: torch.device | str | None = None, init_weights: bool = True) -> Run:
+    """The parts of the run `config` describes, on `info`'s device (or `device`), wrapped per `info`.
+    `init_weights` False skips `train.init_from` (a resume, whose checkpoint replaces the weights)."""
     info = info or DistInfo()
     target = device if device is not None else info.device
     vocab = model_vocab(config.model, vocab_size)
     structure = build_structure(config.structure)
     core = build_model(config.model, vocab_size=vocab, structure=structure, device=target,
-                       dtype=weight_dtype(config.train.precision))
+                       dtype=weight_dtype(config.train.precision),
+                       init_from=config.train.init_from if init_weights else None)
     if config.data.seq_len > core.config.max_seq_len:
         raise ConfigError(
             f"--seq-len {config.data.seq_len} is above the maximum sequence length {core.config.max_seq_len} of "

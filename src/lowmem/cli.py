@@ -1,4 +1,4 @@
-"""The `lowmem` command: train, tokenizer, memory, bench.
+"""The `lowmem` command: train, eval, export, tokenizer, memory, bench.
 
 `lowmem train` with no arguments is the main job: a CPU-tier LLaMA trained for a few minutes on text
 gathered from the Python installation's own documentation, ending with a table of validation
@@ -44,6 +44,9 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--keep-checkpoints": ("train.keep_checkpoints", int, "how many newest checkpoints to keep"),
     "--skip-nonfinite": ("train.skip_nonfinite", int, "skip up to K steps with a non-finite loss"),
     "--output-dir": ("train.output_dir", str, "run directory (default: a new runs/<model>-<optimizer>-<time>)"),
+    "--init-from": ("train.init_from", str, "start from a Hugging Face LlamaForCausalLM directory's safetensors weights"),
+    "--log-to": ("train.log_to", lambda text: [name for name in text.split(",") if name],
+                 "also log metrics to tensorboard and/or wandb (comma-separated)"),
 }
 
 
@@ -209,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lowmem.memory.cli import add_parser as add_memory_parser
 
     add_memory_parser(subparsers)
+    from lowmem.hf.cli import add_export_parser
+    from lowmem.train.trained import add_eval_parser
+
+    add_eval_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
     skip_nonfinite: int = 0  # how many non-finite-loss steps may be skipped before stopping
     output_dir: str | None = None  # None: runs/<model>-<optimizer>-<date>-<time>
     progress: bool = True
+    # A Hugging Face LlamaForCausalLM directory (or cached Hub name) whose safetensors weights start the run.
+    init_from: str | None = None
+    log_to: list[str] = field(default_factory=list)  # extra metric sinks: tensorboard, wandb
 
 
 @dataclass
@@ -219,7 +222,7 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 HARMLESS = {
     "train.eval_every", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.output_dir", "train.skip_nonfinite", "data.cache_dir",
-    "train.legacy_perplexity",
+    "train.legacy_perplexity", "train.log_to",
 }
 
 

@@ -365,8 +365,22 @@ def validation_batches(
     are not -100, or when the documents run out; the last batch may have fewer rows. Every rank
     gets the same list.
     """
+    return list(iter_validation_batches(source, tokenizer, seq_len, micro_batch_size, max_tokens, mode, seed))
+
+
+def iter_validation_batches(
+    source: TextSource,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    mode: str = "pad",
+    seed: int = 42,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of `validation_batches`, one at a time (`lowmem eval` streams a whole source);
+    `max_tokens` None reads the documents to the end."""
     _check_shape(seq_len, micro_batch_size, mode)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ConfigError(f"The validation token budget must be a positive integer, got {max_tokens!r}.")
     loader = TokenLoader(
         source.with_split("validation"), tokenizer, seq_len, micro_batch_size, mode, seed, prefetch=0
@@ -374,20 +388,18 @@ def validation_batches(
     make_batch = (
         (lambda rows: _padded_batch(rows, seq_len, tokenizer.pad_id)) if mode == "pad" else _packed_batch
     )
-    batches: list[dict[str, torch.Tensor]] = []
     rows: list[list[int]] = []
     targets = 0
     for row in _one_epoch_of_rows(loader):
         rows.append(row)
         targets += len(row) - 1
         if len(rows) == micro_batch_size:
-            batches.append(make_batch(rows))
+            yield make_batch(rows)
             rows = []
-        if targets >= max_tokens:
+        if max_tokens is not None and targets >= max_tokens:
             break
     if rows:
-        batches.append(make_batch(rows))
-    return batches
+        yield make_batch(rows)
 
 
 def _one_epoch_of_rows(loader: TokenLoader) -> Iterator[list[int]]:

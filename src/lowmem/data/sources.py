@@ -116,8 +116,9 @@ class TextSource:
         return open_source(self.spec, split=split, text_field=self.text_field)
 
 
-def open_source(spec: str, split: str = "train", text_field: str = "text") -> TextSource:
-    """Open the `split` of the corpus named by `spec` (see the module docstring for the forms)."""
+def open_source(spec: str, split: str = "train", text_field: str = "text", require_documents: bool = True) -> TextSource:
+    """Open the `split` of the corpus named by `spec` (see the module docstring for the forms);
+    an empty split is an error unless `require_documents` is False."""
     split = _normalize_split(split)
     if not isinstance(text_field, str) or not text_field:
         raise ConfigError(f"text_field must be a non-empty field name, got {text_field!r}.")
@@ -129,7 +130,7 @@ def open_source(spec: str, split: str = "train", text_field: str = "text") -> Te
     else:
         path = spec[len("c4:") :] if spec.startswith("c4:") else spec
         source = _local_source(spec, path, split, text_field)
-    if spec != "c4":  # reading the Hub here would make opening slow; its reads fail loudly later
+    if spec != "c4" and require_documents:  # reading the Hub here would be slow; its reads fail loudly later
         _check_not_empty(source)
     return source
 

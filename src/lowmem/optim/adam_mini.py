@@ -49,7 +49,7 @@ from torch import nn
 
 from lowmem.optim import Method, register
 from lowmem.optim.base import LowmemOptimizer, all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
-from lowmem.optim.roles import param_groups
+from lowmem.optim.roles import group_input_dim, param_groups
 
 
 def adam_mini_param_groups(model: nn.Module, **per_role: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,9 +90,12 @@ def block_rows(param: torch.Tensor, rows_per_block: int | None) -> int:
     return 1 if param.dim() >= 2 else _rows(param)
 
 
-def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _local_rows(tensor: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, int]:
     """This rank's part of `tensor` as a [local_rows, -1] view (writes reach the tensor), and the
-    global index of its first row."""
+    global index of its first row. `transposed`: a 2-D weight stored [in, out] (Conv1D), viewed
+    [out, in] so that a row is an output neuron (not sharded: lowmem shards only its own LLaMA)."""
+    if transposed:
+        return tensor.t(), 0
     if not is_dtensor(tensor):
         return tensor.view(_rows(tensor), -1), 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -153,30 +156,31 @@ class AdamMini(LowmemOptimizer):
                 if p.grad is None:
                     continue
                 check_grad(p)
+                transposed = group_input_dim(group, p) == 0  # [in, out]: blocks are columns
                 rows_per_block = block_rows(p, group["rows_per_block"])
-                n_blocks = _rows(p) // rows_per_block
+                n_blocks = (p.size(1) if transposed else _rows(p)) // rows_per_block
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros(n_blocks, dtype=p.dtype, device=_local_rows(p)[0].device)
-                grad, first_row = _local_rows(p.grad)
+                grad, first_row = _local_rows(p.grad, transposed)
                 block_of_row = torch.arange(first_row, first_row + grad.size(0), device=grad.device) // rows_per_block
                 row_sq = torch.linalg.vector_norm(grad, dim=1).square_()
                 partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
-                work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // _rows(p))))
+                work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // n_blocks // rows_per_block), transposed))
                 partials.append(partial)
                 shardings.append(sharded_groups(p))
         all_reduce_partials(partials, shardings)
         # Pass 2: the Adam-mini update of each rank's own rows.
-        for (group, p, grad, block_of_row, block_numel), block_sq in zip(work, partials):
+        for (group, p, grad, block_of_row, block_numel, transposed), block_sq in zip(work, partials):
             state = self.state[p]
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             state["step"] += 1
             t = state["step"].item()
-            param, _ = _local_rows(p)
-            exp_avg, _ = _local_rows(state["exp_avg"])
+            param, _ = _local_rows(p, transposed)
+            exp_avg, _ = _local_rows(state["exp_avg"], transposed)
             exp_avg_sq = state["exp_avg_sq"]
             if group["weight_decay"]:
                 param.mul_(1 - lr * group["weight_decay"])

@@ -46,7 +46,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
-from lowmem.optim.roles import group_role
+from lowmem.optim.roles import group_input_dim, group_role
 
 ADJUST_LR = ("original", "match_rms_adamw")
 # Which matrices get Muon: "hidden" (Keller Jordan's and torch's), or "all" (embedding and head too).
@@ -96,18 +96,20 @@ def muon_update(
     adjust_lr: str,
     ns_steps: int,
     ns_dtype: torch.dtype,
+    input_dims: list[int] | None = None,
 ) -> None:
-    """One Muon step over hidden matrices (the functional core of `Muon`)."""
+    """One Muon step over hidden matrices (the functional core of `Muon`); `input_dims[i]` 0 marks a
+    weight stored [in, out] (Conv1D), whose shape factor takes rows = size(1)."""
     if not params:
         return
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for p, g, buffer in zip(params, grads, momentum_buffers):
+    for i, (p, g, buffer) in enumerate(zip(params, grads, momentum_buffers)):
         # One matrix at a time, so the transient Nesterov copy is one matrix, not all of them.
         update = g.lerp(buffer, momentum) if nesterov else buffer
         ortho = orthogonalize(update, ns_steps=ns_steps, ns_dtype=ns_dtype)
-        rows = p.size(0)
+        rows = p.size(1) if input_dims is not None and input_dims[i] == 0 else p.size(0)  # output units
         p.add_(ortho, alpha=-adjusted_lr(lr, rows, p.numel() // rows, adjust_lr))
 
 
@@ -187,7 +189,7 @@ class Muon(LowmemOptimizer):
             self._step_group(group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        matrices, matrix_grads, buffers = [], [], []
+        matrices, matrix_grads, buffers, input_dims = [], [], [], []
         adam = AdamBatch()
         muon_roles = MATRICES[group["matrices"]]
         for p in group["params"]:
@@ -201,12 +203,13 @@ class Muon(LowmemOptimizer):
                 matrices.append(p)
                 matrix_grads.append(p.grad)
                 buffers.append(state["momentum_buffer"])
+                input_dims.append(group_input_dim(group, p))
                 continue
             adam.add(p, state)
 
         muon_update(matrices, matrix_grads, buffers, lr=group["lr"], momentum=group["momentum"],
                     nesterov=group["nesterov"], weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
-                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]])
+                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]], input_dims=input_dims)
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
                   eps=group["adam_eps"], weight_decay=group["weight_decay"])

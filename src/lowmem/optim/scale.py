@@ -11,7 +11,9 @@ gradient G at scheduled learning rate lr_t:
 
 dim = 1 (each output unit's vector over its inputs) for nn.Linear weights [out, in] and the head
 [vocab, hidden]; dim = 0 for the embedding [vocab, hidden] (each hidden unit's column over the
-vocabulary). Tensors with more than 2 dims are viewed as [size(0), -1]. 1-D parameters (norm gains)
+vocabulary). A weight stored [in, out] (GPT-2's Conv1D; its group carries input_dim 0, see
+lowmem.optim.roles) is normalized over its dim 0, the inputs, so the rule means the same for every
+orientation. Tensors with more than 2 dims are viewed as [size(0), -1]. 1-D parameters (norm gains)
 get AdamW (betas (0.9, 0.999), eps 1e-8 added to the uncorrected sqrt(v), both bias corrections in
 the step size, as the released code: lowmem.optim.adamw's eps_placement="uncorrected") at lr
 `adam_lr * lr_t / lr_max`.
@@ -68,7 +70,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
-from lowmem.optim.roles import group_role
+from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
 MOMENTUM_PLACEMENTS = {
@@ -80,9 +82,10 @@ MOMENTUM_PLACEMENTS = {
 RMS_FLOOR = 1e-8
 
 
-def normalized_dim(role: str, normalization: str) -> int:
-    """The dim (of the [size(0), -1] view) that column/row normalization reduces over."""
-    column_dim = 0 if role == "embedding" else 1
+def normalized_dim(role: str, normalization: str, input_dim: int = 1) -> int:
+    """The dim (of the [size(0), -1] view) that column/row normalization reduces over; `input_dim` is
+    the weight's input dim (0 for a Conv1D [in, out], lowmem.optim.roles.group_input_dim)."""
+    column_dim = 0 if role == "embedding" else input_dim
     return column_dim if normalization == "column" else 1 - column_dim
 
 
@@ -282,7 +285,7 @@ class SCALE(LowmemOptimizer):
                 buffers.append(None)
             params.append(p)
             grads.append(p.grad)
-            dims.append(normalized_dim(role, normalization))
+            dims.append(normalized_dim(role, normalization, group_input_dim(group, p)))
 
         scale_update(params, grads, buffers, dims, lr=group["lr"], momentum=group["momentum"],
                      weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"])

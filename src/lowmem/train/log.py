@@ -1,18 +1,22 @@
-"""What a run writes for people: metrics.jsonl, summary.json, the loss-curve PNG, the final table."""
+"""What a run writes for people and tools: metrics.jsonl (and the same records to TensorBoard or
+wandb, lowmem.train.sinks), summary.json, the loss-curve PNG, the final table, the progress display."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl; on resume, drops lines past the step."""
+    """Appends one JSON object per logged step to metrics.jsonl; on resume, drops lines past the step.
+    Each `sinks` entry (`write(record)`, `close()`) receives the same records."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, sinks: list[Any] | None = None) -> None:
         self.path = path
+        self.sinks = list(sinks or [])
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
@@ -22,6 +26,48 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+class PlainProgress:
+    """tqdm's interface for a log file: one plain line per `set_postfix` (the loop calls it once per
+    log interval), printed at the next `update`, instead of a bar redrawn in place."""
+
+    def __init__(self, total: int | None, initial: int = 0, desc: str = "", unit: str = "it", file=None) -> None:
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.file = file
+        self._postfix: dict[str, Any] | None = None
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._postfix is not None:
+            of = f"/{self.total:,}" if self.total else ""
+            fields = " ".join(f"{k}={v}" for k, v in self._postfix.items())
+            print(f"{self.desc} {self.unit} {self.n:,}{of} {fields}".strip(), file=self.file or sys.stdout, flush=True)
+            self._postfix = None
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar when stdout and stderr are terminals, else a PlainProgress; None when not `enabled`."""
+    if not enabled:
+        return None
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    return PlainProgress(total, initial=initial, desc=desc, unit=unit)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -27,8 +27,9 @@ from lowmem.errors import CheckpointError, ConfigError, LowmemError
 from lowmem.models import count_parameters
 from lowmem.train import checkpoint
 from lowmem.train.evaluate import EvalResult, evaluate
-from lowmem.train.log import MetricsLog, plot_loss_curve, summary_table, write_json
+from lowmem.train.log import MetricsLog, plot_loss_curve, progress_bar, summary_table, write_json
 from lowmem.train.schedule import lr_factor
+from lowmem.train.sinks import check_sinks, open_sinks
 from lowmem.train.step import train_step
 
 
@@ -180,12 +181,13 @@ def _set_lr(run: Run, config: RunConfig, step: int) -> float:
 def _train(config: RunConfig, info: DistInfo, resume: str | Path | None) -> dict[str, Any]:
     t_cfg, d_cfg = config.train, config.data
     accumulation = _accumulation(config, info)
+    check_sinks(t_cfg.log_to)
     run_dir, resume_body = _open_run(config, info, resume)
     torch.manual_seed(t_cfg.seed)
     source = lowmem_data.open_source(d_cfg.source, "train", d_cfg.text_field)
     val_source = lowmem_data.open_source(d_cfg.source, "validation", d_cfg.text_field)
     tokenizer = lowmem_data.load_tokenizer(d_cfg.tokenizer, source, vocab_size=d_cfg.vocab_size, cache_dir=d_cfg.cache_dir)
-    run = assemble(config, vocab_size=tokenizer.vocab_size, info=info)
+    run = assemble(config, vocab_size=tokenizer.vocab_size, info=info, init_weights=resume_body is None)
     n_params = count_parameters(run.core)
     loader = lowmem_data.TokenLoader(source, tokenizer, d_cfg.seq_len, t_cfg.micro_batch_size, mode=d_cfg.seq_mode,
                                      seed=t_cfg.seed, rank=info.rank, world_size=info.world_size)
@@ -211,7 +213,9 @@ def _loop(config: RunConfig, info: DistInfo, run: Run, loader, val_source, token
         components["structure"] = run.structure
     if resume_body is not None:
         checkpoint.load_components(components, resume_body)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=progress.step if resume_body else None) if info.is_main else None
+    resume_step = progress.step if resume_body else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step,
+                         sinks=open_sinks(t_cfg.log_to, run_dir, config.to_dict(), resume_step)) if info.is_main else None
     existing = checkpoint.list_checkpoints(run_dir)
     last_checkpoint = existing[-1] if existing else None
 
@@ -273,6 +277,8 @@ def _loop(config: RunConfig, info: DistInfo, run: Run, loader, val_source, token
                 last_checkpoint = save_checkpoint()
                 if bar:
                     bar.close()
+                if metrics:
+                    metrics.close()
                 if info.is_main:
                     print(f"{stop.signal_name or 'stop signal'} received: stopped after step {step}; checkpoint saved "
                           f"to {last_checkpoint}. Continue with: lowmem train --resume {run_dir}")
@@ -284,6 +290,7 @@ def _loop(config: RunConfig, info: DistInfo, run: Run, loader, val_source, token
     summary = _summary(config, run, progress, final, n_params, train_seconds, last_checkpoint, last_gradient_bytes)
     if info.is_main:
         log_eval(final)
+        metrics.close()
         write_json(run_dir / "summary.json", summary)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{config.model} + {config.optim.name}")
         print(summary_table(summary))
@@ -294,9 +301,8 @@ def _loop(config: RunConfig, info: DistInfo, run: Run, loader, val_source, token
 def _progress_bar(config: RunConfig, info: DistInfo, start: int):
     if not (info.is_main and config.train.progress):
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.train.steps, initial=start, desc=config.optim.name, unit="step", dynamic_ncols=True)
+    # A bar redrawn in place on a terminal; one plain line per log interval in a log file.
+    return progress_bar(total=config.train.steps, initial=start, desc=config.optim.name, unit="step")
 
 
 def _check_skips(progress: Progress, allowed: int, loss: float, step: int, last_checkpoint: Path | None, info: DistInfo) -> None:
