@@ -59,12 +59,16 @@ def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
         lrs = lrs if isinstance(lrs, list) else [lrs]
         hparams = settings.pop("hparams", {})
         interventions = settings.pop("interventions", [])
+        structure = settings.pop("structure", None)
         if settings:
             raise ConfigError(f"method {method!r} in {path} has unknown settings {sorted(settings)}; "
-                              "use optimizer, lr, hparams, interventions")
+                              "use optimizer, lr, hparams, interventions, structure")
         for lr in lrs:
             raw = _merge(base, {"optim": {"name": optimizer, "lr": lr, "hparams": hparams,
                                           "interventions": interventions}})
+            if structure is not None:  # e.g. {name: sparse, density: 0.5}: this method's model is structured
+                preset = raw.get("model")
+                raw["model"] = {"preset": preset["preset"] if isinstance(preset, dict) else preset, "structure": structure}
             run = GridRun(method, optimizer, lr, raw)
             raw.setdefault("train", {})["output_dir"] = str(Path(output) / run.name)
             RunConfig.from_dict(raw)  # refuse a bad grid before anything runs
