@@ -78,10 +78,13 @@ def assign_roles(model: nn.Module) -> dict[nn.Parameter, str]:
     if head_params & embedding_params:
         warnings.warn("the head is tied to the embedding; the shared weight gets the embedding role", stacklevel=3)
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        declared = getattr(module, "param_kinds", None) or {}
+        for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or param in roles:
                 continue
-            if id(param) in embedding_params or (embedding is None and isinstance(module, nn.Embedding)):
+            if declared.get(name) == "sparse-values":  # 1-D, but the values of a hidden matrix
+                roles[param] = "hidden"
+            elif id(param) in embedding_params or (embedding is None and isinstance(module, nn.Embedding)):
                 roles[param] = "embedding"
             elif id(param) in head_params:
                 roles[param] = "head" if param.dim() >= 2 else "vector"

@@ -155,11 +155,22 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def regrow(self, slots: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Put inactive `blocks` into index `slots` (their blocks are dropped), values 0; return the
-        mask of optimizer-state entries to reset, shaped like the parameter."""
+        mask of optimizer-state entries to reset, shaped like the parameter.
+
+        The gradient of this step (computed for the old topology) is made the new topology's: 0 at
+        dropped blocks, and at grown ones the kept dense gradient (RigL) or 0 (SET, which kept none),
+        in both storages alike."""
         slots, blocks = slots.long().to(self.block_index.device), blocks.long().to(self.block_index.device)
-        param = self.sparse_param
+        param, grad = self.sparse_param, self.sparse_param.grad
+        grown_grad = None
+        if grad is not None and self.dense_grad is not None:
+            grown_grad = self.dense_grad.view(-1, self.block_size).index_select(0, blocks).to(grad.dtype)
         if self.storage == "compact":
             param.view(-1, self.block_size).index_fill_(0, slots, 0)
+            if grad is not None:
+                grad.view(-1, self.block_size).index_fill_(0, slots, 0)
+                if grown_grad is not None:
+                    grad.view(-1, self.block_size).index_copy_(0, slots, grown_grad)
             self.block_index.index_copy_(0, slots, blocks.to(INDEX_DTYPE))
             mask = torch.zeros(self.n_active, self.block_size, dtype=torch.bool, device=param.device)
             mask.index_fill_(0, slots, True)
@@ -167,6 +178,10 @@ class SparseLinear(nn.Module):
         dropped = self.block_index.long().index_select(0, slots)
         touched = torch.cat([dropped, blocks])
         param.view(-1, self.block_size).index_fill_(0, touched, 0)
+        if grad is not None:
+            grad.view(-1, self.block_size).index_fill_(0, touched, 0)
+            if grown_grad is not None:
+                grad.view(-1, self.block_size).index_copy_(0, blocks, grown_grad)
         self.block_index.index_copy_(0, slots, blocks.to(INDEX_DTYPE))
         mask = torch.zeros(self.n_blocks, self.block_size, dtype=torch.bool, device=param.device)
         mask.index_fill_(0, touched, True)
