@@ -137,6 +137,7 @@ def test_dropped_weights_stay_zero_under_adamw_with_dense_storage():
         update.before_step(step, model, opt)
         opt.step()
         opt.zero_grad()
+        update.after_step(step, model, opt)
         for layer in sparse_layers(model):
             assert layer.weight.detach().view(-1, layer.block_size)[~layer.block_mask()].abs().sum() == 0, step
 
@@ -165,7 +166,9 @@ def test_an_update_drops_the_smallest_blocks_and_grows_as_many_new_ones_at_zero(
     scores = layer.dense_weight().view(-1, 2).pow(2).sum(1)
     if grow == "gradient":
         dense_grad = layer.dense_grad.view(-1, 2).pow(2).sum(1).clone()
-    update.before_step(2, model, opt)
+    update.before_step(2, model, opt)  # RigL updates here, with the step's gradient
+    opt.zero_grad()
+    update.after_step(2, model, opt)  # SET here, after the step
     after = layer.block_mask()
     dropped, grown = before & ~after, after & ~before
     n = round(0.25 * layer.n_active)
@@ -195,6 +198,7 @@ def run_linear(layer: SparseLinear, opt: torch.optim.Optimizer, update: Topology
         opt.zero_grad()
         if on_step:
             on_step(step, before, layer.dense_weight())
+        update.after_step(step, nn.Sequential(layer), opt)
 
 
 @pytest.mark.parametrize("storage, t0", [("dense", 300), ("compact", 4000)])
@@ -213,7 +217,7 @@ def test_naive_adamw_gives_regrown_weights_the_cold_start(storage, t0):
     run_linear(layer, opt, update, coeff, range(t0, t0 + 4), lambda s, b, a: moves.append(a - b))
     grown = (layer.block_mask() & ~before).view(8, 8)
     assert grown.sum() == round(0.2 * 32)
-    assert moves[0][grown].abs().max() == 0  # SET kept no gradient for them at the update step itself
+    assert moves[0][grown].abs().max() == 0  # SET updates after step T0: they were inactive in it
     first = moves[1][grown] / (-lr * coeff.sign()[grown])
     assert torch.allclose(first, torch.full_like(first, adam_first_update(t0 + 1)), rtol=1e-9)
     assert (1 - BETA1) / math.sqrt(1 - BETA2) == pytest.approx(3.162, abs=1e-3)

@@ -16,7 +16,8 @@ Structure `sparse` (density d, block B, storage, distribution):
   int32 block index; the dense W of a layer is built while that layer computes (forward, and again
   in backward) and freed after, so its gradient is compact too (accumulated over micro-batches).
 Intervention `topology` (every ΔT, drop p0 -> p_end, grow random | gradient):
-  at steps t = ΔT, 2ΔT, ... < T, before the update: p(t) = p_end + (p0 - p_end)(1 + cos(pi t/T))/2;
+  at steps t = ΔT, 2ΔT, ... < T (SET: right after update t, so a grown block's first step has a
+  gradient; RigL: before update t, with that step's gradient, which the grown blocks then use): p(t) = p_end + (p0 - p_end)(1 + cos(pi t/T))/2;
   per layer drop round(p k) active blocks of smallest L2 norm and grow as many inactive ones (never
   the ones just dropped: they were active), uniformly at random (SET) or by the largest L2 norm of
   the dense gradient (RigL; that gradient is kept, summed over micro-batches and ranks, only in the
@@ -307,12 +308,14 @@ class TopologyUpdate(BaseIntervention):
         return step % self.every == 0 and step < self.total_steps
 
     def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        if self.grow == "random" and self.is_update(step):
+            self.update(step, model, optimizer)
         if self.grow == "gradient" and self.is_update(step + 1):
             for layer in sparse_layers(model):
                 layer.capture, layer.dense_grad = True, None
 
     def before_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
-        if self.is_update(step):
+        if self.grow == "gradient" and self.is_update(step):
             self.update(step, model, optimizer)
 
     @torch.no_grad()
