@@ -143,7 +143,7 @@ def test_dense_parameters_get_plain_adamw():
     twin.load_state_dict(model.state_dict())
     smet, adamw = build_optimizer("smet", model, lr=1e-3), build_optimizer("adamw", twin, lr=1e-3)
     x = torch.randint(0, 64, (2, 16))
-    for _ in range(3):
+    for _ in range(1):  # one step: after it the sparse layers differ (density lr), and so would later gradients
         for mdl, opt in ((model, smet), (twin, adamw)):
             mdl(x).pow(2).mean().backward()
             opt.step()

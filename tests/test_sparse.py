@@ -80,7 +80,7 @@ def test_topology_on_a_dense_model_names_the_fix():
     update = TopologyUpdate(every=2)
     update.setup(RunContext(total_steps=10))
     with pytest.raises(ConfigError, match="--structure sparse"):
-        update.before_step(2, model, AdamW(model.parameters()))
+        update.after_step(2, model, AdamW(model.parameters()))
 
 
 @pytest.mark.parametrize("storage, kind", [("dense", "masked"), ("compact", "sparse-values")])
