@@ -312,7 +312,6 @@ def test_a_run_resumes_bitwise_across_a_topology_update_and_checkpoints_carry_it
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_two_ddp_processes_follow_one_with_identical_masks(tiny_corpus, token_cache, tmp_path):
     paths = {}
     for name, extra in (("single", {}), ("ddp", {"train.distributed": "ddp"})):
