@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch
-from lowmem.optim.base import check_betas, check_grad, check_nonneg
+from lowmem.optim.base import check_betas, check_grad, check_nonneg, is_dtensor
 from lowmem.optim.roles import group_kind
 from lowmem.optim.state import _reset_entries, _reset_whole
 
@@ -95,6 +95,9 @@ class SMET(Optimizer):
         return loss
 
     def _sparse_step(self, p: torch.Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
+        if is_dtensor(p):
+            raise ValueError("SMET's sparse layers are not sharded (their block index is per layer); "
+                             "train a sparse model with --distributed ddp, not fsdp2")
         layout = sparse_layout(p)
         block, index = layout.block_size, layout.block_index.long()
         k = index.numel()
