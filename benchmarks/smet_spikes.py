@@ -76,7 +76,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     chosen = [m for m in args.plot.split(",") if m in table]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     if dense:
         left.plot(sorted(dense), [dense[s] for s in sorted(dense)], color="gray", lw=1, label=f"{args.dense} (no topology)")
     for name in chosen:
@@ -89,6 +89,21 @@ def main() -> None:
     left.set_ylim(top=min(8.5, left.get_ylim()[1]))
     left.set_title("training loss; dotted: topology updates")
     left.legend(fontsize=8)
+    if len(chosen) >= 2:  # the gap between the first two runs: same init and batches, so common noise cancels
+        a, b = table[chosen[0]][2], table[chosen[1]][2]
+        steps = sorted(set(a) & set(b))
+        gap = [a[s] - b[s] for s in steps]
+        smooth = [sum(gap[max(0, i - 9):i + 1]) / len(gap[max(0, i - 9):i + 1]) for i in range(len(gap))]
+        middle.plot(steps, gap, color="lightgray", lw=0.8, label="per step")
+        middle.plot(steps, smooth, color="C3", lw=1.5, label="10-step mean")
+        for u in table[chosen[0]][0]:
+            middle.axvline(u, color="k", ls=":", lw=0.8)
+        middle.axhline(0, color="k", lw=0.8)
+        middle.set_ylim(-0.03, 0.03)
+        middle.set_xlabel("step")
+        middle.set_ylabel("training loss difference")
+        middle.set_title(f"{chosen[0]} minus {chosen[1]}")
+        middle.legend(fontsize=8)
     width = 0.8 / max(len(chosen), 1)
     for i, name in enumerate(chosen):
         steps, excess, _ = table[name]
