@@ -6,7 +6,8 @@ active blocks of B entries, g the gradient of the active entries (compact, k*B),
 and s_b the local step of block b:
   s_b += 1; m = beta1 m + (1-beta1) g; v = beta2 v + (1-beta2) g^2      (m, v: k*B; s: k int32)
   w_b = min(1, s_b / W) if the block was regrown (s_b < t) else 1        (linear warm-up over W steps)
-  lr_l = lr / d_l (density_lr=inverse), lr / sqrt(d_l) (inverse_sqrt) or lr (none); d_l = k B / (in out)
+  lr_l = lr / d_l (density_lr=inverse), lr / sqrt(d_l) (inverse_sqrt, the default: it beat inverse at
+         d = 0.5 and 0.25 on the CPU protocol, docs/results.md) or lr (none); d_l = k B / (in out)
   W_active -= lr_l w_b (m / (1 - beta1^s_b)) / (sqrt(v / (1 - beta2^s_b)) + eps)   (decay: W *= 1 - lr_l wd)
 A topology update (lowmem.structure.sparse's `topology`) calls `reset_param_state(param, mask)` for
 the regrown blocks: their moments become 0 and s_b = 0, so their first update is lr_l g / |g| / W
