@@ -97,6 +97,7 @@ OPTIMIZERS: Registry[Any] = Registry("optimizer", (
     "lowmem.optim.muon",
     "lowmem.optim.adam_mini",
     "lowmem.optim.stable_spam",
+    "lowmem.optim.smet",
 ))
-STRUCTURES: Registry[Any] = Registry("structure", ())
-INTERVENTIONS: Registry[Any] = Registry("intervention", ("lowmem.optim.reset",))
+STRUCTURES: Registry[Any] = Registry("structure", ("lowmem.structure.sparse",))
+INTERVENTIONS: Registry[Any] = Registry("intervention", ("lowmem.optim.reset", "lowmem.structure.sparse"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import lowmem.optim
 from lowmem.errors import ConfigError
-from lowmem.config import PRECISIONS
+from lowmem.config import PRECISIONS, parse_spec
 from lowmem.memory.estimate import GB, MemoryEstimate, compare, estimate_memory, hparams_for
 from lowmem.models.llama import PRESETS
 
@@ -53,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="keep only block inputs (plus one block during recomputation)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size (required for the cpu-* presets)")
+    parser.add_argument("--structure", metavar="NAME:KEY=VALUE,...",
+                        help="weight structure of the hidden matrices, as in train, e.g. sparse:density=0.5,block=16,storage=compact")
     parser.set_defaults(func=run_memory)
     return parser
 
@@ -95,6 +97,7 @@ def format_breakdown(est: MemoryEstimate) -> str:
         f"{'gradients':<22}{est.weight_elements:>16,}{_gb(est.gradients):>14}",
         f"{'optimizer states':<22}{est.optimizer_state_elements:>16,}{_gb(est.optimizer_states):>14}",
         f"{'activations':<22}{'':>16}{_gb(est.activations):>14}",
+        *([f"{'structure indices':<22}{'':>16}{_gb(est.structure_buffers):>14}"] if est.structure_buffers else []),
         f"{'total':<22}{'':>16}{_gb(est.total):>14}",
         "",
         f"papers' convention, 2 B x (weights + optimizer states): {est.paper_gb:.2f} GB",
@@ -129,7 +132,8 @@ def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate)
 def run_memory(args: argparse.Namespace) -> int:
     hparams = parse_hparams(args)
     options = dict(vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
-                   precision=args.precision, activation_checkpointing=args.activation_checkpointing)
+                   precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+                   structure=parse_spec(args.structure, "structure") if args.structure else None)
     if args.compare:
         names = [name.strip() for name in args.compare.split(",") if name.strip()]
         if not names:

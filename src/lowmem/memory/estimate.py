@@ -69,10 +69,12 @@ class MemoryEstimate:
     activations: int
     state_source: str  # "meta step" or "formula (...why...)"
     notes: tuple[str, ...] = field(default=())
+    # Buffers of structured modules (a sparse layer's block index): bookkeeping beside the weights.
+    structure_buffers: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.activations
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.structure_buffers
 
     @property
     def paper_bytes(self) -> int:
@@ -263,6 +265,8 @@ def estimate_memory(
     elements, bookkeeping, by_role, state_bytes = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    structure_buffers = sum(b.numel() * b.element_size() for m in meta.modules() if getattr(m, "param_kinds", None)
+                            for b in m.buffers(recurse=False))
     return MemoryEstimate(
         model=model if isinstance(model, str) else "custom",
         optimizer=optimizer,
@@ -281,6 +285,7 @@ def estimate_memory(
         activations=activation_bytes(config, batch_size, seq_len, precision, activation_checkpointing),
         state_source=source,
         notes=tuple(notes),
+        structure_buffers=structure_buffers,
     )
 
 

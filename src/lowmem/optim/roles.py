@@ -157,16 +157,19 @@ def assign_roles(model: nn.Module) -> dict[nn.Parameter, str]:
         )
     unknown: dict[str, list[str]] = {}
     for path, module in model.named_modules():
-        for param in module.parameters(recurse=False):
+        declared = getattr(module, "param_kinds", None) or {}
+        for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or param in roles:
                 continue
-            if id(param) in head_params:
+            if declared.get(name) == "sparse-values":  # 1-D, but the values of a hidden matrix
+                roles[param] = "hidden"
+            elif id(param) in head_params:
                 roles[param] = "head" if param.dim() >= 2 else "vector"
             elif id(param) in embedding_params or isinstance(module, nn.Embedding):
                 roles[param] = "embedding"
             else:
                 roles[param] = default_role(param)
-                if param.dim() >= 2 and weight_input_dim(module) is None:
+                if param.dim() >= 2 and weight_input_dim(module) is None and not declared:
                     unknown.setdefault(type(module).__name__, []).append(path or "<root>")
     for type_name, paths in unknown.items():
         warnings.warn(

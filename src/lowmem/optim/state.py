@@ -39,7 +39,8 @@ STEP_KEYS = ("step",)
 DROPPED_KEYS = ("limiter_norm",)
 
 
-def _reset_whole(state: dict[str, Any]) -> None:
+def reset_whole(state: dict[str, Any]) -> None:
+    """Zero one parameter's moments and step counter (and drop the limiter's state), in place."""
     for key in DROPPED_KEYS:
         state.pop(key, None)
     for key in MOMENT_KEYS:
@@ -53,7 +54,8 @@ def _reset_whole(state: dict[str, Any]) -> None:
             state[key] = type(step)(0)
 
 
-def _reset_entries(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor) -> None:
+def reset_entries(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero the moments (and per-entry counters) of the `mask` entries of one parameter's state."""
     for key in MOMENT_KEYS + STEP_KEYS:
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -86,9 +88,9 @@ def reset_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = No
         if custom is not None:
             custom(param, mask)
         elif mask is None:
-            _reset_whole(state)
+            reset_whole(state)
         else:
-            _reset_entries(state, param, mask)
+            reset_entries(state, param, mask)
         count += 1
     return count
 

@@ -1,0 +1,126 @@
+"""Loss spikes after topology updates, naive AdamW vs SMET, from a finished `configs/smet-cpu.yaml` grid.
+
+    PYTHONPATH=src python benchmarks/smet_spikes.py runs/smet-cpu --output docs/figures/smet_spikes.png
+
+For every run of the grid with a topology intervention and each update step u: the spike is the mean
+training loss over steps u+1 .. u+20 minus the mean over u-19 .. u (metrics.jsonl, log_every 1). The
+loss falls anyway, so the same windows of the dense AdamW run (no topology) are printed beside it as
+the trend, and "excess" = spike - dense AdamW's difference over the same windows. Writes a two-panel
+plot: the training loss around the updates, and the excess per update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+
+WINDOW = 20
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def updates(run: Path) -> list[int]:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    steps = config["train"]["steps"]
+    for spec in config["optim"].get("interventions", []):
+        if spec["name"] == "topology":
+            return [s for s in range(spec["every"], steps, spec["every"]) if s + WINDOW <= steps and s - WINDOW >= 0]
+    return []
+
+
+def window_difference(curve: dict[int, float], u: int) -> float:
+    after = [curve[s] for s in range(u + 1, u + WINDOW + 1)]
+    before = [curve[s] for s in range(u - WINDOW + 1, u + 1)]
+    return statistics.fmean(after) - statistics.fmean(before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--output", type=Path, default=Path("docs/figures/smet_spikes.png"))
+    parser.add_argument("--dense", default="adamw-dense", help="the run whose same windows are the trend (none: no trend)")
+    parser.add_argument("--plot", default="naive-set-d50,smet-none-set-d50",
+                        help="methods drawn in the plot")
+    args = parser.parse_args()
+    runs = {p.parent.parent.name: p.parent for p in sorted(args.grid.glob("*/lr*/summary.json"))}
+    # Runs still in progress count too (their metrics.jsonl so far), for the updates they have passed.
+    for path in sorted(args.grid.glob("*/lr*/metrics.jsonl")):
+        runs.setdefault(path.parent.parent.name, path.parent)
+    dense = losses(runs[args.dense]) if args.dense in runs else {}
+    table = {}
+    print(f"| run | updates | spike per update (after 20 - before 20) | mean spike | dense AdamW, same windows | mean excess |")
+    print("|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        steps = updates(run)
+        curve = losses(run)
+        steps = [u for u in steps if u + WINDOW in curve]
+        if not steps:
+            continue
+        spikes = [window_difference(curve, u) for u in steps]
+        trend = [window_difference(dense, u) if dense else 0.0 for u in steps]
+        excess = [s - t for s, t in zip(spikes, trend)]
+        table[name] = (steps, excess, curve)
+        print(f"| {name} | {', '.join(map(str, steps))} | {', '.join(f'{s:+.3f}' for s in spikes)} | "
+              f"{statistics.fmean(spikes):+.3f} | {statistics.fmean(trend):+.3f} | {statistics.fmean(excess):+.3f} |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [m for m in args.plot.split(",") if m in table]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
+    if dense:
+        left.plot(sorted(dense), [dense[s] for s in sorted(dense)], color="gray", lw=1, label=f"{args.dense} (no topology)")
+    for name in chosen:
+        steps, _, curve = table[name]
+        left.plot(sorted(curve), [curve[s] for s in sorted(curve)], lw=1, label=name)
+    for u in table[chosen[0]][0] if chosen else []:
+        left.axvline(u, color="k", ls=":", lw=0.8)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_ylim(top=min(8.5, left.get_ylim()[1]))
+    left.set_title("training loss; dotted: topology updates")
+    left.legend(fontsize=8)
+    if len(chosen) >= 2:  # the gap between the first two runs: same init and batches, so common noise cancels
+        a, b = table[chosen[0]][2], table[chosen[1]][2]
+        steps = sorted(set(a) & set(b))
+        gap = [a[s] - b[s] for s in steps]
+        smooth = [sum(gap[max(0, i - 9):i + 1]) / len(gap[max(0, i - 9):i + 1]) for i in range(len(gap))]
+        middle.plot(steps, gap, color="lightgray", lw=0.8, label="per step")
+        middle.plot(steps, smooth, color="C3", lw=1.5, label="10-step mean")
+        for u in table[chosen[0]][0]:
+            middle.axvline(u, color="k", ls=":", lw=0.8)
+        middle.axhline(0, color="k", lw=0.8)
+        middle.set_ylim(-0.03, 0.03)
+        middle.set_xlabel("step")
+        middle.set_ylabel("training loss difference")
+        middle.set_title(f"{chosen[0]} minus {chosen[1]}")
+        middle.legend(fontsize=8)
+    width = 0.8 / max(len(chosen), 1)
+    for i, name in enumerate(chosen):
+        steps, excess, _ = table[name]
+        right.bar([k + i * width for k in range(len(steps))], excess, width=width, label=name)
+    if chosen:
+        right.set_xticks([k + width * (len(chosen) - 1) / 2 for k in range(len(table[chosen[0]][0]))],
+                         [str(u) for u in table[chosen[0]][0]])
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xlabel("topology update at step")
+    right.set_ylabel("spike minus dense AdamW's trend (loss)" if dense else "spike (loss)")
+    right.set_title(f"mean loss {WINDOW} steps after minus {WINDOW} before")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
