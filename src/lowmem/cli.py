@@ -44,6 +44,10 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--keep-checkpoints": ("train.keep_checkpoints", int, "how many newest checkpoints to keep"),
     "--skip-nonfinite": ("train.skip_nonfinite", int, "skip up to K steps with a non-finite loss"),
     "--output-dir": ("train.output_dir", str, "run directory (default: a new runs/<model>-<optimizer>-<time>)"),
+    "--activation-checkpointing": ("train.activation_checkpointing", str,
+                                   "none | block (recompute each block) | selective (recompute each MLP)"),
+    "--chunked-loss": ("train.chunked_loss", str, "auto | on | off: the loss in chunks, never the full logits"),
+    "--loss-chunk": ("train.loss_chunk", int, "tokens per chunk of the chunked loss (default 1024)"),
 }
 
 
