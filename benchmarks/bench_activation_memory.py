@@ -13,8 +13,10 @@ cache would hide in the next one's figure), one after another, so their times ar
 same machine load. A process builds the run as the trainer does (lowmem.assembly: model, dtype,
 checkpointing and loss chunk, optimizer), takes one untimed warm-up step and `--steps` timed
 train_step calls on random tokens, then reports:
-  peak-base   on CPU, the process's peak RSS (ru_maxrss) minus its RSS after `import torch` and
-              lowmem (the interpreter and libraries); with CUDA, torch.cuda.max_memory_allocated()
+  peak-base   on CPU, the process's peak RSS (ru_maxrss) minus its RSS after `import torch`, lowmem
+              and a tiny step that loads the kernels' libraries; the children run with glibc's
+              MALLOC_MMAP_THRESHOLD_=131072 (--malloc-mmap-threshold) so freed blocks go back to the
+              system rather than stay in the heap; with CUDA, torch.cuda.max_memory_allocated()
   tensors     (with --tensor-peak, CPU) the most bytes of tensors alive at once during one more step
               (lowmem.memory.TensorMemory: every storage ops create, weights and states included) —
               the quantity the estimate predicts, without the allocator's caching and rounding
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +52,12 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.init()
         reset_peak_memory()
+    # Load the kernels' libraries (oneDNN, attention) with a tiny step before the baseline is read,
+    # so the baseline holds them and the difference holds the run.
+    tiny = torch.randn(2, 4, 8, 8, requires_grad=True)
+    torch.nn.functional.scaled_dot_product_attention(tiny, tiny, tiny, is_causal=True).sum().backward()
+    (tiny.bfloat16() @ tiny.bfloat16().transpose(-1, -2)).float().logsumexp(-1).sum().backward()
+    del tiny
     baseline = peak_memory()["peak_bytes"]
     mode, loss = args.combo.split(":")
     chunked = "on" if loss == "chunked" else "off"
@@ -119,6 +128,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", help="run each combination at the planner's micro-batch for this budget")
     parser.add_argument("--tensor-peak", action="store_true", help="one more step under TensorMemory (CPU)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="MALLOC_MMAP_THRESHOLD_ for the child processes (glibc): blocks above it are "
+                             "mmapped and given back when freed, so the peak RSS follows the tensors instead "
+                             "of glibc's heap, which otherwise keeps freed blocks (0: glibc's default)")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--output", help="append one JSON line per combination to this file")
     parser.add_argument("--combo", help=argparse.SUPPRESS)  # set in the per-combination child process
@@ -129,9 +142,12 @@ def main() -> int:
         return 0
 
     records = []
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     for combo in args.combos.split(","):
         argv = [sys.executable, __file__, "--combo", combo, *sys.argv[1:]]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
         records.append(json.loads(out.strip().splitlines()[-1]))
         if args.output:
             with open(args.output, "a") as f:
