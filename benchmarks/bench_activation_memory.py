@@ -161,9 +161,9 @@ def main() -> int:
     for r in records:
         measured = r["peak_bytes"] - (r["baseline_bytes"] if r["peak_measure"] == "cpu_peak_rss" else 0)
         tensors = f"{r['tensor_peak_bytes'] / GB:.3f}" if r["tensor_peak_bytes"] else "-"
-        ratio = r["seconds_per_step"] / plain_time[r["loss"]] if r["loss"] in plain_time else float("nan")
+        ratio = f"{r['seconds_per_step'] / plain_time[r['loss']]:.2f}" if r["loss"] in plain_time else "-"
         print(f"{r['combo']:<20}{r['micro_batch']:>6}{measured / GB:>11.3f}{tensors:>9}"
-              f"{r['estimate_peak_bytes'] / GB:>11.3f}{r['tokens_per_second']:>9.0f}{ratio:>9.2f}")
+              f"{r['estimate_peak_bytes'] / GB:>11.3f}{r['tokens_per_second']:>9.0f}{ratio:>9}")
     return 0
 
 
