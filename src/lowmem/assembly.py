@@ -30,6 +30,7 @@ from lowmem.interventions import Intervention, RunContext, build_interventions
 from lowmem.models import LlamaConfig, resolve_config
 from lowmem.models import build_model as build_preset
 from lowmem.models.hf import load_pretrained
+from lowmem.models.chunked_loss import loss_chunk_for
 from lowmem.structure import Structure, build_structure
 
 
@@ -99,6 +100,25 @@ def weight_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16-pure" else None
 
 
+def configure_memory(model: nn.Module, activation_checkpointing: str = "none", chunked_loss: str = "auto",
+                     loss_chunk: int = 1024, tokens: int = 1) -> int:
+    """Set what `model`'s blocks keep for backward and its loss chunk (for micro-batches of `tokens`
+    tokens); return the loss chunk (0: the plain loss). ConfigError for a mode the model lacks."""
+    if not hasattr(model, "set_activation_checkpointing"):
+        if activation_checkpointing != "none":
+            raise ConfigError(f"model {type(model).__name__} has no activation checkpointing; use "
+                              "--activation-checkpointing none")
+    else:
+        model.set_activation_checkpointing(activation_checkpointing)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    chunk = loss_chunk_for(chunked_loss, loss_chunk, tokens, vocab)
+    if hasattr(model, "loss_chunk"):
+        model.loss_chunk = chunk
+    elif chunk:
+        raise ConfigError(f"model {type(model).__name__} has no chunked loss; use --chunked-loss off")
+    return chunk
+
+
 def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | None = None,
              device: torch.device | str | None = None, init_weights: bool = True) -> Run:
     """The parts of the run `config` describes, on `info`'s device (or `device`), wrapped per `info`.
@@ -115,6 +135,8 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
             f"--seq-len {config.data.seq_len} is above the maximum sequence length {core.config.max_seq_len} of "
             f"model {config.model}; use --seq-len {core.config.max_seq_len} or less"
         )
+    configure_memory(core, config.train.activation_checkpointing, config.train.chunked_loss,
+                     config.train.loss_chunk, config.train.micro_batch_size * config.data.seq_len)
     model = wrap_model(core, info, config.train.distributed)
     core = model.module if hasattr(model, "module") else model
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)

@@ -47,6 +47,10 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--init-from": ("train.init_from", str, "start from a Hugging Face LlamaForCausalLM directory's safetensors weights"),
     "--log-to": ("train.log_to", lambda text: [name for name in text.split(",") if name],
                  "also log metrics to tensorboard and/or wandb (comma-separated)"),
+    "--activation-checkpointing": ("train.activation_checkpointing", str,
+                                   "none | block (recompute each block) | selective (recompute each MLP)"),
+    "--chunked-loss": ("train.chunked_loss", str, "auto | on | off: the loss in chunks, never the full logits"),
+    "--loss-chunk": ("train.loss_chunk", int, "tokens per chunk of the chunked loss (default 1024)"),
 }
 
 

@@ -69,6 +69,12 @@ class TrainConfig:
     # A Hugging Face LlamaForCausalLM directory (or cached Hub name) whose safetensors weights start the run.
     init_from: str | None = None
     log_to: list[str] = field(default_factory=list)  # extra metric sinks: tensorboard, wandb
+    # What the blocks keep for backward: none | block | selective (lowmem.models.llama.CHECKPOINTING_MODES).
+    activation_checkpointing: str = "none"
+    # The loss through the head in chunks of loss_chunk tokens, never holding the full logits:
+    # on | off | auto (on when one micro-batch's fp32 logits reach 256 MiB; lowmem.models.chunked_loss).
+    chunked_loss: str = "auto"
+    loss_chunk: int = 1024
 
 
 @dataclass
@@ -223,12 +229,16 @@ HARMLESS = {
     "train.eval_every", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.output_dir", "train.skip_nonfinite", "data.cache_dir",
     "train.legacy_perplexity", "train.log_to",
+    "train.activation_checkpointing",  # recomputes the same ops: bitwise the same gradients
 }
 
 
 def results_affecting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Lines 'key: old -> new' for every difference between two config dicts that alters results."""
     before, after = _flatten(old), _flatten(new)
+    # A key the old config lacks was added later: the old run had its default.
+    defaults = _flatten(RunConfig().to_dict())
+    before.update({key: defaults[key] for key in after if key not in before and key in defaults})
     differences = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)

@@ -5,8 +5,9 @@
     snapshot(model, optimizer)                        # bytes held now + the peak, named
 """
 
-from lowmem.memory.estimate import MemoryEstimate, activation_bytes, compare, estimate_memory
+from lowmem.memory.estimate import MemoryEstimate, activation_bytes, activation_peak_bytes, compare, estimate_memory
 from lowmem.memory.measure import (
+    TensorMemory,
     gradient_bytes,
     optimizer_state_bytes,
     parameter_bytes,
@@ -18,7 +19,9 @@ from lowmem.memory.measure import (
 
 __all__ = [
     "MemoryEstimate",
+    "TensorMemory",
     "activation_bytes",
+    "activation_peak_bytes",
     "compare",
     "estimate_memory",
     "gradient_bytes",

@@ -3,6 +3,8 @@
     lowmem memory --model llama-7b --optimizer scale
     lowmem memory --model llama-1b --compare adamw,galore,apollo-mini,scale --hparam galore.rank=256
     lowmem memory --model cpu-small --vocab-size 8192 --optimizer galore --hparam rank=32 --precision fp32
+    lowmem memory --model llama-60m --optimizer scale --batch-size 64 --activation-checkpointing block --chunked-loss on
+    lowmem memory --model llama-1b --optimizer scale --budget 24GB --seq-len 256 --global-batch 512
 
 Everything is counted on the meta device (see lowmem.memory.estimate), so even 7B answers in seconds.
 """
@@ -17,7 +19,9 @@ import lowmem.optim
 from lowmem.errors import ConfigError
 from lowmem.config import PRECISIONS, parse_spec
 from lowmem.memory.estimate import GB, MemoryEstimate, compare, estimate_memory, hparams_for
-from lowmem.models.llama import PRESETS
+from lowmem.memory.plan import format_plan, parse_bytes, plan
+from lowmem.models.chunked_loss import CHUNKED_LOSS_MODES, DEFAULT_CHUNK
+from lowmem.models.llama import CHECKPOINTING_MODES, PRESETS
 
 BASELINE = "adamw"
 
@@ -50,8 +54,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-pure",
                         help="bf16-pure (the papers' setting, default), bf16-autocast or fp32")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="keep only block inputs (plus one block during recomputation)")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="block", default="none",
+                        choices=CHECKPOINTING_MODES,
+                        help="none (default); block (alone: keep only block inputs, recompute each block) or "
+                             "selective (recompute each MLP sublayer)")
+    parser.add_argument("--chunked-loss", choices=CHUNKED_LOSS_MODES, default="auto",
+                        help="the loss in chunks, never the full logits: auto (as training: on when one "
+                             "micro-batch's fp32 logits reach 256 MiB), on, off")
+    parser.add_argument("--loss-chunk", type=int, default=DEFAULT_CHUNK,
+                        help=f"tokens per chunk of the chunked loss (default {DEFAULT_CHUNK})")
+    parser.add_argument("--budget", metavar="SIZE",
+                        help="memory budget, e.g. 24GB (1e9 bytes) or 80GiB: print the largest micro-batch "
+                             "that fits for each checkpointing mode, with the plain and the chunked loss")
+    parser.add_argument("--global-batch", type=int, metavar="N",
+                        help="with --budget: the micro-batch dividing N and the gradient accumulation reaching it")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="with --global-batch: data-parallel processes sharing it (default 1)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size (required for the cpu-* presets)")
     parser.add_argument("--structure", metavar="NAME:KEY=VALUE,...",
                         help="weight structure of the hidden matrices, as in train, e.g. sparse:density=0.5,block=16,storage=compact")
@@ -85,12 +103,20 @@ def _settings(est: MemoryEstimate) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items()) or "class defaults"
 
 
+def _memory_settings(est: MemoryEstimate) -> str:
+    parts = []
+    if est.activation_checkpointing != "none":
+        parts.append(f"activation checkpointing {est.activation_checkpointing}")
+    if est.loss_chunk:
+        parts.append(f"chunked loss ({est.loss_chunk} tokens per chunk)")
+    return "".join(f", {part}" for part in parts)
+
+
 def format_breakdown(est: MemoryEstimate) -> str:
     roles = ", ".join(f"{role} {n:,}" for role, n in est.state_elements_by_role.items()) or "none"
-    checkpointing = ", activation checkpointing" if est.activation_checkpointing else ""
     rows = [
         f"model {est.model}, optimizer {est.optimizer} ({_settings(est)})",
-        f"precision {est.precision}, micro-batch {est.batch_size} x {est.seq_len}{checkpointing}; GB = 1e9 bytes",
+        f"precision {est.precision}, micro-batch {est.batch_size} x {est.seq_len}{_memory_settings(est)}; GB = 1e9 bytes",
         "",
         f"{'':<22}{'elements':>16}{'bytes':>14}",
         f"{'weights':<22}{est.weight_elements:>16,}{_gb(est.weights):>14}",
@@ -99,7 +125,10 @@ def format_breakdown(est: MemoryEstimate) -> str:
         f"{'activations':<22}{'':>16}{_gb(est.activations):>14}",
         *([f"{'structure indices':<22}{'':>16}{_gb(est.structure_buffers):>14}"] if est.structure_buffers else []),
         f"{'total':<22}{'':>16}{_gb(est.total):>14}",
+        f"{'peak':<22}{'':>16}{_gb(est.peak):>14}",
         "",
+        "activations: what the forward leaves for backward, plus the plain loss's logits; peak: weights + "
+        f"gradients + states + the activations' high-water mark over forward and backward ({_gb(est.activation_peak)})",
         f"papers' convention, 2 B x (weights + optimizer states): {est.paper_gb:.2f} GB",
         f"optimizer-state elements by role: {roles}; plus {est.bookkeeping_elements} scalar "
         "bookkeeping elements (step counters etc., not in the papers' figure)",
@@ -112,10 +141,9 @@ def format_breakdown(est: MemoryEstimate) -> str:
 def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate) -> str:
     first = estimates[0]
     ratio = f"/{baseline.optimizer}"
-    checkpointing = ", activation checkpointing" if first.activation_checkpointing else ""
     rows = [
         f"model {first.model}, precision {first.precision}, micro-batch {first.batch_size} x {first.seq_len}"
-        f"{checkpointing}; GB = 1e9 bytes; ratios to {baseline.optimizer}",
+        f"{_memory_settings(first)}; GB = 1e9 bytes; ratios to {baseline.optimizer}",
         "",
         f"{'optimizer':<14}{'state elements':>16}{'paper GB':>10}{ratio:>8}{'total GB':>10}{ratio:>8}  state from",
     ]
@@ -131,9 +159,23 @@ def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate)
 
 def run_memory(args: argparse.Namespace) -> int:
     hparams = parse_hparams(args)
+    structure = parse_spec(args.structure, "structure") if args.structure else None
+    if args.global_batch is not None and args.budget is None:
+        raise ConfigError("--global-batch needs --budget SIZE (e.g. --budget 24GB)")
+    if args.budget is not None:
+        if not args.optimizer or args.compare:
+            raise ConfigError("--budget plans for one optimizer: give --optimizer NAME, not --compare")
+        budget = parse_bytes(args.budget)
+        rows = plan(args.model, args.optimizer, hparams_for(args.optimizer, hparams), budget=budget,
+                    vocab_size=args.vocab_size, seq_len=args.seq_len, precision=args.precision,
+                    structure=structure, loss_chunk=args.loss_chunk, global_batch=args.global_batch,
+                    processes=args.processes)
+        print(format_plan(rows, model=args.model, optimizer=args.optimizer, budget=budget, seq_len=args.seq_len,
+                          precision=args.precision, global_batch=args.global_batch, processes=args.processes))
+        return 0
     options = dict(vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
                    precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                   structure=parse_spec(args.structure, "structure") if args.structure else None)
+                   chunked_loss=args.chunked_loss, loss_chunk=args.loss_chunk, structure=structure)
     if args.compare:
         names = [name.strip() for name in args.compare.split(",") if name.strip()]
         if not names:

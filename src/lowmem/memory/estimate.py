@@ -39,7 +39,8 @@ from lowmem.assembly import build_model, build_optimizer
 from lowmem.config import PRECISIONS
 from lowmem.errors import ConfigError
 from lowmem.memory.measure import iter_state_tensors, optimizer_state_bytes
-from lowmem.models.llama import LlamaConfig, resolve_config
+from lowmem.models.chunked_loss import DEFAULT_CHUNK, loss_chunk_for
+from lowmem.models.llama import CHECKPOINTING_MODES, LlamaConfig, resolve_config
 from lowmem.optim.roles import named_roles
 PAPER_BYTES_PER_ELEMENT = 2
 GB = 1e9
@@ -58,7 +59,8 @@ class MemoryEstimate:
     precision: str
     batch_size: int
     seq_len: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # none | block | selective
+    loss_chunk: int  # tokens per chunk of the chunked loss; 0: the plain loss over full logits
     weight_elements: int
     optimizer_state_elements: int  # elements of state tensors with >= 1 dimension (papers' count)
     bookkeeping_elements: int  # elements of 0-dim state tensors (step counters etc.), not in paper_gb
@@ -66,7 +68,8 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer_states: int  # every state tensor at its real dtype, bookkeeping included
-    activations: int
+    activations: int  # what the forward leaves for backward, plus the plain loss's logits (activation_bytes)
+    activation_peak: int  # the high-water mark over forward and backward (activation_peak_bytes)
     state_source: str  # "meta step" or "formula (...why...)"
     notes: tuple[str, ...] = field(default=())
     # Buffers of structured modules (a sparse layer's block index): bookkeeping beside the weights.
@@ -75,6 +78,12 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer_states + self.activations + self.structure_buffers
+
+    @property
+    def peak(self) -> int:
+        """Weights + gradients + optimizer states + the activations' high-water mark: what a
+        micro-batch needs at its worst moment (the planner's figure)."""
+        return self.weights + self.gradients + self.optimizer_states + self.activation_peak
 
     @property
     def paper_bytes(self) -> int:
@@ -109,8 +118,65 @@ def _config(model: str | LlamaConfig, vocab_size: int | None) -> LlamaConfig:
     return config
 
 
+def _checkpointing_mode(activation_checkpointing: bool | str) -> str:
+    if activation_checkpointing is True:
+        return "block"
+    if activation_checkpointing is False or activation_checkpointing is None:
+        return "none"
+    if activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ConfigError(f"unknown activation checkpointing mode {activation_checkpointing!r}; choose one of: "
+                          f"{', '.join(CHECKPOINTING_MODES)}")
+    return activation_checkpointing
+
+
+def _activation_terms(config: LlamaConfig, batch_size: int, seq_len: int, precision: str,
+                      activation_checkpointing: bool | str, loss_chunk: int) -> dict[str, int]:
+    """The pieces activation_bytes and activation_peak_bytes add up (bytes; see their docstrings)."""
+    _, act, resid = _dtypes(precision)
+    mode = _checkpointing_mode(activation_checkpointing)
+    b, s, vocab = batch_size, seq_len, config.vocab_size
+    h, f, a = config.hidden_size, config.intermediate_size, config.num_heads
+    tokens = b * s
+    normalized = act if precision == "bf16-pure" else 4
+    norm = tokens * h * (4 + normalized) + tokens * 4
+    attn_inputs, mlp_inputs = (3, 2) if precision == "bf16-autocast" else (1, 1)
+    linear_input = act if precision != "fp32" else 4
+    attention = norm + tokens * h * attn_inputs * linear_input + 4 * tokens * h * act + b * a * s * 4
+    mlp = norm + tokens * h * mlp_inputs * linear_input + 4 * tokens * f * act
+    layers = config.num_layers
+    blocks, recompute = {
+        "none": (layers * (attention + mlp), 0),
+        "block": (layers * tokens * h * resid, attention + mlp),
+        "selective": (layers * (attention + tokens * h * resid), mlp),
+    }[mode]
+    terms = {"blocks": blocks, "recompute": recompute, "ids": 2 * tokens * 8,
+             # the gradients of the MLP's intermediates while a block runs backward
+             "block_backward": 2 * tokens * f * act}
+    if loss_chunk > 0:
+        weight_bytes = 2 if precision == "bf16-pure" else 4
+        chunk = min(loss_chunk, tokens)
+        terms["head"] = norm + tokens * h * resid + vocab * h * weight_bytes
+        terms["logits_held"] = 0
+        terms["loss_forward"] = tokens * h * resid + chunk * vocab * (8 + (2 if act == 2 else 0))
+        terms["loss_backward"] = tokens * h * resid
+    else:
+        terms["head"] = norm + tokens * h * linear_input + tokens * vocab * 4
+        terms["logits_held"] = tokens * vocab * act
+        terms["loss_forward"] = tokens * vocab * (act + 4 if act == 2 else act)
+        terms["loss_backward"] = tokens * vocab * 8
+    autocast_weights = 0
+    if precision == "bf16-autocast":
+        attention_linear, mlp_linear = 4 * h * h, 3 * h * f
+        kept = {"none": layers * (attention_linear + mlp_linear),
+                "block": attention_linear + mlp_linear,  # the block being recomputed
+                "selective": layers * attention_linear + mlp_linear}[mode]
+        autocast_weights = 2 * (kept + (0 if loss_chunk > 0 else vocab * h))
+    terms["autocast_weights"] = autocast_weights
+    return terms
+
+
 def activation_bytes(config: LlamaConfig, batch_size: int, seq_len: int, precision: str,
-                     activation_checkpointing: bool = False) -> int:
+                     activation_checkpointing: bool | str = False, loss_chunk: int = 0) -> int:
     """Bytes autograd keeps for backward after one forward of a micro-batch, plus the logits.
 
     b = batch_size, s = seq_len, h = hidden, f = intermediate, a = heads, V = vocab, L = layers;
@@ -123,40 +189,46 @@ def activation_bytes(config: LlamaConfig, batch_size: int, seq_len: int, precisi
       attention: rotated q, k, v and the output (4*b*s*h*A; o_proj's input is a view of the output)
         and the log-sum-exp of flash attention (b*a*s fp32) — never an s x s matrix
       MLP: gate, silu(gate), up and their product (4*b*s*f*A)
-    Once: the final norm and the head's input as above, the logits the training loop holds
-    (b*s*V*A), the fp32 log-softmax cross-entropy keeps (b*s*V*4), input ids and targets (int64).
+    Once: the final norm and the head's input as above, the logits of the plain loss (b*s*V*A),
+    the fp32 log-softmax its cross-entropy keeps (b*s*V*4), input ids and targets (int64).
     Under bf16-autocast, autocast's bf16 copies of every Linear weight are saved too (2 bytes x
     hidden + head elements).
-    With activation checkpointing (per block), only each block's input (b*s*h*X) is kept, plus one
-    block's worth while that block is recomputed in backward.
-    Not counted: gradients of activations and temporaries during backward, the allocator's
-    rounding and fragmentation, the rotary tables (buffers of the model).
+    `activation_checkpointing` (lowmem.models.llama.CHECKPOINTING_MODES; True means "block"):
+      block      each block keeps only its input (b*s*h*X), plus one block's worth while that block
+                 is recomputed in backward
+      selective  each block keeps its attention sublayer and the MLP sublayer's input (b*s*h*X),
+                 plus one MLP sublayer's worth while it is recomputed
+    `loss_chunk` > 0 (lowmem.models.chunked_loss): no logits and no log-softmax; the head's input
+    gradient (b*s*h*X) and weight gradient (V*h at the weight's bytes) instead.
+    Not counted: gradients of activations and temporaries (activation_peak_bytes adds them), the
+    allocator's rounding and fragmentation, the rotary tables (buffers of the model).
     """
-    _, act, resid = _dtypes(precision)
-    b, s, vocab = batch_size, seq_len, config.vocab_size
-    h, f, a = config.hidden_size, config.intermediate_size, config.num_heads
-    tokens = b * s
-    normalized = act if precision == "bf16-pure" else 4
-    norm = tokens * h * (4 + normalized) + tokens * 4
-    attn_inputs, mlp_inputs = (3, 2) if precision == "bf16-autocast" else (1, 1)
-    linear_input = act if precision != "fp32" else 4
-    per_block = (
-        2 * norm
-        + tokens * h * (attn_inputs + mlp_inputs) * linear_input
-        + 4 * tokens * h * act
-        + b * a * s * 4
-        + 4 * tokens * f * act
-    )
-    head = norm + tokens * h * linear_input + tokens * vocab * (act + 4) + 2 * tokens * 8
-    if activation_checkpointing:
-        blocks = config.num_layers * tokens * h * resid + per_block
-    else:
-        blocks = config.num_layers * per_block
-    autocast_weights = 0
-    if precision == "bf16-autocast":
-        layer_linear = 4 * h * h + 3 * h * f
-        autocast_weights = 2 * (config.num_layers * layer_linear + vocab * h)
-    return blocks + head + autocast_weights
+    t = _activation_terms(config, batch_size, seq_len, precision, activation_checkpointing, loss_chunk)
+    return t["blocks"] + t["recompute"] + t["head"] + t["logits_held"] + t["ids"] + t["autocast_weights"]
+
+
+def activation_peak_bytes(config: LlamaConfig, batch_size: int, seq_len: int, precision: str,
+                          activation_checkpointing: bool | str = False, loss_chunk: int = 0) -> int:
+    """The high-water mark of activation memory over one micro-batch's forward and backward.
+
+    The largest of three moments, each on top of what the blocks keep (activation_bytes' terms):
+      the loss's forward   the head's saved tensors plus, for a moment, the plain loss's logits
+                           (b*s*V*A) and under bf16 their fp32 copy (b*s*V*4) — or, chunked, the
+                           head's input (b*s*h*X) and one chunk of c = min(loss_chunk, b*s) tokens:
+                           fp32 logits turned in place into their gradient, the log-sum-exp's fp32
+                           temporary and under bf16 the bf16 logits or gradient (c*V*(8 + 2))
+      the loss's backward  plain: the gradient of the log-softmax and of the logits (b*s*V*8);
+                           chunked: the head's input gradient times the incoming scale (b*s*h*X)
+      a block's backward   the recomputed block or MLP sublayer (checkpointing) and the gradients
+                           of the MLP's intermediates (2*b*s*f*A)
+    Measured by lowmem.memory.measure.TensorMemory (every storage ops create, gradients of the
+    weights excluded) in tests/test_activation_memory.py: within 10% for every precision, mode and
+    loss. Weight gradients are not activations; estimate_memory adds them.
+    """
+    t = _activation_terms(config, batch_size, seq_len, precision, activation_checkpointing, loss_chunk)
+    base = t["blocks"] + t["ids"] + t["autocast_weights"]
+    return base + max(t["head"] + t["loss_forward"], t["head"] + t["loss_backward"],
+                      t["recompute"] + t["block_backward"])
 
 
 # Methods whose step cannot run on the meta device get their state from a formula here, named in
@@ -223,16 +295,21 @@ def estimate_memory(
     batch_size: int = 1,
     seq_len: int = 256,
     precision: str = "bf16-pure",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     structure: dict[str, Any] | None = None,
+    chunked_loss: str = "auto",
+    loss_chunk: int = DEFAULT_CHUNK,
 ) -> MemoryEstimate:
     """Predict the memory of training `model` with `optimizer` (see the module docstring).
 
     `model` is a preset name (its name also picks the optimizer's per-size defaults, as in training)
     or a LlamaConfig; `structure` a structure spec ({"name": "lowrank", "rank": 128}) applied to its
-    hidden matrices, as in training; `hparams` override the optimizer's defaults. Raises ConfigError for an unknown
-    preset, optimizer, hyperparameter or precision.
+    hidden matrices, as in training; `hparams` override the optimizer's defaults.
+    `activation_checkpointing` is none | block | selective (True: block); `chunked_loss` on | off |
+    auto with `loss_chunk` tokens per chunk, decided as the trainer decides it. Raises ConfigError for an unknown preset, optimizer,
+    hyperparameter, precision or mode.
     """
+    mode = _checkpointing_mode(activation_checkpointing)
     hparams = dict(hparams or {})
     weight_dtype, _, _ = _dtypes(precision)
     if batch_size < 1 or seq_len < 1:
@@ -243,6 +320,7 @@ def estimate_memory(
             f"seq_len {seq_len} is above the model's maximum sequence length {config.max_seq_len}; "
             f"use {config.max_seq_len} or less"
         )
+    chunk = loss_chunk_for(chunked_loss, loss_chunk, batch_size * seq_len, config.vocab_size)
     preset = model if isinstance(model, str) else None
     meta = _meta_model(config, weight_dtype, structure)
     opt = _build_optimizer(optimizer, meta, preset, hparams)
@@ -274,7 +352,8 @@ def estimate_memory(
         precision=precision,
         batch_size=batch_size,
         seq_len=seq_len,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=mode,
+        loss_chunk=chunk,
         weight_elements=weight_elements,
         optimizer_state_elements=elements,
         bookkeeping_elements=bookkeeping,
@@ -282,7 +361,8 @@ def estimate_memory(
         weights=weight_bytes,
         gradients=weight_bytes,
         optimizer_states=state_bytes,
-        activations=activation_bytes(config, batch_size, seq_len, precision, activation_checkpointing),
+        activations=activation_bytes(config, batch_size, seq_len, precision, mode, chunk),
+        activation_peak=activation_peak_bytes(config, batch_size, seq_len, precision, mode, chunk),
         state_source=source,
         notes=tuple(notes),
         structure_buffers=structure_buffers,
@@ -334,4 +414,5 @@ def compare(
 
 
 __all__ = ["GB", "PRECISIONS", "MemoryEstimate", "STATE_FORMULAS", "accepted_hparams", "activation_bytes",
+           "activation_peak_bytes",
            "compare", "estimate_memory", "hparams_for"]

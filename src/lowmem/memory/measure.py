@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Iterable, Iterator
+import weakref
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lowmem.optim.base import is_dtensor
 
@@ -102,3 +105,49 @@ def snapshot(model: nn.Module, optimizer: Optimizer) -> dict[str, int | str]:
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         **peak_memory(),
     }
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of tensor storages that ops create while this mode is active, live and peak: the CPU
+    counterpart of torch.cuda.memory_allocated / max_memory_allocated, for tests and benchmarks.
+
+        with TensorMemory(exclude=model.parameters()) as mem:
+            loss = model(ids, labels=labels)
+            kept = mem.live          # what the forward left for backward
+            loss.backward()
+        mem.peak                     # the most that was alive at once
+
+    Every storage is counted once, from its creation by an op until it is freed (a weak reference
+    to the storage fires then); storages that existed before (parameters, buffers, `exclude`) are
+    never counted, views of them neither. It sees tensors, not the allocator: no rounding, no
+    caching, no interpreter — so on CPU it measures what the estimate predicts, unlike the peak RSS.
+    Autograd's backward runs under the mode too (its thread-local state is propagated).
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._sizes or key in self._excluded:
+                continue
+            self._sizes[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out

@@ -18,8 +18,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lowmem.errors import ConfigError
+from lowmem.models.chunked_loss import IGNORE_INDEX, chunked_head_loss_sum
+
+# What each block keeps for backward (Block.checkpointing; set with Llama.set_activation_checkpointing):
+#   none       everything autograd saves (the plain model)
+#   block      only the block's input; the whole block is recomputed in backward
+#   selective  the attention sublayer as usual; the MLP sublayer (its RMSNorm, gate/up/down, SiLU,
+#              product: 4 x tokens x intermediate, the block's largest share) is recomputed from its
+#              input, which is kept. At llama-60m (16 x 256, bf16) the MLP sublayer is 65% of a
+#              block's activations for 62% of its forward FLOPs; recomputing the attention sublayer
+#              instead would free 35% for 38% (flash attention keeps no s x s matrix to drop), so the
+#              MLP frees more, and slightly more per recomputed FLOP.
+# Both checkpoint with torch.utils.checkpoint.checkpoint(use_reentrant=False) inside Block.forward,
+# so DDP, FSDP2 (fully_shard on the block) and structures (which replace the block's Linears) see
+# an ordinary module. Recomputation is the same ops on the same inputs: gradients are bitwise equal.
+CHECKPOINTING_MODES = ("none", "block", "selective")
 
 
 @dataclass(frozen=True)
@@ -131,10 +147,22 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.checkpointing = "none"  # one of CHECKPOINTING_MODES
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return self._mlp_residual(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin)
+        if self.checkpointing == "block":
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return checkpoint(self._mlp_residual, x, use_reentrant=False)
 
 
 class Llama(nn.Module):
@@ -151,7 +179,23 @@ class Llama(nn.Module):
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Tokens per chunk of the loss when forward is given labels (0: the plain loss over full
+        # logits). Set by the run's assembly from train.chunked_loss / train.loss_chunk.
+        self.loss_chunk = 0
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """What each block keeps for backward: "none", "block" or "selective" (see CHECKPOINTING_MODES)."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ConfigError(f"unknown activation checkpointing mode {mode!r}; choose one of: "
+                              f"{', '.join(CHECKPOINTING_MODES)}")
+        for block in self.layers:
+            block.checkpointing = mode
+
+    @property
+    def activation_checkpointing(self) -> str:
+        modes = {block.checkpointing for block in self.layers}
+        return modes.pop() if len(modes) == 1 else "mixed"
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -168,7 +212,25 @@ class Llama(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits [batch, seq, vocab]; with `return_hidden`, the final hidden states (the head's
+        input, after the last RMSNorm) instead; with `labels`, the summed fp32 cross-entropy over
+        positions whose label is not -100, through the chunked loss when `self.loss_chunk` > 0 (the
+        full logits never exist), else over the full logits as lowmem.train.loss does."""
+        hidden = self.forward_hidden(input_ids)
+        if return_hidden:
+            return hidden
+        if labels is None:
+            return self.lm_head(hidden)
+        if self.loss_chunk > 0 and isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return chunked_head_loss_sum(hidden, self.lm_head.weight, labels, self.loss_chunk, IGNORE_INDEX)
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [batch, seq, hidden]: everything but the head."""
         t = input_ids.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(
@@ -180,7 +242,7 @@ class Llama(nn.Module):
         sin = self.rope_sin[:t].to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 def resolve_config(preset_or_config: str | LlamaConfig, vocab_size: int | None = None, **overrides) -> LlamaConfig:

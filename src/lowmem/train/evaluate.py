@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.train.loss import count_targets, token_loss_sum
+from lowmem.train.loss import count_targets, model_loss_sum
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,10 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
     for index in range(info.rank, per_rank * info.world_size, info.world_size):
         batch = batches[index] if index < len(batches) else batches[info.rank]
         labels = batch["labels"].to(device)
-        with autocast:
-            logits = model(batch["input_ids"].to(device))
+        loss = model_loss_sum(model, batch["input_ids"].to(device), labels, autocast)
         if index >= len(batches):
             continue
-        loss_sum = token_loss_sum(logits, labels).double().item()
+        loss_sum = loss.double().item()
         count = count_targets(labels)
         totals += torch.tensor([loss_sum, count, loss_sum / max(count, 1)], dtype=torch.float64)
     all_reduce_sum(totals, info)

@@ -81,7 +81,9 @@ def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]
 
     est = estimate_memory(config.model, config.optim.name, hparams, vocab_size=vocab_size,
                           batch_size=config.train.micro_batch_size, seq_len=config.data.seq_len,
-                          precision=config.train.precision, structure=config.structure)
+                          precision=config.train.precision, structure=config.structure,
+                          activation_checkpointing=config.train.activation_checkpointing,
+                          chunked_loss=config.train.chunked_loss, loss_chunk=config.train.loss_chunk)
     return {"estimate_paper_gb": est.paper_gb, "estimate_total_bytes": est.total,
             "estimate_optimizer_state_bytes": est.optimizer_states}
 

@@ -3,7 +3,8 @@
     result = train_step(model, optimizer, micro_batches, info=info, autocast=autocast,
                         before_update=lambda: ..., clip_grad_norm=0.0, distributed="ddp")
 
-Runs this rank's micro-batches (forward, token loss, backward; gradient accumulation), each
+Runs this rank's micro-batches (forward, token loss, backward; gradient accumulation; the loss is
+the chunked one when the model's `loss_chunk` is set, see lowmem.train.loss.model_loss_sum), each
 micro-batch's summed token loss scaled by world_size / (non-pad targets of the whole global batch),
 so the gradient is the token-weighted mean over the global batch whatever the accumulation and the
 number of ranks (DDP and FSDP average over ranks, hence the factor world_size). Then, if the loss is
@@ -23,7 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.train.loss import count_targets, token_loss_sum
+from lowmem.train.loss import count_targets, model_loss_sum
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,7 @@ def train_step(model: nn.Module, optimizer: Optimizer, micro_batches: list[dict[
         if info.enabled and distributed == "ddp" and i < len(micro_batches) - 1:
             sync = model.no_sync()  # all-reduce once, after the last micro-batch
         with sync:
-            with autocast:
-                logits = model(mb["input_ids"].to(info.device))
-            micro_loss = token_loss_sum(logits, mb["labels"].to(info.device))
+            micro_loss = model_loss_sum(model, mb["input_ids"].to(info.device), mb["labels"].to(info.device), autocast)
             (micro_loss * scale).backward()
         loss_sum += micro_loss.detach().double().cpu()
     loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)

@@ -1,0 +1,127 @@
+"""Cross-entropy through the output head without ever holding the full logits.
+
+    loss_sum = chunked_head_loss_sum(hidden, head_weight, labels, chunk=1024)
+
+The plain path builds logits = hidden @ W^T for every token ([tokens, vocab], e.g. 16 384 x 32 000 at
+llama-60m micro-batch 64 x 256) and an fp32 copy for the loss, and autograd keeps both for backward:
+at llama-60m that is most of a step's activation memory. Here the tokens are cut into chunks of
+`chunk` rows; for each chunk the head's matmul, the fp32 log-sum-exp and the gradient of the summed
+loss with respect to the chunk's logits (softmax - one-hot) are computed, and that gradient is pushed
+straight through the head's two matmuls (d hidden = g @ W, d W += g^T @ hidden, accumulated in fp32).
+Only d hidden ([tokens, hidden]) and d W ([vocab, hidden]) outlive the forward; backward multiplies them
+by the incoming scalar gradient (the loss is a sum, so its gradient is linear in that scalar). No
+logits are recomputed: the matmuls are the same three the plain path does (forward, d hidden, d W).
+This is the "fused linear cross-entropy" of Liger-Kernel (Hsu et al., arXiv 2410.10989), in PyTorch.
+
+Numerics follow the plain path: logits in the compute dtype (bf16 under bf16 weights or autocast,
+else fp32), cast to fp32 for the softmax, the logits' gradient cast back to the compute dtype for the
+two matmuls. In fp32 the loss and gradients equal the plain path's to rounding (tests check 1e-6
+relative); d W's sum over chunks is taken in fp32, so in bf16 it is at least as accurate.
+
+When no gradient is needed (evaluation), only the loss is computed, chunk by chunk.
+
+Lives in the models layer (the model computes its loss when asked, so FSDP2's gathered head weight is
+used inside the root module's forward); it knows nothing of the data layer, so the ignored label
+value is an argument (-100, lowmem.data.IGNORE_INDEX, by default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.errors import ConfigError
+
+IGNORE_INDEX = -100  # equal to lowmem.data.IGNORE_INDEX (checked in tests/test_chunked_loss.py)
+DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 32000 fp32 logits are 131 MB
+# "auto" turns the chunked loss on when one micro-batch's fp32 logits would take at least this many
+# bytes (256 MiB: llama-60m from micro-batch 2 x 256 on; the CPU main job, 16 x 128 x 8192, stays dense).
+AUTO_THRESHOLD_BYTES = 1 << 28
+CHUNKED_LOSS_MODES = ("auto", "on", "off")
+
+
+def loss_chunk_for(mode: str, chunk: int, tokens: int, vocab_size: int) -> int:
+    """Tokens per loss chunk for a micro-batch of `tokens` tokens (0: the plain, dense loss).
+
+    mode "on" always chunks, "off" never, "auto" when the fp32 logits would reach AUTO_THRESHOLD_BYTES.
+    """
+    if mode not in CHUNKED_LOSS_MODES:
+        raise ConfigError(f"unknown chunked_loss mode {mode!r}; choose one of: {', '.join(CHUNKED_LOSS_MODES)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"loss_chunk must be a positive number of tokens, got {chunk!r}; e.g. --loss-chunk 1024")
+    if mode == "off" or (mode == "auto" and tokens * vocab_size * 4 < AUTO_THRESHOLD_BYTES):
+        return 0
+    return chunk
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_stats(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 logits of the chunk, mask of scored rows, labels with ignored rows set to 0)."""
+    logits = (h @ w.t()).float()
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    return logits, mask, safe
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                ignore_index: int, compute_dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(compute_dtype)
+                logits, mask, safe = _chunk_stats(h, w, labels[start:start + chunk], ignore_index)
+                lse = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, safe[:, None]).squeeze(1)
+                total += torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
+                # d(sum of losses)/d logits = softmax - one-hot on scored rows, 0 on ignored ones
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+                grad.mul_(mask[:, None])
+                g = grad.to(compute_dtype)
+                del logits, grad
+                grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
+                grad_weight += (g.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), \
+            None, None, None, None
+
+
+def chunked_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum over scored tokens of cross-entropy(hidden @ weight^T, labels), in fp32, chunk by chunk.
+
+    hidden: [..., hidden_size] (the head's input), weight: [vocab, hidden_size] (the head's weight, no
+    bias), labels: [...] with `ignore_index` where nothing is scored. Returns a 0-dim fp32 tensor.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(hidden.device)
+    compute_dtype = _compute_dtype(hidden, weight)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(hidden, weight, labels, chunk, ignore_index, compute_dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    w = weight.to(compute_dtype)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            logits, mask, safe = _chunk_stats(hidden[start:start + chunk].to(compute_dtype), w,
+                                              labels[start:start + chunk], ignore_index)
+            losses = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(mask, losses, torch.zeros_like(losses)).sum()
+    return total
