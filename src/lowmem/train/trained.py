@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from lowmem import data as lowmem_data
-from lowmem.assembly import build_model, model_vocab, weight_dtype
+from lowmem.assembly import build_model, configure_memory, model_vocab, weight_dtype
 from lowmem.config import RunConfig
 from lowmem.data.tokenizer import bpe_cache_path
 from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError
 from lowmem.structure import Structure, build_structure
 from lowmem.train import checkpoint
 from lowmem.train.log import progress_bar, write_json
-from lowmem.train.loss import count_targets, token_loss_sum
+from lowmem.train.loss import count_targets, model_loss_sum
 
 SPLITS = ("auto", "validation", "all")
 
@@ -122,6 +122,9 @@ def load_trained(path: str | Path, tokenizer: str | None = None) -> TrainedModel
             f"{saved_vocab.shape[0]} rows; pass --tokenizer with the tokenizer the run was trained with"
         )
     checkpoint.load_model_state(model, body["model"])
+    # The run's loss rule (chunked where the logits would be large), so evaluation never needs more memory than training.
+    configure_memory(model, "none", config.train.chunked_loss, config.train.loss_chunk,
+                     config.train.micro_batch_size * config.data.seq_len)
     if structure is not None and "structure" in body:
         structure.load_state_dict(body["structure"])
     summary_path = step_dir.parent.parent / "summary.json"
@@ -185,9 +188,7 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
     bar = progress_bar(total=tokens, desc="eval", unit="tok", enabled=progress)
     for batch in batches:
         labels = batch["labels"]
-        with autocast:
-            logits = model(batch["input_ids"])
-        loss_sum = token_loss_sum(logits, labels).double().item()
+        loss_sum = model_loss_sum(model, batch["input_ids"], labels, autocast).double().item()
         count = count_targets(labels)
         totals += torch.tensor([loss_sum, count, loss_sum / max(count, 1)], dtype=torch.float64)
         n_batches += 1
