@@ -98,5 +98,13 @@ OPTIMIZERS: Registry[Any] = Registry("optimizer", (
     "lowmem.optim.adam_mini",
     "lowmem.optim.stable_spam",
 ))
-STRUCTURES: Registry[Any] = Registry("structure", ())
-INTERVENTIONS: Registry[Any] = Registry("intervention", ("lowmem.optim.reset",))
+STRUCTURES: Registry[Any] = Registry("structure", (
+    "lowmem.structure.lowrank",
+    "lowmem.structure.lora",
+    "lowmem.structure.sltrain",
+))
+INTERVENTIONS: Registry[Any] = Registry("intervention", (
+    "lowmem.optim.reset",
+    "lowmem.structure.lora",  # lora-merge (ReLoRA)
+    "lowmem.structure.refactor",  # refactor, restarts
+))

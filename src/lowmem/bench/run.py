@@ -8,6 +8,7 @@
       adamw: {lr: [1.0e-3, 3.0e-3, 1.0e-2]}
       scale: {lr: [1.0e-3, 3.0e-3, 1.0e-2], hparams: {adam_lr: 2.0e-2}}
       galore: {optimizer: galore, lr: [1.0e-2], hparams: {rank: 32}}
+      lowrank: {optimizer: adamw, lr: [3.0e-3], structure: {name: lowrank, rank: 32}}
 
 Each (method, lr) pair is one run in `<output>/<method>/lr<lr>`, started as its own
 `lowmem train` process with one torch thread, `workers` at a time. A run whose summary.json exists
@@ -59,12 +60,17 @@ def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
         lrs = lrs if isinstance(lrs, list) else [lrs]
         hparams = settings.pop("hparams", {})
         interventions = settings.pop("interventions", [])
+        structure = settings.pop("structure", None)
         if settings:
             raise ConfigError(f"method {method!r} in {path} has unknown settings {sorted(settings)}; "
-                              "use optimizer, lr, hparams, interventions")
+                              "use optimizer, lr, hparams, interventions, structure")
         for lr in lrs:
             raw = _merge(base, {"optim": {"name": optimizer, "lr": lr, "hparams": hparams,
                                           "interventions": interventions}})
+            if structure is not None:  # this method's weight structure, on the base's model preset
+                preset = raw.get("model")
+                preset = preset.get("preset") if isinstance(preset, dict) else preset
+                raw["model"] = {"preset": preset, "structure": dict(structure)}
             run = GridRun(method, optimizer, lr, raw)
             raw.setdefault("train", {})["output_dir"] = str(Path(output) / run.name)
             RunConfig.from_dict(raw)  # refuse a bad grid before anything runs

@@ -51,6 +51,7 @@ from torch.optim import Optimizer
 from lowmem.optim import Method, register
 from lowmem.optim.base import all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
 from lowmem.optim.roles import param_groups
+from lowmem.optim.kinds import FACTOR_KINDS
 
 
 def adam_mini_param_groups(model: nn.Module, **per_role: dict[str, Any]) -> list[dict[str, Any]]:
@@ -197,5 +198,6 @@ register(
     "adam-mini",
     Method("lowmem.optim.adam_mini:AdamMini",
            "Adam-mini: Adam with one second moment per block (attention heads for q/k, rows elsewhere)",
-           groups="lowmem.optim.adam_mini:adam_mini_param_groups"),
+           groups="lowmem.optim.adam_mini:adam_mini_param_groups",
+           kinds=FACTOR_KINDS),  # a factor: one block per row (lowmem.optim.kinds)
 )

@@ -77,6 +77,7 @@ from torch.optim import Optimizer
 
 from lowmem.optim.adamw import AdamBatch
 from lowmem.optim.base import check_betas, check_grad, check_nonneg, check_positive_int
+from lowmem.optim.kinds import projects
 from lowmem.optim.roles import default_role
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -331,7 +332,7 @@ class ProjectedAdam(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._schedule_cache = None
-        if group.get("role") in (None, "hidden"):
+        if group.get("role") in (None, "hidden") and projects(group):
             unprojectable = [p for p in group["params"] if not self._projectable(group, p)]
             if unprojectable:
                 shapes = ", ".join(str(tuple(p.shape)) for p in unprojectable[:8])
@@ -346,7 +347,7 @@ class ProjectedAdam(Optimizer):
     @staticmethod
     def _projectable(group: dict[str, Any], param: torch.Tensor) -> bool:
         role = group.get("role") or default_role(param)
-        if role != "hidden" or param.dim() < 2:
+        if role != "hidden" or param.dim() < 2 or not projects(group):  # factors: AdamW (lowmem.optim.kinds)
             return False
         return group["rank"] < min(matrix_shape(param))
 

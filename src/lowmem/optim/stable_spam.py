@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
+from lowmem.optim.kinds import ELEMENTWISE_KINDS
 from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import all_reduce_partials, check_beta, check_betas, check_grad, check_nonneg, sharded_groups
 
@@ -193,5 +194,8 @@ register(
     "stable-spam",
     Method("lowmem.optim.stable_spam:StableSPAM",
            "Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients, momentum reset every update_gap steps",
-           from_run={"total_T": "steps"}),  # its beta1 decay spans the run
+           from_run={"total_T": "steps"},  # its beta1 decay spans the run
+           # Elementwise (AdamW on clipped, normalized gradients): factors and sparse values are
+           # ordinary tensors to it (lowmem.optim.kinds).
+           kinds=ELEMENTWISE_KINDS),
 )
