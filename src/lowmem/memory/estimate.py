@@ -69,10 +69,19 @@ class MemoryEstimate:
     activations: int
     state_source: str  # "meta step" or "formula (...why...)"
     notes: tuple[str, ...] = field(default=())
+    # Integer buffers a structure keeps beside its weights (SLTrain's sparse support): in `total`,
+    # not in the papers' convention, which counts weight and state elements only.
+    index_bytes: int = 0
+    structure: dict[str, Any] | None = None
+    trainable_weight_elements: int | None = None  # None: every weight is trained
+
+    @property
+    def trainable_elements(self) -> int:
+        return self.weight_elements if self.trainable_weight_elements is None else self.trainable_weight_elements
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.activations
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.index_bytes
 
     @property
     def paper_bytes(self) -> int:
@@ -263,6 +272,9 @@ def estimate_memory(
     elements, bookkeeping, by_role, state_bytes = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    trainable_bytes = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
+    index_bytes = sum(b.numel() * b.element_size() for b in meta.buffers()
+                      if not b.is_floating_point() and not b.is_complex())
     return MemoryEstimate(
         model=model if isinstance(model, str) else "custom",
         optimizer=optimizer,
@@ -276,11 +288,14 @@ def estimate_memory(
         bookkeeping_elements=bookkeeping,
         state_elements_by_role=by_role,
         weights=weight_bytes,
-        gradients=weight_bytes,
+        gradients=trainable_bytes,  # frozen weights (LoRA's W0) get none
         optimizer_states=state_bytes,
         activations=activation_bytes(config, batch_size, seq_len, precision, activation_checkpointing),
         state_source=source,
         notes=tuple(notes),
+        index_bytes=index_bytes,
+        structure=dict(structure) if structure else None,
+        trainable_weight_elements=sum(p.numel() for p in meta.parameters() if p.requires_grad),
     )
 
 
