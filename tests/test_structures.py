@@ -300,7 +300,7 @@ def test_restarts_refactor_reset_every_moment_and_dip_the_lr_like_the_reference(
     optimizer = build_optimizer("adamw", model, lr=1e-3)
     train_steps(model, optimizer, 3)
     product = [m.dense_weight().detach().clone() for m in factor_modules(model)]
-    Restarts(every=3).after_step(3, model, optimizer)
+    Restarts(every=3, lr_ramp_steps=2).after_step(3, model, optimizer)
     assert all(float(s["step"]) == 0 and torch.count_nonzero(s["exp_avg"]) == 0 for s in optimizer.state.values())
     for module, before in zip(factor_modules(model), product):
         torch.testing.assert_close(module.dense_weight(), before, atol=1e-5, rtol=1e-4)
