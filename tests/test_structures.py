@@ -397,10 +397,13 @@ def test_exact_resume_across_refactor_and_merge_steps(structure, interventions, 
 # ---- FSDP2 --------------------------------------------------------------------------------------
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("structure", [{"name": "lowrank", "rank": 8}, {"name": "sltrain", "rank": 8, "density": 0.05}])
+@pytest.mark.parametrize("structure", [{"name": "lowrank", "rank": 8, "alpha": 8},
+                                       {"name": "sltrain", "rank": 8, "alpha": 8, "density": 0.05}])
 def test_fsdp2_on_two_processes_matches_one(structure):
     from lowmem.testing import fsdp_matches_single
 
-    single, sharded = fsdp_matches_single("adamw", {"lr": 1e-2}, steps=20, dtype=torch.float32, structure=structure)
+    # float64, the harness default: in fp32 Adam amplifies the reduce-scatter's other summation order.
+    single, sharded = fsdp_matches_single("adamw", {"lr": 3e-3}, steps=20, structure=structure)
     assert set(single) == set(sharded) and any("lora_A" in k for k in single)
-    assert max_relative_difference(single, sharded) <= 1e-5
+    difference = max_relative_difference(single, sharded)
+    assert difference <= 1e-5, difference
