@@ -59,7 +59,7 @@ def measure(model_name: str, optimizer: str, structure: dict, precision: str, vo
                 + optimizer_state_bytes(opt) + sum(nbytes(b) for layer in layers for b in layer.buffers()))
     est = estimate_memory(model_name, optimizer, {"lr": 1e-3}, vocab_size=vocab, seq_len=32, structure=structure,
                           precision="bf16-pure" if precision == "bf16" else "fp32")
-    estimated = est.weights + est.gradients + est.optimizer_states + est.structure_buffers
+    estimated = est.weights + est.gradients + est.optimizer_states + est.index_bytes
     per["estimate_equal"] = estimated == measured
     return per
 

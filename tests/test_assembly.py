@@ -121,8 +121,8 @@ def test_kinds_reach_the_param_groups_and_unsupported_kinds_are_refused():
     kinds = {(g["role"], g.get("kind", "dense")) for g in param_groups(model)}
     assert ("hidden", "factor-a") in kinds and ("hidden", "factor-b") in kinds
     assert build_optimizer("adamw", model)  # elementwise: every kind is fine
-    with pytest.raises(ConfigError, match="optimizer 'galore' cannot train 'factor-a' parameters"):
-        build_optimizer("galore", model)
+    with pytest.raises(ConfigError, match="optimizer 'muon' cannot train 'factor-a' parameters"):
+        build_optimizer("muon", model)
 
 
 def _adam_model():

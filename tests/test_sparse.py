@@ -233,7 +233,7 @@ def _measured(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
         "weights": sum(p.numel() * p.element_size() for p in params),
         "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
         "optimizer_states": optimizer_state_bytes(opt),
-        "structure_buffers": sum(b.numel() * b.element_size() for layer in sparse_layers(model) for b in layer.buffers()),
+        "index_bytes": sum(b.numel() * b.element_size() for layer in sparse_layers(model) for b in layer.buffers()),
     }
 
 

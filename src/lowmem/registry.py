@@ -99,5 +99,15 @@ OPTIMIZERS: Registry[Any] = Registry("optimizer", (
     "lowmem.optim.stable_spam",
     "lowmem.optim.smet",
 ))
-STRUCTURES: Registry[Any] = Registry("structure", ("lowmem.structure.sparse",))
-INTERVENTIONS: Registry[Any] = Registry("intervention", ("lowmem.optim.reset", "lowmem.structure.sparse"))
+STRUCTURES: Registry[Any] = Registry("structure", (
+    "lowmem.structure.lowrank",
+    "lowmem.structure.lora",
+    "lowmem.structure.sltrain",
+    "lowmem.structure.sparse",
+))
+INTERVENTIONS: Registry[Any] = Registry("intervention", (
+    "lowmem.optim.reset",
+    "lowmem.structure.lora",  # lora-merge (ReLoRA)
+    "lowmem.structure.refactor",  # refactor, restarts
+    "lowmem.structure.sparse",  # topology
+))

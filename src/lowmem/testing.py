@@ -60,13 +60,13 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str, hparams: dict, steps: int,
-            dtype: torch.dtype) -> None:
+            dtype: torch.dtype, structure: dict | None = None) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
-        model = build_model(TINY).to(dtype)
+        model = build_model(TINY, structure=structure).to(dtype)
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
@@ -83,15 +83,19 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
 
 
 def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, world_size: int = 2,
-                        dtype: torch.dtype = torch.float64) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                        dtype: torch.dtype = torch.float64, structure: dict[str, Any] | None = None,
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return (single-process params, FSDP2 params) after `steps` steps of optimizer `name`.
+
+    `structure` (e.g. {"name": "lowrank", "rank": 8}) is applied to both models' hidden matrices
+    before sharding, from the same seed, so both sides start from the same factors and supports.
 
     float64 by default: summation order differs between one process and a reduce-scatter, and in
     fp32 adaptive methods amplify that to ~1e-5; in fp64 a correct sharded method agrees to ~1e-12,
     so any real sharding error stands out.
     """
     torch.manual_seed(0)
-    model = build_model(TINY).to(dtype)
+    model = build_model(TINY, structure=structure).to(dtype)
     optimizer = build_optimizer(name, model, hparams=hparams)
     train_steps(model, optimizer, steps)
     single = _full_state(model)
@@ -99,7 +103,7 @@ def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, wor
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         out_file = os.path.join(tmp, "params.pt")
-        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype),
+        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype, structure),
                            nprocs=world_size, join=True, start_method="spawn")
         sharded = torch.load(out_file, weights_only=True)
     return single, sharded

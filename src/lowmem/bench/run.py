@@ -10,6 +10,7 @@
       galore: {optimizer: galore, lr: [1.0e-2], hparams: {rank: 32}}
       lowrank-restarts: {optimizer: adamw, lr: [1.0e-3], structure: {name: lowrank, rank: 32},
                          interventions: [{name: restarts, every: 50}]}
+      lowrank: {optimizer: adamw, lr: [3.0e-3], structure: {name: lowrank, rank: 32}}
 
 Each (method, lr) pair is one run in `<output>/<method>/lr<lr>`, started as its own
 `lowmem train` process with one torch thread, `workers` at a time. A run whose summary.json exists
@@ -68,10 +69,10 @@ def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
         for lr in lrs:
             raw = _merge(base, {"optim": {"name": optimizer, "lr": lr, "hparams": hparams,
                                           "interventions": interventions}})
-            if structure is not None:
-                preset = raw.get("model", "cpu-tiny")
-                preset = preset["preset"] if isinstance(preset, dict) else preset
-                raw["model"] = {"preset": preset, "structure": structure}
+            if structure is not None:  # this method's weight structure, on the base's model preset
+                preset = raw.get("model")
+                preset = preset.get("preset") if isinstance(preset, dict) else preset
+                raw["model"] = {"preset": preset, "structure": dict(structure)}
             run = GridRun(method, optimizer, lr, raw)
             raw.setdefault("train", {})["output_dir"] = str(Path(output) / run.name)
             RunConfig.from_dict(raw)  # refuse a bad grid before anything runs

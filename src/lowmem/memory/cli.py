@@ -72,7 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="with --global-batch: data-parallel processes sharing it (default 1)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size (required for the cpu-* presets)")
     parser.add_argument("--structure", metavar="NAME:KEY=VALUE,...",
-                        help="weight structure of the hidden matrices, as in train, e.g. sparse:density=0.5,block=16,storage=compact")
+                        help="weight structure of the hidden matrices, as in train, e.g. lowrank:rank=128,alpha=32, "
+                             "lora, sltrain:density=0.03, sparse:density=0.5,block=16,storage=compact (rank and alpha "
+                             "default to the papers' for llama-60m..1b)")
     parser.set_defaults(func=run_memory)
     return parser
 
@@ -114,16 +116,20 @@ def _memory_settings(est: MemoryEstimate) -> str:
 
 def format_breakdown(est: MemoryEstimate) -> str:
     roles = ", ".join(f"{role} {n:,}" for role, n in est.state_elements_by_role.items()) or "none"
+    structure = ""
+    if est.structure:
+        structure = ", structure " + est.structure["name"] + "".join(
+            f" {k}={v}" for k, v in est.structure.items() if k != "name")
     rows = [
-        f"model {est.model}, optimizer {est.optimizer} ({_settings(est)})",
+        f"model {est.model}{structure}, optimizer {est.optimizer} ({_settings(est)})",
         f"precision {est.precision}, micro-batch {est.batch_size} x {est.seq_len}{_memory_settings(est)}; GB = 1e9 bytes",
         "",
         f"{'':<22}{'elements':>16}{'bytes':>14}",
         f"{'weights':<22}{est.weight_elements:>16,}{_gb(est.weights):>14}",
-        f"{'gradients':<22}{est.weight_elements:>16,}{_gb(est.gradients):>14}",
+        f"{'gradients':<22}{est.trainable_elements:>16,}{_gb(est.gradients):>14}",
         f"{'optimizer states':<22}{est.optimizer_state_elements:>16,}{_gb(est.optimizer_states):>14}",
         f"{'activations':<22}{'':>16}{_gb(est.activations):>14}",
-        *([f"{'structure indices':<22}{'':>16}{_gb(est.structure_buffers):>14}"] if est.structure_buffers else []),
+        *([f"{'structure indices':<22}{'':>16}{_gb(est.index_bytes):>14}"] if est.index_bytes else []),
         f"{'total':<22}{'':>16}{_gb(est.total):>14}",
         f"{'peak':<22}{'':>16}{_gb(est.peak):>14}",
         "",
@@ -134,6 +140,11 @@ def format_breakdown(est: MemoryEstimate) -> str:
         "bookkeeping elements (step counters etc., not in the papers' figure)",
         f"optimizer state counted from: {est.state_source}",
     ]
+    if est.index_bytes:
+        rows.append(f"structure index bytes (SLTrain's sparse support): {est.index_bytes:,} "
+                    f"({_gb(est.index_bytes)}), in the total, not in the papers' figure")
+    if est.trainable_elements != est.weight_elements:
+        rows.append(f"trainable weights: {est.trainable_elements:,} of {est.weight_elements:,} (the rest frozen)")
     rows += [f"note: {note}" for note in est.notes]
     return "\n".join(rows)
 

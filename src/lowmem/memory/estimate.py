@@ -72,18 +72,26 @@ class MemoryEstimate:
     activation_peak: int  # the high-water mark over forward and backward (activation_peak_bytes)
     state_source: str  # "meta step" or "formula (...why...)"
     notes: tuple[str, ...] = field(default=())
-    # Buffers of structured modules (a sparse layer's block index): bookkeeping beside the weights.
-    structure_buffers: int = 0
+    # Integer buffers a structure keeps beside its weights (a sparse layer's block index, SLTrain's
+    # support): in `total` and `peak`, not in the papers' convention, which counts weight and state
+    # elements only.
+    index_bytes: int = 0
+    structure: dict[str, Any] | None = None
+    trainable_weight_elements: int | None = None  # None: every weight is trained
+
+    @property
+    def trainable_elements(self) -> int:
+        return self.weight_elements if self.trainable_weight_elements is None else self.trainable_weight_elements
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.structure_buffers
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.index_bytes
 
     @property
     def peak(self) -> int:
         """Weights + gradients + optimizer states + the activations' high-water mark: what a
         micro-batch needs at its worst moment (the planner's figure)."""
-        return self.weights + self.gradients + self.optimizer_states + self.activation_peak
+        return self.weights + self.gradients + self.optimizer_states + self.activation_peak + self.index_bytes
 
     @property
     def paper_bytes(self) -> int:
@@ -343,8 +351,9 @@ def estimate_memory(
     elements, bookkeeping, by_role, state_bytes = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
-    structure_buffers = sum(b.numel() * b.element_size() for m in meta.modules() if getattr(m, "param_kinds", None)
-                            for b in m.buffers(recurse=False))
+    trainable_bytes = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
+    index_bytes = sum(b.numel() * b.element_size() for m in meta.modules() if getattr(m, "param_kinds", None)
+                      for b in m.buffers(recurse=False))
     return MemoryEstimate(
         model=model if isinstance(model, str) else "custom",
         optimizer=optimizer,
@@ -359,13 +368,15 @@ def estimate_memory(
         bookkeeping_elements=bookkeeping,
         state_elements_by_role=by_role,
         weights=weight_bytes,
-        gradients=weight_bytes,
+        gradients=trainable_bytes,  # frozen weights (LoRA's W0) get none
         optimizer_states=state_bytes,
         activations=activation_bytes(config, batch_size, seq_len, precision, mode, chunk),
         activation_peak=activation_peak_bytes(config, batch_size, seq_len, precision, mode, chunk),
         state_source=source,
         notes=tuple(notes),
-        structure_buffers=structure_buffers,
+        index_bytes=index_bytes,
+        structure=dict(structure) if structure else None,
+        trainable_weight_elements=sum(p.numel() for p in meta.parameters() if p.requires_grad),
     )
 
 

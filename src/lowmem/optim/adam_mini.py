@@ -49,6 +49,7 @@ from torch import nn
 
 from lowmem.optim import Method, register
 from lowmem.optim.base import LowmemOptimizer, all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
+from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.roles import group_input_dim, param_groups
 
 
@@ -194,5 +195,6 @@ register(
     "adam-mini",
     Method("lowmem.optim.adam_mini:AdamMini",
            "Adam-mini: Adam with one second moment per block (attention heads for q/k, rows elsewhere)",
-           groups="lowmem.optim.adam_mini:adam_mini_param_groups"),
+           groups="lowmem.optim.adam_mini:adam_mini_param_groups",
+           kinds=FACTOR_KINDS),  # a factor: one block per row (lowmem.optim.kinds)
 )

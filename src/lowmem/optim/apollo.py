@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, register
+from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.base import check_nonneg
 from lowmem.optim.projection import (
     RATIO_EPS,
@@ -123,10 +124,12 @@ register("apollo", Method(
     "lowmem.optim.apollo:Apollo",
     "APOLLO: channel-wise Adam scaling estimated in a random rank-r space, applied to the raw gradient",
     presets={size: {"rank": rank} for size, rank in _RANKS.items()},
+    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
 ))
 
 register("apollo-mini", Method(
     "lowmem.optim.apollo:Apollo",
     "APOLLO-Mini: tensor-wise Adam scaling from a rank-1 random projection (SGD-like memory)",
     defaults={"rank": 1, "scale_type": "tensor", "scale": 128.0},
+    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
 ))

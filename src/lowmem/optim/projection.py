@@ -80,6 +80,7 @@ import torch
 
 from lowmem.optim.adamw import RELEASED_LOW_RANK_ADAM, AdamBatch
 from lowmem.optim.base import LowmemOptimizer, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor, local_tensor
+from lowmem.optim.kinds import projects
 from lowmem.optim.roles import group_role
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -365,7 +366,7 @@ class ProjectedAdam(LowmemOptimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._schedule_cache = None
-        if group.get("role") in (None, "hidden"):
+        if group.get("role") in (None, "hidden") and projects(group):
             unprojectable = [p for p in group["params"] if not self._projectable(group, p)]
             if unprojectable:
                 shapes = ", ".join(str(tuple(p.shape)) for p in unprojectable[:8])
@@ -379,7 +380,7 @@ class ProjectedAdam(LowmemOptimizer):
 
     @staticmethod
     def _projectable(group: dict[str, Any], param: torch.Tensor) -> bool:
-        if param.dim() < 2 or group_role(group, param) != "hidden":
+        if param.dim() < 2 or group_role(group, param) != "hidden" or not projects(group):  # factors: AdamW (lowmem.optim.kinds)
             return False
         return group["rank"] < min(matrix_shape(param))
 

@@ -70,6 +70,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
 from lowmem.optim.newton_schulz import newton_schulz
+from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
@@ -306,7 +307,7 @@ _PRESETS = {
 _TARGET = "lowmem.optim.scale:SCALE"
 
 register("scale", Method(_TARGET, "SCALE: column-normalized SGD, EMA momentum on the head only, AdamW on 1-D gains",
-                         presets=_PRESETS))
+                         presets=_PRESETS, kinds=FACTOR_KINDS))
 register("sgd", Method(_TARGET, "plain SGD on matrices (no normalization, no momentum), AdamW on 1-D gains",
                        presets=_PRESETS, defaults={"normalization": "none", "momentum_on": "none"}))
 for _norm, _what in (("column", "column-wise RMS"), ("row", "row-wise RMS (over the output dim)"),

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from lowmem.optim import Method, register
+from lowmem.optim.kinds import ELEMENTWISE_KINDS
 from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -205,5 +206,8 @@ register(
            "Stable-SPAM: AdamW on spike-clipped, norm-normalized gradients, momentum reset every update_gap steps",
            # The released BF16 script (LLaMA-130M, 20k steps): lr 8e-4 with the class defaults above.
            presets={"llama-130m": {"lr": 8e-4}},
-           from_run={"total_T": "steps"}),  # its beta1 decay spans the run
+           from_run={"total_T": "steps"},  # its beta1 decay spans the run
+           # Elementwise (AdamW on clipped, normalized gradients): factors and sparse values are
+           # ordinary tensors to it (lowmem.optim.kinds).
+           kinds=ELEMENTWISE_KINDS),
 )

@@ -322,7 +322,9 @@ def _summary(config: RunConfig, run: Run, progress: Progress, final: EvalResult,
              last_checkpoint: Path, last_gradient_bytes: int) -> dict[str, Any]:
     return {
         "model": config.model, "optimizer": config.optim.name, "data": config.data.source,
-        "structure": config.structure, "parameters": n_params, "vocab_size": run.core.config.vocab_size,
+        "structure": config.structure, "parameters": n_params,
+        "trainable_parameters": sum(p.numel() for p in run.core.parameters() if p.requires_grad),
+        "vocab_size": run.core.config.vocab_size,
         "steps": progress.step, "tokens": progress.tokens,
         "val_loss": final.loss, "val_perplexity": final.perplexity,
         "val_legacy_perplexity": final.legacy_perplexity if config.train.legacy_perplexity else None,

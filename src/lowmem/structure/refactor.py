@@ -1,0 +1,244 @@
+"""Weight refactorization and the benchmark paper's restarts, for factored layers (B A).
+
+The benchmark paper's technique (methods.md section 8; code OptimAI-Lab/Memory_Efficient_Pretraining):
+every N updates rewrite each factor pair so that the product is unchanged and the factors balanced,
+
+  B = Q_b R_b  (QR, out x r),  A^T = Q_a R_a  (QR, in x r),  R_b R_a^T = U_m S V_m^T  (r x r SVD)
+  so B A = (Q_b U_m) S (Q_a V_m)^T = U S V^T, the thin SVD of B A, at O((out + in) r^2) cost
+  B <- U sqrt(S),  A <- sqrt(S) V^T                (B^T B = A A^T = S: equal norms per direction)
+
+instead of an SVD of the out x in product. In the new coordinates B' = B G, A' = G^-1 A with
+G = R_b^-1 U_m sqrt(S). What happens to the factors' optimizer state is an option:
+  state="reset"   (default; the paper's, whose code rebuilds the optimizer) zero A's and B's moments
+                  and step counters (lowmem.optim.state.reset_state)
+  state="rotate"  carry them into the new bases: a gradient transforms as dL/dB' = dL/dB G^-T and
+                  dL/dA' = G^T dL/dA, so exp_avg does exactly that; exp_avg_sq, a per-entry mean of
+                  squares, is mapped as if entries were independent: v' = v (G^-T)^2 and G^T^2 v
+                  (elementwise squares of the maps); step counters are kept. A pair whose R_a or R_b
+                  is singular (B = 0 at SLTrain's start, say) falls back to a reset.
+The default is the paper's because defaults compute what produced the published numbers; the CPU
+comparison of both is in docs/results.md ("Low-rank structures (issue 11)").
+
+`restarts` (`--intervention restarts:every=200`) is the paper's combination: on the same step a
+refactorization and a momentum reset of every parameter (lowmem.optim.reset.reset_moments), with the
+reference's learning-rate dip: the last update before the restart at lr_floor (0.1%) of the
+scheduled rate, then a linear climb that reaches it on the (lr_ramp_steps - 1)-th update after (the
+first fresh update at ~11%, the target by the 9th, for lr_ramp_steps = 10). `restart_lr_factor` is
+that timing, a function of the step alone.
+
+FSDP2: each pair is gathered whole (full_tensor, r x (in + out) elements), refactored redundantly on
+every rank, and each rank keeps its rows (no state rotation under FSDP2: rotate falls back to reset).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lowmem.interventions import BaseIntervention
+from lowmem.optim.base import check_positive_int, is_dtensor
+from lowmem.optim.projection import rows_of
+from lowmem.optim.reset import reset_moments
+from lowmem.optim.state import reset_state
+from lowmem.registry import INTERVENTIONS
+from lowmem.structure.lowrank import factor_modules
+
+STATE_MODES = ("reset", "rotate")
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def balanced_factors(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A', B', S) with B' A' = B A, B' = U sqrt(S), A' = sqrt(S) V^T (QR of B and A^T, then an r x r SVD).
+
+    Computed in at least fp32; returned in that precision (the caller casts)."""
+    dtype = _work_dtype(lora_A)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.t())
+    u_m, s, vh_m = torch.linalg.svd(r_b @ r_a.t())
+    root = s.sqrt()
+    new_b = (q_b @ u_m) * root
+    new_a = root.unsqueeze(1) * (vh_m @ q_a.t())
+    return new_a, new_b, s
+
+
+def balanced_factors_svd(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same through a full SVD of the out x in product (the expensive route; tests and benchmarks)."""
+    dtype = _work_dtype(lora_A)
+    r = lora_A.shape[0]
+    u, s, vh = torch.linalg.svd(lora_B.to(dtype) @ lora_A.to(dtype), full_matrices=False)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    root = s.sqrt()
+    return root.unsqueeze(1) * vh, u * root, s
+
+
+def _rotation(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(A', B', G, G^-1) with B' = B G and A' = G^-1 A, or None when R_a or R_b is singular."""
+    dtype = _work_dtype(lora_A)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.t())
+    tiny = torch.finfo(dtype).eps * 1e3
+    for r in (r_a, r_b):
+        d = r.diagonal().abs()
+        if d.min() <= tiny * d.max().clamp_min(torch.finfo(dtype).tiny):
+            return None
+    u_m, s, vh_m = torch.linalg.svd(r_b @ r_a.t())
+    root = s.sqrt()
+    if root.min() <= tiny * root.max():
+        return None
+    g = torch.linalg.solve_triangular(r_b, u_m * root, upper=True)  # R_b^-1 U_m sqrt(S)
+    # G^-1 = sqrt(S)^-1 U_m^T R_b, and A' = G^-1 A equals sqrt(S) V_m^T Q_a^T.
+    g_inv = (u_m.t() @ r_b) / root.unsqueeze(1)
+    new_b = (q_b @ u_m) * root
+    new_a = root.unsqueeze(1) * (vh_m @ q_a.t())
+    return new_a, new_b, g, g_inv
+
+
+def _rotate_state(state: dict[str, Any], left: torch.Tensor | None, right: torch.Tensor | None) -> None:
+    """m -> left @ m @ right (whichever is given); v -> left^2 @ v @ right^2 (elementwise squares of the maps)."""
+    for key, square in (("exp_avg", False), ("exp_avg_sq", True)):
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            continue
+        work = value.to(left.dtype if left is not None else right.dtype)
+        if left is not None:
+            work = (left.square() if square else left) @ work
+        if right is not None:
+            work = work @ (right.square() if square else right)
+        if square:
+            work = work.clamp_min(0)
+        value.copy_(work.to(value.dtype))
+
+
+def _write(param: torch.Tensor, full: torch.Tensor) -> None:
+    local = rows_of(full.to(param.dtype), param)
+    (param.to_local() if is_dtensor(param) else param).copy_(local)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+@torch.no_grad()
+def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: str = "reset") -> int:
+    """Refactor every factor pair of `model` (B A = U S V^T; B = U sqrt(S), A = sqrt(S) V^T) and treat
+    their optimizer state per `state`; return how many pairs fell back from rotate to reset."""
+    if state not in STATE_MODES:
+        raise ValueError(f"invalid state {state!r}; choose one of: {', '.join(STATE_MODES)}")
+    modules = factor_modules(model)
+    if not modules:
+        raise ValueError("refactorization needs a model with factored layers (--structure lowrank/lora/sltrain)")
+    fallbacks = 0
+    for module in modules:
+        a, b = module.lora_A, module.lora_B
+        sharded = is_dtensor(a) or is_dtensor(b)
+        rotate = state == "rotate" and optimizer is not None and not sharded
+        whole_a, whole_b = _whole(a), _whole(b)
+        rotation = _rotation(whole_a, whole_b) if rotate else None
+        if rotation is not None:
+            new_a, new_b, g, g_inv = rotation
+            # dL/dB' = dL/dB G^-T, dL/dA' = G^T dL/dA.
+            if optimizer.state.get(b):
+                _rotate_state(optimizer.state[b], None, g_inv.t())
+            if optimizer.state.get(a):
+                _rotate_state(optimizer.state[a], g.t(), None)
+        else:
+            new_a, new_b, _ = balanced_factors(whole_a, whole_b)
+            fallbacks += int(rotate)
+            if optimizer is not None:
+                reset_state(optimizer, params=[a, b])
+        _write(a, new_a)
+        _write(b, new_b)
+    return fallbacks
+
+
+def restart_lr_factor(step: int, every: int, lr_ramp_steps: int, lr_floor: float) -> float:
+    """The reference's LR around a restart after step N = every, 2*every, ...: step N at lr_floor, step
+    N + k at lr_floor + (1 - lr_floor) * k / (lr_ramp_steps - 1) for k < lr_ramp_steps, then 1."""
+    if lr_ramp_steps <= 0 or step < every:
+        return 1.0
+    k = step % every
+    if k >= lr_ramp_steps:
+        return 1.0
+    if lr_ramp_steps == 1:
+        return lr_floor
+    return lr_floor + (1.0 - lr_floor) * k / (lr_ramp_steps - 1)
+
+
+def _check_ramp(lr_ramp_steps: int, lr_floor: float, every: int) -> None:
+    if not isinstance(lr_ramp_steps, int) or isinstance(lr_ramp_steps, bool) or not 0 <= lr_ramp_steps <= every:
+        raise ValueError(f"invalid lr_ramp_steps: {lr_ramp_steps!r}; it must be an integer in [0, every={every}]")
+    if not isinstance(lr_floor, (int, float)) or not 0.0 <= lr_floor <= 1.0:
+        raise ValueError(f"invalid lr_floor: {lr_floor!r}; it must be in [0, 1]")
+
+
+class Refactor(BaseIntervention):
+    """`--intervention refactor:every=200,state=reset`: refactor every factor pair after steps
+    every, 2*every, ...; the factors' state reset (default, the paper's) or rotated."""
+
+    name = "refactor"
+
+    def __init__(self, every: int, state: str = "reset") -> None:
+        check_positive_int("every", every)
+        if state not in STATE_MODES:
+            raise ValueError(f"invalid state {state!r}; choose one of: {', '.join(STATE_MODES)}")
+        self.every, self.state = every, state
+        self.refactors = self.fallbacks = 0
+
+    def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        if step % self.every == 0:
+            self.fallbacks += refactor_model(model, optimizer, self.state)
+            self.refactors += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "state": self.state, "refactors": self.refactors, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["every"] != self.every or state["state"] != self.state:
+            raise ValueError(f"the checkpoint refactored every {state['every']} steps with state={state['state']}; "
+                             f"resume with every={state['every']},state={state['state']}")
+        self.refactors, self.fallbacks = state["refactors"], state["fallbacks"]
+
+
+class Restarts(BaseIntervention):
+    """`--intervention restarts:every=200`: the paper's refactorization + momentum reset on one step,
+    with its LR dip (lr_floor 0.001, lr_ramp_steps 10: see restart_lr_factor)."""
+
+    name = "restarts"
+
+    def __init__(self, every: int, lr_ramp_steps: int = 10, lr_floor: float = 0.001) -> None:
+        check_positive_int("every", every)
+        _check_ramp(lr_ramp_steps, lr_floor, every)
+        self.every, self.lr_ramp_steps, self.lr_floor = every, lr_ramp_steps, float(lr_floor)
+        self.restarts = 0
+
+    def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        if step % self.every == 0:
+            refactor_model(model, None)
+            reset_moments(optimizer)
+            self.restarts += 1
+
+    def lr_factor(self, step: int) -> float:
+        return restart_lr_factor(step, self.every, self.lr_ramp_steps, self.lr_floor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "restarts": self.restarts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["every"] != self.every:
+            raise ValueError(f"the checkpoint restarted every {state['every']} steps; resume with every={state['every']}")
+        self.restarts = state["restarts"]
+
+
+INTERVENTIONS.register("refactor", Refactor)
+INTERVENTIONS.register("restarts", Restarts)
+
+__all__ = ["Refactor", "Restarts", "STATE_MODES", "balanced_factors", "balanced_factors_svd", "refactor_model",
+           "restart_lr_factor"]
