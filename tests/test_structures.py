@@ -23,8 +23,8 @@ from lowmem.optim.roles import param_groups
 from lowmem.structure import build_structure
 from lowmem.structure.lora import LoRALinear, LoRAMerge
 from lowmem.structure.lowrank import LowRankLinear, factor_modules
-from lowmem.structure.refactor import (Refactor, Restarts, balanced_factors, balanced_factors_svd, refactor_model,
-                                       restart_lr_factor)
+from lowmem.optim.reset import MomentumReset, restart_lr_factor
+from lowmem.structure.refactor import Refactor, Restarts, balanced_factors, balanced_factors_svd, refactor_model
 from lowmem.structure.sltrain import SLTrainLinear, SparseLowRankFunction
 from lowmem.testing import TINY, _batch, _loss, max_relative_difference, train_steps
 from lowmem.train import checkpoint
@@ -296,6 +296,9 @@ def test_restarts_refactor_reset_every_moment_and_dip_the_lr_like_the_reference(
     assert factors[3] == pytest.approx(0.001 + 0.999 / 9) and 0.11 < factors[3] < 0.12  # step 51: first fresh, ~11%
     assert factors[11] == 1.0 and factors[10] < 1.0  # step 59 (the 9th after the restart) back at the target
     assert restart_lr_factor(10, 50, 10, 0.001) == 1.0  # nothing before the first restart
+    # Restarts and a plain momentum reset with the same ramp dip on the same steps by the same factors.
+    reset, restarts = MomentumReset(every=50, lr_ramp_steps=10), Restarts(every=50)
+    assert [reset.lr_factor(s) for s in range(1, 160)] == [restarts.lr_factor(s) for s in range(1, 160)]
     torch.manual_seed(0)
     model = build_model(TINY, structure={"name": "sltrain", "rank": 8})
     optimizer = build_optimizer("adamw", model, lr=1e-3)

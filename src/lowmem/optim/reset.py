@@ -57,6 +57,21 @@ def reset_moments(optimizer: Optimizer) -> int:
     return adam_params
 
 
+def restart_lr_factor(step: int, every: int, lr_ramp_steps: int, lr_floor: float) -> float:
+    """The reference's LR around a reset after step N = every, 2*every, ...: step N (whose update
+    precedes the reset) at lr_floor, step N + k at lr_floor + (1 - lr_floor) * k / (lr_ramp_steps - 1)
+    for k < lr_ramp_steps, then 1. A function of the step alone, so a resumed run ramps exactly as an
+    uninterrupted one. Shared by momentum reset and the low-rank restarts (lowmem.structure.refactor)."""
+    if lr_ramp_steps <= 0 or step < every:
+        return 1.0
+    k = step % every  # 0 on a reset step (the reset follows its update)
+    if k >= lr_ramp_steps:
+        return 1.0
+    if lr_ramp_steps == 1:
+        return lr_floor
+    return lr_floor + (1.0 - lr_floor) * k / (lr_ramp_steps - 1)
+
+
 class MomentumReset(BaseIntervention):
     """Intervention: reset the optimizer's moments every `every` steps, with an optional LR ramp.
 
@@ -90,13 +105,7 @@ class MomentumReset(BaseIntervention):
             self.last_reset_step = step
 
     def lr_factor(self, step: int) -> float:
-        # A function of the step alone, so a resumed run ramps exactly as an uninterrupted one.
-        since_reset = step % self.every  # 0 on a reset step (the reset follows its update)
-        if step < self.every or since_reset >= self.lr_ramp_steps:
-            return 1.0
-        if self.lr_ramp_steps == 1:
-            return self.lr_floor
-        return self.lr_floor + (1.0 - self.lr_floor) * since_reset / (self.lr_ramp_steps - 1)
+        return restart_lr_factor(step, self.every, self.lr_ramp_steps, self.lr_floor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"every": self.every, "lr_ramp_steps": self.lr_ramp_steps, "lr_floor": self.lr_floor,

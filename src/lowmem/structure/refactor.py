@@ -23,8 +23,8 @@ comparison of both is in docs/results.md ("Low-rank structures (issue 11)").
 refactorization and a momentum reset of every parameter (lowmem.optim.reset.reset_moments), with the
 reference's learning-rate dip: the last update before the restart at lr_floor (0.1%) of the
 scheduled rate, then a linear climb that reaches it on the (lr_ramp_steps - 1)-th update after (the
-first fresh update at ~11%, the target by the 9th, for lr_ramp_steps = 10). `restart_lr_factor` is
-that timing, a function of the step alone.
+first fresh update at ~11%, the target by the 9th, for lr_ramp_steps = 10). `lowmem.optim.reset.restart_lr_factor`
+is that timing (the same function momentum reset uses), a function of the step alone.
 
 FSDP2: each pair is gathered whole (full_tensor, r x (in + out) elements), refactored redundantly on
 every rank, and each rank keeps its rows (no state rotation under FSDP2: rotate falls back to reset).
@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from lowmem.interventions import BaseIntervention
 from lowmem.optim.base import check_positive_int, is_dtensor
 from lowmem.optim.projection import rows_of
-from lowmem.optim.reset import reset_moments
+from lowmem.optim.reset import reset_moments, restart_lr_factor
 from lowmem.optim.state import reset_state
 from lowmem.registry import INTERVENTIONS
 from lowmem.structure.lowrank import factor_modules
@@ -159,19 +159,6 @@ def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: 
     return fallbacks
 
 
-def restart_lr_factor(step: int, every: int, lr_ramp_steps: int, lr_floor: float) -> float:
-    """The reference's LR around a restart after step N = every, 2*every, ...: step N at lr_floor, step
-    N + k at lr_floor + (1 - lr_floor) * k / (lr_ramp_steps - 1) for k < lr_ramp_steps, then 1."""
-    if lr_ramp_steps <= 0 or step < every:
-        return 1.0
-    k = step % every
-    if k >= lr_ramp_steps:
-        return 1.0
-    if lr_ramp_steps == 1:
-        return lr_floor
-    return lr_floor + (1.0 - lr_floor) * k / (lr_ramp_steps - 1)
-
-
 def _check_ramp(lr_ramp_steps: int, lr_floor: float, every: int) -> None:
     if not isinstance(lr_ramp_steps, int) or isinstance(lr_ramp_steps, bool) or not 0 <= lr_ramp_steps <= every:
         raise ValueError(f"invalid lr_ramp_steps: {lr_ramp_steps!r}; it must be an integer in [0, every={every}]")
@@ -240,5 +227,4 @@ class Restarts(BaseIntervention):
 INTERVENTIONS.register("refactor", Refactor)
 INTERVENTIONS.register("restarts", Restarts)
 
-__all__ = ["Refactor", "Restarts", "STATE_MODES", "balanced_factors", "balanced_factors_svd", "refactor_model",
-           "restart_lr_factor"]
+__all__ = ["Refactor", "Restarts", "STATE_MODES", "balanced_factors", "balanced_factors_svd", "refactor_model"]
