@@ -172,3 +172,248 @@ def test_a_grid_whose_runs_all_fail_exits_nonzero_listing_each_with_its_error(ca
     assert "2 of 2 run(s) failed" in err
     assert "galore/lr0.001: exit 2: optimizer 'galore' refused its settings" in err
     assert "galore/lr0.002: exit 2:" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Work lost at the end of a run
+
+# The child runs the real CLI and sends itself SIGTERM on the `nth` call of loop.`function`
+# (evaluate: call 1 is the initial evaluation, call 2 the final one with eval_every 0;
+# checkpoint.save: the final checkpoint with checkpoint_every 0).
+_SIGNAL_IN_FINAL_PHASE = """
+import os, signal, sys
+from lowmem import cli
+from lowmem.train import checkpoint, loop
+target, nth, calls = sys.argv[1], int(sys.argv[2]), [0]
+owner = loop if target == "evaluate" else checkpoint
+real = getattr(owner, target)
+def signalling(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(owner, target, signalling)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("target,nth", [("evaluate", 2), ("save", 1)])
+def test_sigterm_during_the_final_evaluation_or_checkpoint_exits_0_with_checkpoint_and_summary(
+        target, nth, tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    config = _write_config(tmp_path / "c.yaml", _micro(tiny_corpus, token_cache, run_dir, **{"train.eval_every": 0}))
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_IN_FINAL_PHASE, target, str(nth), "train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "SIGTERM received after the last step" in proc.stdout
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000004"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
+
+
+# The first run waits inside step 2 until the test lets it go, so a second run starts while it runs.
+_WAIT_AT_STEP = """
+import os, sys, time
+from lowmem import cli
+from lowmem.train import step
+ready, go, real, calls = sys.argv[1], sys.argv[2], step.token_loss_sum, [0]
+def waiting(logits, labels):
+    calls[0] += 1
+    if calls[0] == 2:
+        open(ready, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
+    return real(logits, labels)
+step.token_loss_sum = waiting
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_and_the_first_completes_intact(tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    first_cfg = _write_config(tmp_path / "a.yaml", _micro(tiny_corpus, token_cache, run_dir, **{"train.steps": 6}))
+    second_cfg = _write_config(tmp_path / "b.yaml", _micro(tiny_corpus, token_cache, run_dir, **{"train.steps": 3, "train.seed": 7}))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", _WAIT_AT_STEP, str(ready), str(go), "train", "--config", str(first_cfg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        for _ in range(3000):
+            if ready.exists() or first.poll() is not None:
+                break
+            import time
+            time.sleep(0.1)
+        assert ready.exists(), first.communicate()[1][-2000:]
+        second = subprocess.run([sys.executable, "-m", "lowmem.cli", "train", "--config", str(second_cfg)],
+                                capture_output=True, text=True, timeout=300, env=_env())
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another lowmem run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"] == 6
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000006"]
+
+
+def test_default_run_names_made_in_the_same_instant_are_distinct(tiny_corpus, token_cache, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)  # both runs start at the same microsecond
+    overrides = {k: v for k, v in _micro(tiny_corpus, token_cache, tmp_path / "unused", **{"train.steps": 1}).items()
+                 if k != "train.output_dir"}
+    first = train(load_config(overrides=overrides))
+    second = train(load_config(overrides={**overrides, "train.seed": 7}))
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(dirs) == 2 and first["checkpoint"] != second["checkpoint"]
+    seeds = sorted(yaml.safe_load((d / "config.yaml").read_text())["train"]["seed"] for d in dirs)
+    assert seeds == [7, 42]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def _full_disk_save(monkeypatch, fail_at_call: int) -> None:
+    """A stand-in for a full disk: the `fail_at_call`-th torch.save of a checkpoint writes part of
+    its file, then fails as a full filesystem does."""
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_at_call:
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+
+
+def test_a_checkpoint_into_a_full_disk_exits_2_removes_the_partial_and_the_previous_resumes_bitwise(
+        capsys, tiny_corpus, token_cache, tmp_path, monkeypatch):
+    whole = train(load_config(overrides=_micro(tiny_corpus, token_cache, tmp_path / "whole", **{"train.steps": 8})))
+    run_dir = tmp_path / "run"
+    config = _write_config(tmp_path / "c.yaml", _micro(tiny_corpus, token_cache, run_dir, **{
+        "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}))
+    with monkeypatch.context() as patch:
+        _full_disk_save(patch, fail_at_call=3)  # the checkpoint of step 6
+        code = cli_main(["train", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"could not write the checkpoint of step 6 in {run_dir / 'checkpoints'}" in err
+    assert "bytes per process" in err and f"the last good checkpoint is {run_dir / 'checkpoints' / 'step-00000004'}" in err
+    assert not list((run_dir / "checkpoints").glob("*.tmp")) and not list(run_dir.rglob("*.partial"))
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000002", "step-00000004"]
+    assert cli_main(["train", "--resume", str(run_dir)]) == 0
+    assert _losses(run_dir) == _losses(tmp_path / "whole")
+    assert json.loads((run_dir / "summary.json").read_text())["val_perplexity"] == whole["val_perplexity"]
+
+
+def _mount_tmpfs(directory: Path, options: str) -> bool:
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_a_real_full_tmpfs_stops_the_run_with_exit_2_and_keeps_the_last_good_checkpoint(tiny_corpus, token_cache, tmp_path):
+    mount = tmp_path / "small"
+    if not _mount_tmpfs(mount, "size=1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root); the stand-in test above covers the same path")
+    try:
+        run_dir = mount / "run"
+        config = _write_config(tmp_path / "c.yaml", _micro(tiny_corpus, token_cache, run_dir, **{
+            "train.steps": 40, "train.checkpoint_every": 1, "train.keep_checkpoints": 100, "train.log_every": 40}))
+        proc = subprocess.run([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config)],
+                              capture_output=True, text=True, timeout=300, env=_env())
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "could not write the checkpoint of step" in proc.stderr
+        assert not list((run_dir / "checkpoints").glob("*.tmp"))
+        last = checkpoint.list_checkpoints(run_dir)[-1]
+        assert str(last) in proc.stderr
+        assert checkpoint.load(last)["step"] == int(last.name.split("-")[1])
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_an_unwritable_checkpoints_directory_is_refused_before_training(tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    if not _mount_tmpfs(run_dir / "checkpoints", "ro,size=1m"):
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        config = _write_config(tmp_path / "c.yaml", _micro(tiny_corpus, token_cache, run_dir))
+        proc = subprocess.run([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config)],
+                              capture_output=True, text=True, timeout=300, env=_env())
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"cannot write to {run_dir / 'checkpoints'}" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (run_dir / "metrics.jsonl").exists()  # refused before the first step
+    finally:
+        subprocess.run(["umount", str(run_dir / "checkpoints")])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_a_damaged_newest_checkpoint_names_the_older_intact_one(damage, tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    config = load_config(overrides=_micro(tiny_corpus, token_cache, run_dir, **{"train.checkpoint_every": 2}))
+    train(config)
+    older, newest = checkpoint.list_checkpoints(run_dir)
+    part = newest / "rank-0.pt"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2] if damage == "truncate" else b"")
+    with pytest.raises(CheckpointError) as err:
+        train(config, resume=run_dir)
+    assert f"the older checkpoint {older} is intact: resume with --resume {older}" in str(err.value)
+    assert train(config, resume=older)["steps"] == 4
+
+
+def test_non_finite_weights_are_never_checkpointed_or_named_good(tiny_corpus, token_cache, tmp_path, monkeypatch):
+    real = loop.train_step
+    calls = [0]
+
+    def poisoning(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 4:  # the update of step 4 went wrong, its loss (computed before it) is finite
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop, "train_step", poisoning)
+    run_dir = tmp_path / "run"
+    config = load_config(overrides=_micro(tiny_corpus, token_cache, run_dir, **{
+        "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}))
+    with pytest.raises(TrainingStopped) as err:
+        train(config)
+    message = str(err.value)
+    assert "after step 4" in message and "step-00000002" in message and "step-00000004" not in message
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000002"]
+
+
+def test_resume_survives_a_partial_last_line_in_metrics(tiny_corpus, token_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    config = load_config(overrides=_micro(tiny_corpus, token_cache, run_dir, **{
+        "train.steps": 6, "train.checkpoint_every": 3, "train.keep_checkpoints": 5}))
+    whole = _micro(tiny_corpus, token_cache, tmp_path / "whole", **{"train.steps": 6})
+    train(load_config(overrides=whole))
+    train(config)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "tokens": 12, "lo')  # killed during a write
+    train(config, resume=checkpoint.step_dir(run_dir, 3))
+    assert _losses(run_dir) == _losses(tmp_path / "whole")
+
+
+def test_a_bare_resume_picks_the_newest_run_with_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
+    interrupted, failed = tmp_path / "runs" / "interrupted", tmp_path / "runs" / "failed-at-start"
+    (interrupted / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (interrupted / "config.yaml").write_text("model: cpu-tiny\n")
+    failed.mkdir(parents=True)
+    (failed / "config.yaml").write_text("model: cpu-tiny\n")  # written later, nothing to resume
+    os.utime(interrupted / "config.yaml", (1000, 1000))
+    assert loop.latest_run_dir() == interrupted
