@@ -417,3 +417,115 @@ def test_a_bare_resume_picks_the_newest_run_with_a_checkpoint(tmp_path, monkeypa
     (failed / "config.yaml").write_text("model: cpu-tiny\n")  # written later, nothing to resume
     os.utime(interrupted / "config.yaml", (1000, 1000))
     assert loop.latest_run_dir() == interrupted
+
+
+# ---------------------------------------------------------------------------------------------
+# One huge document: tokenized in bounded pieces
+
+
+def _long_text(chars: int, seed: int = 0) -> str:
+    import random
+
+    from conftest import WORDS
+
+    rng, parts, size = random.Random(seed), [], 0
+    separators = [" "] * 12 + ["\n", "  ", "\t", " \n"]
+    while size < chars:
+        word = rng.choice(WORDS) + rng.choice(["", "", ".", ",", "'s"])
+        parts.append(word + rng.choice(separators))
+        size += len(parts[-1])
+    return "".join(parts)
+
+
+def _corpus_with(directory: Path, train_texts: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
+    (directory / "validation.jsonl").write_text(json.dumps({"text": "a short validation document"}) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def small_bpe(tmp_path_factory, tiny_corpus):
+    from lowmem.data import open_source, train_bpe
+
+    return train_bpe(open_source(str(tiny_corpus)), 320, tmp_path_factory.mktemp("bpe") / "bpe.json")
+
+
+def test_a_long_document_in_pieces_gives_the_tokens_of_the_whole_and_resumes_inside_it(small_bpe, tmp_path):
+    from lowmem.data import TokenLoader, open_source
+    from lowmem.data.loader import PIECE_CHARS
+
+    text = _long_text(5 * PIECE_CHARS + 123)
+    whole = small_bpe.encode_batch([text])[0] + [small_bpe.eos_id]
+    source = open_source(str(_corpus_with(tmp_path / "c", [text])))
+    seq_len, rows = 64, 8
+    loader = TokenLoader(source, small_bpe, seq_len, rows, mode="pack", prefetch=0)
+    stream: list[int] = []
+    states = []
+    for _ in range(len(whole) // (seq_len * rows)):
+        states.append(loader.state_dict())
+        batch = next(loader)
+        for row_in, row_lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            stream.extend(row_in[:1] if stream else row_in[:1])
+            stream.extend(row_lab)
+            stream.pop()  # rows overlap by one token
+    assert len(stream) > 4 * PIECE_CHARS // 8
+    windows = [whole[k * seq_len: k * seq_len + seq_len + 1] for k in range(len(whole) // seq_len)]
+    got = []
+    fresh = TokenLoader(source, small_bpe, seq_len, rows, mode="pack", prefetch=0)
+    for _ in range(len(states)):
+        batch = next(fresh)
+        got += [i + l[-1:] for i, l in zip(batch["input_ids"].tolist(), batch["labels"].tolist())]
+    assert got == windows[: len(got)]  # exactly the windows of the whole document's tokens
+    middle = states[len(states) // 2]
+    assert middle["document"] == 0 and middle["token_offset"] > 2 * PIECE_CHARS // 8  # inside the long document
+    resumed = TokenLoader(source, small_bpe, seq_len, rows, mode="pack", prefetch=0)
+    resumed.load_state_dict(middle)
+    batch = next(resumed)
+    start = (len(states) // 2) * rows
+    assert [i + l[-1:] for i, l in zip(batch["input_ids"].tolist(), batch["labels"].tolist())] == windows[start: start + rows]
+    pad = TokenLoader(source, small_bpe, seq_len, 1, mode="pad", prefetch=0)
+    assert next(pad)["input_ids"][0].tolist() == whole[:seq_len]
+
+
+_PEAK_RSS = """
+import json, sys, time
+from lowmem.data import TokenLoader, load_tokenizer, open_source
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) / 1024
+tokenizer = load_tokenizer(sys.argv[2])
+source = open_source(sys.argv[1])
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current size
+    f.write("5")
+started = time.perf_counter()
+loader = TokenLoader(source, tokenizer, 128, 8, mode=sys.argv[3])
+tokens = 0
+for _ in range(int(sys.argv[4])):
+    tokens += int((next(loader)["labels"] != -100).sum())
+seconds = time.perf_counter() - started
+loader.close()
+peak = status("VmHWM")
+print(json.dumps({"base_mib": round(base, 1), "peak_mib": round(peak, 1), "increase_mib": round(peak - base, 1),
+                  "tokens_per_second": round(tokens / seconds)}))
+"""
+
+
+def peak_rss_of_huge_document(corpus: Path, tokenizer_path: Path, mode: str, batches: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(corpus), str(tokenizer_path), mode, str(batches)],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Old code: tokenizing the 5 MB document whole took well over a gigabyte (12.8 GiB at 50 MB).
+HUGE_DOCUMENT_MIB_BOUND = 200
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_a_huge_document_stays_under_a_fixed_memory_bound(mode, small_bpe, tmp_path):
+    text = _long_text(5_000_000)
+    corpus = _corpus_with(tmp_path / "huge", [text, "a short document after it"])
+    measured = peak_rss_of_huge_document(corpus, small_bpe.path, mode, batches=40)
+    print(f"huge document (5 MB, {mode}): {measured}")
+    assert measured["increase_mib"] < HUGE_DOCUMENT_MIB_BOUND, measured
