@@ -262,7 +262,9 @@ def test_default_run_names_made_in_the_same_instant_are_distinct(tiny_corpus, to
     import time
 
     monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
-    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)  # both runs start at the same microsecond
+    # Both runs start in the same second, at the same microsecond, in the same process.
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20270115-080000")
     overrides = {k: v for k, v in _micro(tiny_corpus, token_cache, tmp_path / "unused", **{"train.steps": 1}).items()
                  if k != "train.output_dir"}
     first = train(load_config(overrides=overrides))
