@@ -57,11 +57,14 @@ def _write_config(path: Path, overrides: dict) -> Path:
 
 
 @pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("1e-8", 1e-8), ("1E+4", 1e4), ("-2e-5", -2e-5),
-                                        ("3", 3), ("1.0e-3", 1e-3), ("(0.9, 0.95)", [0.9, 0.95]), ("adam", "adam")])
+                                        ("3", 3), ("1.0e-3", 1e-3), ("(0.9, 0.95)", (0.9, 0.95)), ("adam", "adam")])
 def test_command_line_values_read_numbers_in_every_spelling(text, value):
     assert parse_value(text) == value and type(parse_value(text)) is type(value)
     assert parse_key_values([f"eps={text}"], "--opt") == {"eps": value}
     assert parse_spec(f"momentum-reset:every=3,x={text}", "intervention")["x"] == value
+    # In a run's config a tuple is a list, as YAML and the checkpoint store it.
+    config = load_config(overrides={"optim.hparams": parse_key_values([f"eps={text}"], "--opt")})
+    assert config.optim.hparams["eps"] == (list(value) if isinstance(value, tuple) else value)
 
 
 def test_scientific_notation_in_yaml_configs_grids_and_memory_hparams(tmp_path, tiny_corpus, token_cache):

@@ -116,7 +116,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        raw = dict(raw or {})
+        raw = _plain(dict(raw or {}))
         sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
@@ -197,6 +197,15 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         raise ConfigError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
 
 
+def _plain(value: Any) -> Any:
+    """Tuples (a command-line `(0.9, 0.95)`) as lists, so a config is the same in YAML and checkpoints."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _model_section(value: Any) -> tuple[str, dict[str, Any] | None]:
     """(preset, structure) from the model section's string or mapping form."""
     if isinstance(value, str):
@@ -268,7 +277,11 @@ def parse_value(text: str) -> Any:
     else the text itself (a mode name)."""
     stripped = text.strip()
     if stripped.startswith("(") and stripped.endswith(")"):  # a Python tuple, as in betas=(0.9,0.95)
-        stripped = "[" + stripped[1:-1] + "]"
+        try:
+            value = load_yaml("[" + stripped[1:-1] + "]")
+        except yaml.YAMLError:
+            return text
+        return tuple(value) if isinstance(value, list) else value
     try:
         return load_yaml(stripped)
     except yaml.YAMLError:
