@@ -57,13 +57,13 @@ _SIGNAL_AT_STEP = """
 import os, signal, sys
 from lowmem import cli
 from lowmem.train import loop, step
-at_step, sig, real, calls = int(sys.argv[1]), int(sys.argv[2]), step.token_loss_sum, [0]
-def counting(logits, labels):
+at_step, sig, real, calls = int(sys.argv[1]), int(sys.argv[2]), step.model_loss_sum, [0]
+def counting(*args):
     calls[0] += 1
     if calls[0] == at_step:
         os.kill(os.getpid(), sig)
-    return real(logits, labels)
-step.token_loss_sum = counting
+    return real(*args)
+step.model_loss_sum = counting
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -197,15 +197,15 @@ def test_resume_refuses_a_results_changing_config_and_lists_the_differences(tiny
 
 def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(tiny_corpus, token_cache, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real = step.token_loss_sum
+    real = step.model_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(*args):
         calls["n"] += 1
-        value = real(logits, labels)
+        value = real(*args)
         return value * float("nan") if calls["n"] == 6 else value  # training step 6 (evaluation has its own)
 
-    monkeypatch.setattr(step, "token_loss_sum", poisoned)
+    monkeypatch.setattr(step, "model_loss_sum", poisoned)
     config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{
         "train.steps": 10, "train.checkpoint_every": 4, "train.eval_tokens": 100, "train.micro_batch_size": 4}))
     with pytest.raises(TrainingStopped) as err:

@@ -195,15 +195,22 @@ def add_bench_parser(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from lowmem.bench.report import report
-    from lowmem.bench.run import load_grid, run_grid
+    from lowmem.bench.report import collect, report
+    from lowmem.bench.run import GridFailed, load_grid, run_grid
 
+    failed: GridFailed | None = None
     if not args.report_only:
         if not args.grid:
             raise ConfigError("lowmem bench needs a grid YAML (e.g. configs/cpu-protocol.yaml) unless --report-only")
-        run_grid(load_grid(args.grid, args.output), workers=args.workers, threads_per_run=args.threads_per_run)
-    print(report(args.output))
-    print(f"report and plots in {args.output}")
+        try:
+            run_grid(load_grid(args.grid, args.output), workers=args.workers, threads_per_run=args.threads_per_run)
+        except GridFailed as err:  # report the runs that finished, then fail with the list
+            failed = err
+    if not failed or collect(args.output):
+        print(report(args.output))
+        print(f"report and plots in {args.output}")
+    if failed:
+        raise failed
     return 0
 
 

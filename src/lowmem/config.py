@@ -10,6 +10,10 @@ run's results, which is what a resume refuses.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,28 @@ import yaml
 from lowmem.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as people write them: YAML 1.1 wants a dot in `1.0e-3`,
+    so without this `1e-3` and `1E+4` would be strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as lowmem reads it everywhere (config files, grids, command-line values): the safe
+    loader, with `1e-3` a number."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 SEQ_MODES = ("pad", "pack")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
 
@@ -99,7 +125,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        raw = dict(raw or {})
+        raw = _plain(dict(raw or {}))
         sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
@@ -114,6 +140,14 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
+        """Refuse wrong types and out-of-range values with ConfigError naming the field, the value and
+        what is accepted (an int where a float is wanted is accepted; a bool is not a number)."""
+        if not isinstance(self.model, str):
+            raise ConfigError(f"model must be a preset name (a string), got {self.model!r}")
+        for section in ("data", "optim", "train"):
+            value = getattr(self, section)
+            for f in dataclasses.fields(value):
+                _check_type(f"{section}.{f.name}", getattr(value, f.name), f.type)
         t, d = self.train, self.data
         if t.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -121,16 +155,64 @@ class RunConfig:
             raise ConfigError(f"unknown sequence mode {d.seq_mode!r}; choose one of: {', '.join(SEQ_MODES)}")
         if t.distributed not in DISTRIBUTED_MODES:
             raise ConfigError(f"unknown distributed mode {t.distributed!r}; choose one of: {', '.join(DISTRIBUTED_MODES)}")
-        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
-            value = getattr(t, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        if d.seq_len < 1:
-            raise ConfigError(f"data.seq_len must be a positive integer, got {d.seq_len!r}")
-        if not 0 <= t.warmup_ratio <= 1 or not 0 <= t.min_lr_ratio <= 1:
-            raise ConfigError("train.warmup_ratio and train.min_lr_ratio must lie in [0, 1]")
-        if self.optim.lr is not None and self.optim.lr < 0:
-            raise ConfigError(f"optim.lr must be >= 0, got {self.optim.lr}")
+        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints", "eval_tokens"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(t, name)!r}")
+        for name, zero in (("eval_every", "only at the end"), ("checkpoint_every", "only at the end"),
+                           ("skip_nonfinite", "stop at the first"), ("seed", None)):
+            if getattr(t, name) < 0:
+                meaning = f" (0: {zero})" if zero else ""
+                raise ConfigError(f"train.{name} must be an integer >= 0{meaning}, got {getattr(t, name)!r}")
+        for name in ("seq_len", "vocab_size"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {getattr(d, name)!r}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0 <= getattr(t, name) <= 1:
+                raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(t, name)!r}")
+        if not t.clip_grad_norm >= 0:
+            raise ConfigError(f"train.clip_grad_norm must be a finite number >= 0 (0: no clipping), got {t.clip_grad_norm!r}")
+        if self.optim.lr is not None and not self.optim.lr >= 0:
+            raise ConfigError(f"optim.lr must be a finite number >= 0, got {self.optim.lr!r}")
+        for index, spec in enumerate(self.optim.interventions):
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ConfigError(
+                    f"optim.interventions[{index}] must be a mapping with a 'name', e.g. {{name: momentum-reset, "
+                    f"every: 200}}; got {spec!r}"
+                )
+        if self.structure is not None and not isinstance(self.structure, dict):
+            raise ConfigError(f"model.structure must be a mapping with a 'name', got {self.structure!r}")
+
+
+# What a config field's annotation accepts, as (check, words for the message).
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "a mapping of key: value"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    optional = text.endswith("| None")
+    base = text.removesuffix("| None").strip().split("[")[0]
+    if value is None and optional:
+        return
+    check, words = _FIELD_TYPES[base]
+    if not check(value):
+        accepted = words + (" or null" if optional else "")
+        raise ConfigError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (a command-line `(0.9, 0.95)`) as lists, so a config is the same in YAML and checkpoints."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _model_section(value: Any) -> tuple[str, dict[str, Any] | None]:
@@ -152,6 +234,8 @@ def _model_section(value: Any) -> tuple[str, dict[str, Any] | None]:
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping of key: value, got {values!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -169,9 +253,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if raw is None:
+            raise ConfigError(
+                f"config file {path} is empty; it must hold a mapping with sections model/data/optim/train "
+                "(to train with every default, leave out --config)"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping with sections model/data/optim/train")
     merged = RunConfig.from_dict(raw).to_dict()
@@ -195,8 +284,15 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_value(text: str) -> Any:
     """A value as written on the command line: YAML scalars and lists (`128`, `true`, `[0.9, 0.99]`),
     else the text itself (a mode name)."""
+    stripped = text.strip()
+    if stripped.startswith("(") and stripped.endswith(")"):  # a Python tuple, as in betas=(0.9,0.95)
+        try:
+            value = load_yaml("[" + stripped[1:-1] + "]")
+        except yaml.YAMLError:
+            return text
+        return tuple(value) if isinstance(value, list) else value
     try:
-        return yaml.safe_load(text)
+        return load_yaml(stripped)
     except yaml.YAMLError:
         return text
 
@@ -217,7 +313,9 @@ def parse_spec(spec: str, what: str = "setting") -> dict[str, Any]:
     name, _, rest = spec.partition(":")
     if not name.strip():
         raise ConfigError(f"{what} {spec!r} has no name; write NAME:key=value,...")
-    return {"name": name.strip(), **parse_key_values([kv for kv in rest.split(",") if kv], f"{what} setting")}
+    # Commas inside [...] or (...) belong to a list value (betas=[0.9,0.95]), not between settings.
+    items = [kv for kv in re.split(r",(?![^\[(]*[\])])", rest) if kv.strip()]
+    return {"name": name.strip(), **parse_key_values(items, f"{what} setting")}
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -4,12 +4,23 @@
 fixed stream of random tokens twice: once in this process, once in `world_size` gloo processes with
 the model sharded by FSDP2 (`fully_shard` per block and at the root, so every weight is a DTensor
 sharded on dim 0). It returns both final state dicts so a test can compare them.
+
+Teardown (`end_workers`) is where a loaded machine made these tests flaky: a rank that finished
+first destroyed its gloo group and exited while its peer was still tearing down, and a worker's
+exit ran the C++ static destructors while gloo's own threads were alive, either of which can end a
+worker in SIGABRT ("terminate called without an active exception"). Now every rank waits for every
+other one at each stage (through files beside the rendezvous file, so no stage needs the group it
+is taking down), and a worker that succeeded leaves with os._exit(0) once its output is written.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,11 +86,38 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_file)
-        # Tear down together: a rank destroying its gloo group while the peer is still busy can
-        # abort the peer ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        del model, optimizer, state
+    except BaseException:
+        dist.destroy_process_group()  # a peer may be gone: no waiting for it
+        raise
+    end_workers(rank, world_size, os.path.dirname(init_file))
+
+
+def _wait_for_all(directory: str, stage: str, rank: int, world_size: int, timeout: float) -> None:
+    """A barrier through files: rank `rank` has reached `stage`; wait until every rank has."""
+    Path(directory, f"{stage}-{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all(Path(directory, f"{stage}-{r}").exists() for r in range(world_size)):
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world_size) if not Path(directory, f"{stage}-{r}").exists()]
+            raise TimeoutError(f"rank(s) {missing} did not reach {stage!r} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def end_workers(rank: int, world_size: int, directory: str, timeout: float = 600.0, exit_process: bool = True) -> None:
+    """End a spawned gloo worker without aborting a peer: all collectives done on every rank, then
+    every group destroyed, then every rank out, then (`exit_process`) leave without running the
+    static destructors that race gloo's threads. `directory` is shared by the ranks (the rendezvous
+    file's)."""
+    dist.barrier()
+    _wait_for_all(directory, "collectives-done", rank, world_size, timeout)
+    dist.destroy_process_group()
+    gc.collect()
+    _wait_for_all(directory, "group-destroyed", rank, world_size, timeout)
+    if exit_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, world_size: int = 2,

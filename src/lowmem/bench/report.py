@@ -18,12 +18,12 @@ from lowmem.train.log import format_bytes, read_metrics
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
     """Every finished run under `root` (a directory holding summary.json and grid-config.yaml)."""
-    import yaml
+    from lowmem.config import load_yaml
 
     runs = []
     for summary_path in sorted(Path(root).glob("*/*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        config = load_yaml((summary_path.parent / "config.yaml").read_text())
         runs.append({"method": summary_path.parent.parent.name, "lr": config["optim"]["lr"],
                      "dir": summary_path.parent, **summary})
     return runs

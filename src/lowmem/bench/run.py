@@ -30,8 +30,12 @@ from typing import Any
 
 import yaml
 
-from lowmem.config import RunConfig
-from lowmem.errors import ConfigError
+from lowmem.config import RunConfig, load_yaml
+from lowmem.errors import ConfigError, LowmemError
+
+
+class GridFailed(LowmemError):
+    """Some runs of a grid failed; the message lists each with the first line of its error."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,31 @@ def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist; see configs/ for examples")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec.get("methods"), dict) or not spec["methods"]:
+    try:
+        spec = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"grid file {path} is not valid YAML: {err}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("methods"), dict) or not spec["methods"]:
         raise ConfigError(f"grid file {path} needs a 'methods' mapping of method name to settings")
-    base = spec.get("base", {})
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"'base' in grid file {path} must be a mapping of config sections, got {base!r}")
     runs = []
     for method, settings in spec["methods"].items():
+        if not isinstance(method, str):
+            raise ConfigError(f"method {method!r} in {path} must be a name (a string), e.g. adamw")
+        if settings is not None and not isinstance(settings, dict):
+            raise ConfigError(f"method {method!r} in {path} must map to its settings "
+                              f"(optimizer, lr, hparams, interventions), got {settings!r}")
         settings = dict(settings or {})
         optimizer = settings.pop("optimizer", method)
+        if not isinstance(optimizer, str):
+            raise ConfigError(f"method {method!r} in {path}: optimizer must be a name (a string), got {optimizer!r}")
         lrs = settings.pop("lr", [None])
         lrs = lrs if isinstance(lrs, list) else [lrs]
+        for lr in lrs:
+            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+                raise ConfigError(f"method {method!r} in {path}: lr {lr!r} is not a number; write e.g. lr: [1e-3, 3e-3]")
         hparams = settings.pop("hparams", {})
         interventions = settings.pop("interventions", [])
         structure = settings.pop("structure", None)
@@ -95,7 +114,7 @@ def run_grid(runs: list[GridRun], workers: int = 2, threads_per_run: int = 1, pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="grid", unit="run")
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
 
     def launch(run: GridRun) -> None:
         out = Path(run.config["train"]["output_dir"])
@@ -108,7 +127,7 @@ def run_grid(runs: list[GridRun], workers: int = 2, threads_per_run: int = 1, pr
             code = subprocess.call([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
-            failures.append(f"{run.name} (exit {code}, see {out / 'train.log'})")
+            failures.append((run.name, f"exit {code}: {_first_error_line(out / 'train.log')} (see {out / 'train.log'})"))
         if bar:
             bar.set_postfix_str(f"{run.name} {time.perf_counter() - start:.0f}s")
             bar.update(1)
@@ -118,5 +137,20 @@ def run_grid(runs: list[GridRun], workers: int = 2, threads_per_run: int = 1, pr
     if bar:
         bar.close()
     if failures:
-        print("failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
+        raise GridFailed(
+            f"{len(failures)} of {len(pending)} run(s) failed:\n  "
+            + "\n  ".join(f"{name}: {why}" for name, why in sorted(failures))
+        )
     return [Path(r.config["train"]["output_dir"]) for r in runs]
+
+
+def _first_error_line(log: Path) -> str:
+    """The line of a failed run's log that says why: lowmem's own error, else a traceback's last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    for line in lines:
+        if line.startswith("lowmem: error:"):
+            return line.removeprefix("lowmem: error:").strip()
+    return lines[-1] if lines else "(empty log)"

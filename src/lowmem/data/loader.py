@@ -16,6 +16,13 @@ Each rank's document stream becomes rows of ``seq_len + 1`` tokens, ``input_ids 
   ``k*seq_len ... k*seq_len + seq_len`` (consecutive rows share one token), so every token after
   the first is a target exactly once and no label is -100.
 
+A document longer than `PIECE_CHARS` characters is never tokenized whole (a 50 MB line would take
+gigabytes in the Rust encoder): in pad mode only a prefix long enough for ``seq_len + 1`` tokens is
+tokenized; in pack mode the text is cut at whitespace (after a non-space character, where the
+pre-tokenizers of byte-level BPE and SentencePiece split anyway, so the tokens are those of the
+whole text) into pieces tokenized one by one and streamed, so memory is bounded by the pieces in
+flight, not by the document.
+
 The position saved by `state_dict` is the next document (epoch, shard, document) plus, in pack
 mode, how many of its tokens were already used; restoring re-reads that shard and skips the
 documents before it without tokenizing them.
@@ -24,6 +31,7 @@ documents before it without tokenizing them.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import weakref
 from collections import deque
@@ -43,6 +51,12 @@ IGNORE_INDEX = -100
 # Documents per call of the Rust batch encoder: large enough to keep its threads busy, small
 # enough that a resumed or validation read does not tokenize much it will not use.
 TOKENIZE_CHUNK = 512
+# Longer documents are tokenized in pieces of at most this many characters (see the module docstring),
+# and one call of the encoder gets at most CHUNK_CHARS characters.
+PIECE_CHARS = 1 << 16
+CHUNK_CHARS = 1 << 18
+# A whitespace character preceded by a non-space one, searched in reversed text (see _cut).
+_SAFE_CUT = re.compile(r"\s(?=\S)")
 _STATE_FORMAT = "lowmem.TokenLoader/1"
 _SHARD_ORDER = 0
 _DOCUMENT_ORDER = 1
@@ -107,7 +121,7 @@ class TokenLoader:
         self.world_size = world_size
         self.prefetch = prefetch
         self.epoch = 0
-        self._reading = _Reading(source, tokenizer, seed, rank, world_size)
+        self._reading = _Reading(source, tokenizer, seed, rank, world_size, seq_len + 1 if mode == "pad" else None)
         self._prefetcher: _Prefetcher | None = None
         self._restart(_Position(0, 0, 0, 0), token_offset=0)
 
@@ -188,20 +202,23 @@ class TokenLoader:
             chunks = self._prefetcher
         self._stream = _Documents(chunks)
         self._resume = position
+        # Tokens already used of the document at `_resume` (saved), and of the first pending piece.
         self._token_offset = token_offset
-        self._pending: deque[tuple[_Position, list[int]]] = deque()
+        self._piece_offset = token_offset
+        self._pending: deque[tuple[_Position, list[int], bool]] = deque()
 
     def _next_document_row(self) -> list[int]:
-        position, tokens = next(self._stream)
+        position, tokens, _ = next(self._stream)  # pad mode: one piece per document
         self._resume = position.next()
         self.epoch = position.epoch
         return tokens[: self.seq_len + 1]
 
     def _next_window(self) -> list[int]:
-        # The window starts `_token_offset` tokens into the first pending document.
+        # The window starts `_piece_offset` tokens into the first pending piece.
         needed = self.seq_len + 1
+        self._drop_used_pieces()
         window: list[int] = []
-        index, offset = 0, self._token_offset
+        index, offset = 0, self._piece_offset
         while len(window) < needed:
             if index == len(self._pending):
                 self._pending.append(next(self._stream))
@@ -210,17 +227,33 @@ class TokenLoader:
         self._advance(self.seq_len)
         return window
 
+    def _drop_used_pieces(self) -> None:
+        # After a restart `_piece_offset` counts tokens of the whole document: skip its used pieces.
+        while True:
+            if not self._pending:
+                self._pending.append(next(self._stream))
+            _, tokens, last = self._pending[0]
+            if self._piece_offset < len(tokens) or last:
+                return
+            self._piece_offset -= len(tokens)
+            self._pending.popleft()
+
     def _advance(self, count: int) -> None:
         while count > 0:
-            position, tokens = self._pending[0]
+            position, tokens, last = self._pending[0]
             self.epoch = position.epoch
-            remaining = len(tokens) - self._token_offset
+            remaining = len(tokens) - self._piece_offset
             if remaining <= count:
                 count -= remaining
                 self._pending.popleft()
-                self._resume, self._token_offset = position.next(), 0
+                self._piece_offset = 0
+                if last:  # the document is used up
+                    self._resume, self._token_offset = position.next(), 0
+                else:
+                    self._resume, self._token_offset = position, self._token_offset + remaining
             else:
                 self._resume, self._token_offset = position, self._token_offset + count
+                self._piece_offset += count
                 count = 0
 
 
@@ -234,10 +267,49 @@ class _Reading:
     seed: int
     rank: int
     world_size: int
+    prefix_tokens: int | None = None  # pad mode: only this many tokens of a document are used
 
 
-def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tuple[_Position, list[int]]]]:
-    """This rank's documents from `start` on, forever, each as its tokens + EOS, in chunks."""
+def _cut(text: str, start: int, size: int) -> int:
+    """Where to end a piece of `text` starting at `start`: the last whitespace character after a
+    non-space one within `size` characters (there the pre-tokenizer splits anyway), or `size`
+    characters on if the second half of the window has none."""
+    high = start + size
+    if high >= len(text):
+        return len(text)
+    low = start + size // 2
+    found = _SAFE_CUT.search(text[low : high + 1][::-1])
+    return high if found is None else high - found.start()
+
+
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) of `text`, each at most PIECE_CHARS characters, cut by _cut."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        end = _cut(text, start, PIECE_CHARS)
+        yield text[start:end], False
+        start = end
+    yield text[start:], True
+
+
+def _prefix_tokens(tokenizer: Tokenizer, text: str, count: int) -> list[int]:
+    """The first `count` or more tokens of a long `text` (all of them + EOS if it has fewer), from the
+    shortest cut prefix that yields them."""
+    size = PIECE_CHARS
+    while True:
+        end = _cut(text, 0, size)
+        tokens = tokenizer.encode_batch([text[:end]])[0]
+        if end == len(text):
+            tokens.append(tokenizer.eos_id)
+            return tokens
+        if len(tokens) >= count:
+            return tokens
+        size *= 4
+
+
+def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tuple[_Position, list[int], bool]]]:
+    """This rank's documents from `start` on, forever, each as its tokens + EOS, in chunks of
+    (position, tokens, is_last_piece); a long document comes as several pieces (module docstring)."""
     epoch, first_shard, documents_before, first_document = start
     shards = reading.source.shards
     while True:
@@ -253,17 +325,28 @@ def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tupl
             first_mine = (
                 first_document + (reading.rank - documents_before - first_document) % reading.world_size
             )
-            mine = range(first_mine, len(texts), reading.world_size)
-            for chunk_start in range(0, len(mine), TOKENIZE_CHUNK):
-                chunk = mine[chunk_start : chunk_start + TOKENIZE_CHUNK]
-                token_lists = reading.tokenizer.encode_batch([texts[order[index]] for index in chunk])
-                for tokens in token_lists:
-                    tokens.append(reading.tokenizer.eos_id)
+            # Entries (position, text to tokenize or None, tokens or None, is_last_piece).
+            pending: list[tuple[_Position, str | None, list[int] | None, bool]] = []
+            chars = 0
+            for index in range(first_mine, len(texts), reading.world_size):
+                text = texts[order[index]]
+                position = _Position(epoch, shard_position, documents_before, index)
+                if len(text) <= PIECE_CHARS:
+                    entries = [(position, text, None, True)]
+                elif reading.prefix_tokens is not None:
+                    entries = [(position, None, _prefix_tokens(reading.tokenizer, text, reading.prefix_tokens), True)]
+                else:
+                    entries = ((position, piece, None, last) for piece, last in _pieces(text))
+                for entry in entries:
+                    pending.append(entry)
+                    chars += len(entry[1]) if entry[1] is not None else PIECE_CHARS
+                    if len(pending) >= TOKENIZE_CHUNK or chars >= CHUNK_CHARS:
+                        found_any = True
+                        yield _encode(reading.tokenizer, pending)
+                        pending, chars = [], 0
+            if pending:
                 found_any = True
-                yield [
-                    (_Position(epoch, shard_position, documents_before, index), tokens)
-                    for index, tokens in zip(chunk, token_lists)
-                ]
+                yield _encode(reading.tokenizer, pending)
             documents_before += len(texts)
             first_document = 0
         if whole_epoch and not found_any:
@@ -274,6 +357,19 @@ def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tupl
                 "Use a larger corpus or fewer processes."
             )
         epoch, first_shard, documents_before = epoch + 1, 0, 0
+
+
+def _encode(tokenizer: Tokenizer, entries: list) -> list[tuple[_Position, list[int], bool]]:
+    """Tokenize the entries' texts in one batch; the last piece of each document gets EOS."""
+    encoded = iter(tokenizer.encode_batch([text for _, text, tokens, _ in entries if tokens is None]))
+    out = []
+    for position, _, tokens, last in entries:
+        if tokens is None:
+            tokens = next(encoded)
+            if last:
+                tokens.append(tokenizer.eos_id)
+        out.append((position, tokens, last))
+    return out
 
 
 class _Failure(NamedTuple):
@@ -404,7 +500,7 @@ def iter_validation_batches(
 
 def _one_epoch_of_rows(loader: TokenLoader) -> Iterator[list[int]]:
     stream: list[int] = []
-    for position, tokens in _Documents(_tokenized_chunks(loader._reading, _Position(0, 0, 0, 0))):
+    for position, tokens, _ in _Documents(_tokenized_chunks(loader._reading, _Position(0, 0, 0, 0))):
         if position.epoch > 0:
             return
         if loader.mode == "pad":

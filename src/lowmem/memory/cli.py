@@ -12,12 +12,11 @@ Everything is counted on the meta device (see lowmem.memory.estimate), so even 7
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
 
 import lowmem.optim
 from lowmem.errors import ConfigError
-from lowmem.config import PRECISIONS, parse_spec
+from lowmem.config import PRECISIONS, parse_spec, parse_value
 from lowmem.memory.estimate import GB, MemoryEstimate, compare, estimate_memory, hparams_for
 from lowmem.memory.plan import format_plan, parse_bytes, plan
 from lowmem.models.chunked_loss import CHUNKED_LOSS_MODES, DEFAULT_CHUNK
@@ -46,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lr", type=float,
                         help="learning rate (no effect on memory; accepted for symmetry with train)")
     parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="optimizer hyperparameter override, repeatable; VALUE is a Python literal. "
+                        help="optimizer hyperparameter override, repeatable; VALUE is read as by --opt "
+                             "(a number such as 1e-8, true/false, a list [0.9, 0.95], else a word). "
                              "OPTIMIZER.KEY=VALUE applies to that optimizer only; with --compare an "
                              "unscoped KEY goes to the optimizers that accept it, except where a registered "
                              "variant fixes it (apollo-mini keeps rank 1)")
@@ -85,10 +85,7 @@ def parse_hparams(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--hparam {item!r} is not KEY=VALUE; write e.g. --hparam rank=128")
-        try:
-            hparams[key.strip()] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            hparams[key.strip()] = text  # a bare word such as a mode name
+        hparams[key.strip()] = parse_value(text)  # the parser of --opt and config values
     if args.rank is not None:
         hparams["rank"] = args.rank
     if args.lr is not None:
@@ -169,6 +166,8 @@ def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate)
 
 
 def run_memory(args: argparse.Namespace) -> int:
+    if args.model not in PRESETS:  # the model first: it is what every other setting is read against
+        raise ConfigError(f"--model {args.model!r} is not a model preset; choose one of: {', '.join(PRESETS)}")
     hparams = parse_hparams(args)
     structure = parse_spec(args.structure, "structure") if args.structure else None
     if args.global_batch is not None and args.budget is None:

@@ -111,7 +111,13 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
                 f"handles: {', '.join(sorted(supported))}. Choose another optimizer (adamw handles every kind) "
                 "or another structure"
             )
-    return entry.load()(groups, **settings)
+    try:
+        return entry.load()(groups, **settings)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # a method's own checks: one message naming the method and value
+        given = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
+        raise ConfigError(f"optimizer {name!r} refused its settings ({given}): {err}") from None
 
 
 __all__ = ["KINDS", "REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles",

@@ -7,8 +7,11 @@ interventions, the structure, every RNG state, and the progress (step, tokens se
 the first evaluation, kept at the top level as before), with the run config beside them. A new
 component adds its state by giving the trainer one more entry; the loop does not change. The step directory
 is written under a temporary name and renamed when every rank has finished, so a checkpoint either
-exists whole or not at all; the newest K are kept. lowmem never unpickles arbitrary objects: a file
-that needs `weights_only=False` is refused with the reason.
+exists whole or not at all; the newest K are kept. A save that fails (a full disk, an unwritable
+directory) removes its partial directory, keeps the previous checkpoint and raises CheckpointError
+naming the directory, the bytes needed and the last good checkpoint. lowmem never unpickles
+arbitrary objects: a file that needs `weights_only=False` is refused with the reason; a truncated
+one is refused naming the newest older checkpoint that loads.
 """
 
 from __future__ import annotations
@@ -221,27 +224,68 @@ def save(run_dir: Path, step: int, payload: dict[str, Any], rank: int = 0, world
     """Write this rank's part of the checkpoint for `step` atomically; return the step directory."""
     final = step_dir(run_dir, step)
     staging = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    if barrier:
-        barrier()
     body = {"format": FORMAT, "rank": rank, "world_size": world_size, **payload}
-    part = staging / f"rank-{rank}.pt"
-    torch.save(body, part.with_suffix(".pt.partial"))
-    os.replace(part.with_suffix(".pt.partial"), part)
-    if barrier:
-        barrier()
+    try:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        if barrier:
+            barrier()
+        part = staging / f"rank-{rank}.pt"
+        torch.save(body, part.with_suffix(".pt.partial"))
+        os.replace(part.with_suffix(".pt.partial"), part)
+        if barrier:
+            barrier()
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync_dir(final.parent)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _is_write_error(err):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _save_failed(run_dir, staging, step, body, err) from None
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_dir(final.parent)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if barrier:
         barrier()
     return final
+
+
+def _is_write_error(err: RuntimeError) -> bool:
+    """torch.save reports a failed write as a RuntimeError (`basic_ios::clear`, `PytorchStreamWriter
+    failed writing file ...`)."""
+    text = str(err)
+    return any(word in text for word in ("basic_ios", "PytorchStreamWriter", "inline_container", "write", "No space", "Permission"))
+
+
+def payload_bytes(value: Any) -> int:
+    """About how many bytes a checkpoint of `value` takes (its tensors' storage)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    return 0
+
+
+def _save_failed(run_dir: Path, staging: Path, step: int, body: dict[str, Any], err: BaseException) -> CheckpointError:
+    directory = staging.parent
+    try:
+        free = f"{shutil.disk_usage(directory if directory.exists() else run_dir).free:,} bytes are free"
+    except OSError:
+        free = "the free space is unknown"
+    previous = list_checkpoints(run_dir)
+    last = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    return CheckpointError(
+        f"could not write the checkpoint of step {step} in {directory} ({reason}); it needs about "
+        f"{payload_bytes(body):,} bytes per process and {free}. The partial {staging.name} was removed and "
+        f"{last}. Free space or make the directory writable, then resume with: lowmem train --resume {run_dir}"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -280,6 +324,21 @@ def resolve(path_or_run: str | Path) -> Path:
     )
 
 
+def _older_intact(step_directory: Path, rank: int) -> str:
+    """Words naming the newest checkpoint older than `step_directory` whose file for `rank` loads."""
+    run_dir = step_directory.parent.parent
+    if step_directory.parent.name != CHECKPOINT_DIR:
+        return "resume from an earlier checkpoint"
+    for older in reversed([p for p in list_checkpoints(run_dir) if p.name < step_directory.name]):
+        try:
+            body = torch.load(older / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - this one is broken too: try the next older
+            continue
+        if isinstance(body, dict) and body.get("format") == FORMAT:
+            return f"the older checkpoint {older} is intact: resume with --resume {older}"
+    return f"no older checkpoint in {run_dir / CHECKPOINT_DIR} loads either"
+
+
 def load(step_directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Load this rank's part of a checkpoint with weights_only=True, with errors that name the file."""
     part = Path(step_directory) / f"rank-{rank}.pt"
@@ -300,7 +359,7 @@ def load(step_directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, 
             ) from None
         raise CheckpointError(
             f"{part} is truncated or corrupt ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
-            "resume from an earlier checkpoint in the same directory"
+            + _older_intact(Path(step_directory), rank)
         ) from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(f"{part} is not a lowmem checkpoint (format {body.get('format') if isinstance(body, dict) else type(body).__name__})")

@@ -10,15 +10,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each JSON record of metrics.jsonl text; a line that does not parse (the
+    partial last line of a process killed while writing it) is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl; on resume, drops lines past the step.
-    Each `sinks` entry (`write(record)`, `close()`) receives the same records."""
+    """Appends one JSON object per logged step to metrics.jsonl; on resume, drops lines past the step
+    (and a partial line left by a kill during a write). Each `sinks` entry (`write(record)`, `close()`)
+    receives the same records."""
 
     def __init__(self, path: Path, resume_step: int | None = None, sinks: list[Any] | None = None) -> None:
         self.path = path
         self.sinks = list(sinks or [])
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, r in _lines(path.read_text()) if r.get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and path.exists():
             path.unlink()
@@ -73,7 +88,7 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _lines(path.read_text())]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
