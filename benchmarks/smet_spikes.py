@@ -1,12 +1,20 @@
-"""Loss spikes after topology updates, naive AdamW vs SMET, from a finished `configs/smet-cpu.yaml` grid.
+"""Loss spikes after topology updates, naive AdamW vs SMET, from a finished (or running) grid.
 
     PYTHONPATH=src python benchmarks/smet_spikes.py runs/smet-cpu --output docs/figures/smet_spikes.png
+    PYTHONPATH=src python benchmarks/smet_spikes.py runs/smet-spikes --dense none
+    PYTHONPATH=src python benchmarks/smet_spikes.py runs/smet-spikes-long --dense none \
+        --output docs/figures/smet_spikes_long.png --gap-ylim 0.1
 
 For every run of the grid with a topology intervention and each update step u: the spike is the mean
 training loss over steps u+1 .. u+20 minus the mean over u-19 .. u (metrics.jsonl, log_every 1). The
 loss falls anyway, so the same windows of the dense AdamW run (no topology) are printed beside it as
 the trend, and "excess" = spike - dense AdamW's difference over the same windows. Writes a two-panel
 plot: the training loss around the updates, and the excess per update.
+
+A second table pairs the first two --plot methods per update (same initialization and batches, so
+their common noise cancels): lr at the update, the first step of a regrown weight under naive AdamW
+at that tensor step t = u + 1 (m = v = 0, so it is lr * (1-b1)/(1-b1^t) / sqrt((1-b2)/(1-b2^t)) * sign(g),
+b1 = 0.9, b2 = 0.999), each run's spike, and the gap (first minus second) over the 20 steps before and after.
 """
 
 from __future__ import annotations
@@ -19,11 +27,22 @@ from pathlib import Path
 import yaml
 
 WINDOW = 20
+BETA1, BETA2 = 0.9, 0.999  # lowmem's AdamW defaults
+
+
+def cold_start_factor(t: int) -> float:
+    """A regrown weight's first AdamW step at tensor step t (m = v = 0 before it), in units of lr."""
+    return (1 - BETA1) / (1 - BETA1**t) / ((1 - BETA2) / (1 - BETA2**t)) ** 0.5
 
 
 def losses(run: Path) -> dict[int, float]:
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def learning_rates(run: Path) -> dict[int, float]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
 
 
 def updates(run: Path) -> list[int]:
@@ -47,7 +66,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("docs/figures/smet_spikes.png"))
     parser.add_argument("--dense", default="adamw-dense", help="the run whose same windows are the trend (none: no trend)")
     parser.add_argument("--plot", default="naive-set-d50,smet-none-set-d50",
-                        help="methods drawn in the plot")
+                        help="methods drawn in the plot (the first two are also paired per update)")
+    parser.add_argument("--gap-ylim", type=float, default=0.03,
+                        help="y range (+-) of the middle panel, first minus second --plot method")
     args = parser.parse_args()
     runs = {p.parent.parent.name: p.parent for p in sorted(args.grid.glob("*/lr*/summary.json"))}
     # Runs still in progress count too (their metrics.jsonl so far), for the updates they have passed.
@@ -70,12 +91,28 @@ def main() -> None:
         print(f"| {name} | {', '.join(map(str, steps))} | {', '.join(f'{s:+.3f}' for s in spikes)} | "
               f"{statistics.fmean(spikes):+.3f} | {statistics.fmean(trend):+.3f} | {statistics.fmean(excess):+.3f} |")
 
+    chosen = [m for m in args.plot.split(",") if m in table]
+    if len(chosen) >= 2:
+        (first, second), lr = chosen[:2], learning_rates(runs[chosen[0]])
+        a, b = table[first][2], table[second][2]
+        print()
+        print(f"| update after step u | lr at u+1 | naive AdamW's first step of a regrown weight at t = u+1 (x lr) | "
+              f"{first} spike | {second} spike | spike difference | gap {first} - {second}, 20 before / 20 after |")
+        print("|---|---|---|---|---|---|---|")
+        for u in table[first][0]:
+            if u not in table[second][0]:
+                continue
+            sa, sb = window_difference(a, u), window_difference(b, u)
+            before = statistics.fmean(a[s] - b[s] for s in range(u - WINDOW + 1, u + 1))
+            after = statistics.fmean(a[s] - b[s] for s in range(u + 1, u + WINDOW + 1))
+            print(f"| {u} | {lr.get(u + 1, float('nan')):.2e} | {cold_start_factor(u + 1):.2f} | {sa:+.3f} | {sb:+.3f} | "
+                  f"{sa - sb:+.3f} | {before:+.4f} / {after:+.4f} |")
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [m for m in args.plot.split(",") if m in table]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     if dense:
         left.plot(sorted(dense), [dense[s] for s in sorted(dense)], color="gray", lw=1, label=f"{args.dense} (no topology)")
@@ -99,7 +136,7 @@ def main() -> None:
         for u in table[chosen[0]][0]:
             middle.axvline(u, color="k", ls=":", lw=0.8)
         middle.axhline(0, color="k", lw=0.8)
-        middle.set_ylim(-0.03, 0.03)
+        middle.set_ylim(-args.gap_ylim, args.gap_ylim)
         middle.set_xlabel("step")
         middle.set_ylabel("training loss difference")
         middle.set_title(f"{chosen[0]} minus {chosen[1]}")
