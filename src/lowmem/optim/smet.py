@@ -25,11 +25,10 @@ import math
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch
-from lowmem.optim.base import check_betas, check_grad, check_nonneg, is_dtensor
+from lowmem.optim.base import LowmemOptimizer, check_betas, check_grad, check_nonneg, is_dtensor
 from lowmem.optim.roles import group_kind
 from lowmem.optim.state import reset_entries, reset_whole
 
@@ -54,7 +53,7 @@ def density_factor(rule: str, density: float) -> float:
     return 1.0
 
 
-class SMET(Optimizer):
+class SMET(LowmemOptimizer):
     """SMET over role/kind groups (see the module docstring); `warmup` is W, `density_lr` the rule."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -72,12 +71,7 @@ class SMET(Optimizer):
                         density_lr=density_lr, foreach=foreach)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             if group_kind(group) in SPARSE_KINDS:
@@ -93,7 +87,6 @@ class SMET(Optimizer):
                     batch.add(p, self.state[p])
             batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], foreach=group["foreach"])
-        return loss
 
     def _sparse_step(self, p: torch.Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
         if is_dtensor(p):
