@@ -17,7 +17,7 @@ import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.apollo import Apollo
 from lowmem.optim.projection import gaussian_projection, next_seed
-from lowmem.testing import TINY
+from lowmem.testing import TINY, same_gradients_every_parameter
 
 STEPS = 30  # with update_proj_gap 10: new random projections at steps 1, 11 and 21
 GAP = 10
@@ -96,26 +96,6 @@ def released_groups(model, **low_rank):
     return [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": targets, **low_rank}]
 
 
-def same_gradients_every_parameter(ours_model, theirs_model, ours_opt, theirs_opt, steps=STEPS, seed=0):
-    """Feed both optimizers the same gradients for every parameter; return
-    {name: ||ours - theirs|| / ||theirs - initial||} after `steps` steps."""
-    initial = {n: p.detach().clone() for n, p in theirs_model.named_parameters()}
-    gen = torch.Generator().manual_seed(seed)
-    persistent = {n: torch.randn(p.shape, generator=gen) for n, p in ours_model.named_parameters()}
-    for _ in range(steps):
-        for (name, a), (_, b) in zip(ours_model.named_parameters(), theirs_model.named_parameters()):
-            grad = persistent[name] + 0.5 * torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = grad.clone(), grad.clone()
-        ours_opt.step()
-        theirs_opt.step()
-    theirs = dict(theirs_model.named_parameters())
-    out = {}
-    for name, a in ours_model.named_parameters():
-        moved = (theirs[name] - initial[name]).norm()
-        assert moved > 1e-2 * initial[name].norm(), f"{name}: the oracle run did not move it"
-        out[name] = ((a - theirs[name]).norm() / moved).item()
-    return out
-
 
 @pytest.mark.parametrize("name,hp", [
     ("apollo", dict(rank=4, lr=0.01)),
@@ -133,7 +113,7 @@ def test_build_matches_official_on_every_parameter_with_the_released_grouping(na
     settings = dict(APOLLO_MINI if name == "apollo-mini" else APOLLO, rank=hp.pop("rank", 1))
     theirs = apollo_torch.APOLLOAdamW(released_groups(theirs_model, update_proj_gap=GAP, proj="random",
                                                       proj_type="std", **settings), **hp)
-    errors = same_gradients_every_parameter(ours_model, theirs_model, ours, theirs)
+    errors = same_gradients_every_parameter(ours_model, theirs_model, ours, theirs, steps=STEPS)
     assert max(errors.values()) <= 1e-5, {k: v for k, v in errors.items() if v > 1e-5}
 
 

@@ -11,7 +11,7 @@ import torch
 import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.galore import Fira, GaLore
-from lowmem.testing import TINY
+from lowmem.testing import TINY, same_gradients_every_parameter
 
 STEPS = 30  # with update_proj_gap 10: projections are computed at steps 1, 11 and 21
 GAP = 10
@@ -93,26 +93,6 @@ def released_groups(model, **low_rank):
     return [{"params": regular}, {"params": targets, **low_rank}]
 
 
-def same_gradients_every_parameter(ours_model, theirs_model, ours_opt, theirs_opt, steps=STEPS, seed=0):
-    """Feed both optimizers the same gradients for every parameter (a persistent part plus noise, so
-    subspaces move); return {name: ||ours - theirs|| / ||theirs - initial||} after `steps` steps."""
-    initial = {n: p.detach().clone() for n, p in theirs_model.named_parameters()}
-    gen = torch.Generator().manual_seed(seed)
-    persistent = {n: torch.randn(p.shape, generator=gen) for n, p in ours_model.named_parameters()}
-    for _ in range(steps):
-        for (name, a), (_, b) in zip(ours_model.named_parameters(), theirs_model.named_parameters()):
-            grad = persistent[name] + 0.5 * torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = grad.clone(), grad.clone()
-        ours_opt.step()
-        theirs_opt.step()
-    theirs = dict(theirs_model.named_parameters())
-    out = {}
-    for name, a in ours_model.named_parameters():
-        moved = (theirs[name] - initial[name]).norm()
-        assert moved > 1e-2 * initial[name].norm(), f"{name}: the oracle run did not move it"
-        out[name] = ((a - theirs[name]).norm() / moved).item()
-    return out
-
 
 def _tiny_pair():
     torch.manual_seed(0)
@@ -144,7 +124,7 @@ def test_every_parameter_matches_the_official_package_with_the_released_grouping
             warnings.simplefilter("ignore", FutureWarning)
             theirs = fira.FiraAdamW(released_groups(theirs_model, alpha=hp.pop("scale"), **low_rank),
                                     no_deprecation_warning=True, **hp)
-    errors = same_gradients_every_parameter(ours_model, theirs_model, ours, theirs)
+    errors = same_gradients_every_parameter(ours_model, theirs_model, ours, theirs, steps=STEPS)
     assert max(errors.values()) <= 1e-5, {k: v for k, v in errors.items() if v > 1e-5}
 
 

@@ -155,3 +155,27 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
         diff = (x - y).norm() / x.norm().clamp_min(1e-300)
         worst = max(worst, diff.item())
     return worst
+
+
+def same_gradients_every_parameter(ours_model: torch.nn.Module, theirs_model: torch.nn.Module,
+                                   ours_opt: torch.optim.Optimizer, theirs_opt: torch.optim.Optimizer,
+                                   steps: int, seed: int = 0) -> dict[str, float]:
+    """Feed two optimizers (lowmem's and an oracle's, on twin models) the same gradients for every
+    parameter — a persistent part plus noise, so subspaces move — for `steps` steps; return
+    {name: ||ours - theirs|| / ||theirs - initial||}, each parameter's error relative to how far it moved."""
+    initial = {n: p.detach().clone() for n, p in theirs_model.named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    persistent = {n: torch.randn(p.shape, generator=gen) for n, p in ours_model.named_parameters()}
+    for _ in range(steps):
+        for (name, a), (_, b) in zip(ours_model.named_parameters(), theirs_model.named_parameters()):
+            grad = persistent[name] + 0.5 * torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    theirs = dict(theirs_model.named_parameters())
+    out = {}
+    for name, a in ours_model.named_parameters():
+        moved = (theirs[name] - initial[name]).norm()
+        assert moved > 1e-2 * initial[name].norm(), f"{name}: the oracle run did not move it"
+        out[name] = ((a - theirs[name]).norm() / moved).item()
+    return out
