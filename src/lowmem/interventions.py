@@ -81,15 +81,7 @@ class BaseIntervention:
 
 def build_intervention(name: str, **settings: Any) -> Intervention:
     """The intervention registered as `name`, built with `settings`; bad settings raise ConfigError."""
-    cls = INTERVENTIONS.get(name)
-    try:
-        return cls(**settings)
-    except TypeError as err:
-        raise ConfigError(f"intervention {name!r}: {err}; see its documentation for the settings it takes") from None
-    except ValueError as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"intervention {name!r}: {err}") from None
+    return INTERVENTIONS.build(name, **settings)
 
 
 def build_interventions(specs: list[dict[str, Any]], context: RunContext) -> list[Intervention]:

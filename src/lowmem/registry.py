@@ -55,6 +55,17 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self.names()) or '(none)'}")
         return self._entries[name]
 
+    def build(self, name: str, **settings: Any) -> Any:
+        """The entry `name` called with `settings` (a class or factory); a setting it does not take
+        or refuses (TypeError/ValueError) becomes a ConfigError naming the entry."""
+        factory = self.get(name)
+        try:
+            return factory(**settings)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{self.what} {name!r}: {err}") from None
+
     def names(self) -> list[str]:
         self._load_builtins()
         return sorted(self._entries)

@@ -19,7 +19,7 @@ parameters and buffers (which the model's state dict already carries) goes into 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -81,16 +81,7 @@ def build_structure(spec: dict[str, Any] | None) -> Structure | None:
         return None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ConfigError(f"a structure must be a mapping with a 'name', e.g. {{name: lowrank, rank: 128}}; got {spec!r}")
-    factory: Callable[..., Structure] = STRUCTURES.get(spec["name"])
-    settings = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        return factory(**settings)
-    except TypeError as err:
-        raise ConfigError(f"structure {spec['name']!r}: {err}") from None
-    except ValueError as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"structure {spec['name']!r}: {err}") from None
+    return STRUCTURES.build(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
 
 
 __all__ = ["STRUCTURES", "Structure", "build_structure", "hidden_linears"]
