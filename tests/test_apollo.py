@@ -17,7 +17,7 @@ import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.apollo import Apollo
 from lowmem.optim.projection import gaussian_projection, next_seed
-from lowmem.testing import TINY, same_gradients_every_parameter
+from lowmem.testing import TINY, same_gradients_every_parameter, twin_models
 
 STEPS = 30  # with update_proj_gap 10: new random projections at steps 1, 11 and 21
 GAP = 10
@@ -79,14 +79,6 @@ def test_matches_official_apollo_torch(hp):
         assert_close(ours, theirs, initial)
 
 
-def _tiny_pair():
-    torch.manual_seed(0)
-    ours = build_model(TINY)
-    theirs = build_model(TINY)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
-
-
 def released_groups(model, **low_rank):
     """The released APOLLO training script's grouping: the nn.Linear weights of modules named *attn*
     or *mlp* in one group with the low-rank settings, after a group of every other parameter."""
@@ -107,7 +99,7 @@ def test_build_matches_official_on_every_parameter_with_the_released_grouping(na
     groups (regular first): same seeds, hence the same random matrices, and the released Adam form on
     the embedding, head and gains; 30 steps, new projections at 1, 11, 21."""
     apollo_torch = pytest.importorskip("apollo_torch", reason="the official APOLLO package apollo-torch is not installed")
-    ours_model, theirs_model = _tiny_pair()
+    ours_model, theirs_model = twin_models()
     ours = lowmem.optim.build(name, ours_model, update_proj_gap=GAP, **hp)
     hp = dict(hp)
     settings = dict(APOLLO_MINI if name == "apollo-mini" else APOLLO, rank=hp.pop("rank", 1))

@@ -11,7 +11,7 @@ import torch
 import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.galore import Fira, GaLore
-from lowmem.testing import TINY, same_gradients_every_parameter
+from lowmem.testing import TINY, same_gradients_every_parameter, twin_models
 
 STEPS = 30  # with update_proj_gap 10: projections are computed at steps 1, 11 and 21
 GAP = 10
@@ -94,14 +94,6 @@ def released_groups(model, **low_rank):
 
 
 
-def _tiny_pair():
-    torch.manual_seed(0)
-    ours = build_model(TINY)
-    theirs = build_model(TINY)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
-
-
 EVERY_PARAMETER_CASES = [dict(lr=0.01, scale=0.25), dict(lr=0.02, scale=0.5, weight_decay=0.1, betas=(0.8, 0.99))]
 
 
@@ -110,7 +102,7 @@ EVERY_PARAMETER_CASES = [dict(lr=0.01, scale=0.25), dict(lr=0.02, scale=0.5, wei
 def test_every_parameter_matches_the_official_package_with_the_released_grouping(name, hp):
     """lowmem.optim.build over a model (embedding, head and norm gains on Adam, in the released form)
     against the official optimizer given the released scripts' groups: 30 steps, refreshes at 1, 11, 21."""
-    ours_model, theirs_model = _tiny_pair()
+    ours_model, theirs_model = twin_models()
     ours = lowmem.optim.build(name, ours_model, rank=RANK, update_proj_gap=GAP, **hp)
     hp = dict(hp)
     low_rank = {"rank": RANK, "update_proj_gap": GAP, "proj_type": "std"}
@@ -134,7 +126,7 @@ def test_every_parameter_comparison_sees_the_adam_form():
     galore_torch = pytest.importorskip("galore_torch", reason="the official GaLore package is not installed")
     import lowmem.optim.projection as projection
 
-    ours_model, theirs_model = _tiny_pair()
+    ours_model, theirs_model = twin_models()
     ours = lowmem.optim.build("galore", ours_model, rank=RANK, update_proj_gap=GAP)
     theirs = galore_torch.GaLoreAdamW(released_groups(theirs_model, rank=RANK, update_proj_gap=GAP, scale=0.25,
                                                       proj_type="std"), lr=0.01, no_deprecation_warning=True)

@@ -179,3 +179,11 @@ def same_gradients_every_parameter(ours_model: torch.nn.Module, theirs_model: to
         assert moved > 1e-2 * initial[name].norm(), f"{name}: the oracle run did not move it"
         out[name] = ((a - theirs[name]).norm() / moved).item()
     return out
+
+
+def twin_models(config: LlamaConfig = TINY) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two models with the same initial weights (seed 0): lowmem's optimizer on one, an oracle's on the other."""
+    torch.manual_seed(0)
+    ours, theirs = build_model(config), build_model(config)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
