@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
 from lowmem.bench.report import report
-from lowmem.bench.run import load_grid, run_grid
+from lowmem.bench.run import finished_results, load_grid, run_grid
 from lowmem.errors import ConfigError
 
 
@@ -60,3 +62,72 @@ def test_a_grid_method_can_name_a_structure_and_interventions(tiny_corpus, token
     assert run.optimizer == "adamw" and run.name == "lowrank-restarts/lr0.001"
     assert run.config["model"] == {"preset": "cpu-tiny", "structure": {"name": "lowrank", "rank": 8}}
     assert run.config["optim"]["interventions"] == [{"name": "momentum-reset", "every": 2}]
+
+
+def _planned(grid, results):
+    return [run.name for run in grid.pending(results)]
+
+
+def test_a_sweep_is_extended_until_its_best_lr_is_bracketed_then_seeded(tiny_corpus, token_cache, tmp_path):
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {
+        "adamw": {"lr": [1.0e-3, 2.0e-3], "seeds": 3, "bracket": True}}), tmp_path / "out")
+    assert _planned(grid, {}) == ["adamw/lr0.001", "adamw/lr0.002"]
+    # best at the low edge: the next point down on the same factor-2 grid
+    results = {"adamw/lr0.001": 10.0, "adamw/lr0.002": 12.0}
+    assert _planned(grid, results) == ["adamw/lr0.0005"]
+    # still at the low edge: one more; then bracketed at 5e-4 and seeded there
+    results["adamw/lr0.0005"] = 9.0
+    assert _planned(grid, results) == ["adamw/lr0.00025"]
+    results["adamw/lr0.00025"] = 11.0
+    assert _planned(grid, results) == ["adamw/lr0.0005-seed43", "adamw/lr0.0005-seed44"]
+    results.update({"adamw/lr0.0005-seed43": 9.5, "adamw/lr0.0005-seed44": 8.5})
+    assert _planned(grid, results) == []
+    seeded = grid.pending({k: v for k, v in results.items() if "seed44" not in k})
+    assert [r.config["train"]["seed"] for r in seeded] == [44]
+
+
+def test_bracketing_stops_after_three_points_per_side_and_skips_diverged_runs(tiny_corpus, token_cache, tmp_path):
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {
+        "sgd": {"lr": [1.0, 3.0], "bracket": True}, "adamw": {"lr": [1.0e-3, 2.0e-3], "seeds": 2}}), tmp_path / "out")
+    results = {"sgd/lr1": 5.0, "sgd/lr3": 9.0, "adamw/lr0.001": float("nan"), "adamw/lr0.002": 30.0}
+    extended = []
+    while (todo := [n for n in _planned(grid, results) if n.startswith("sgd")]):
+        assert len(todo) == 1
+        extended.append(todo[0])
+        results[todo[0]] = 5.0 - len(extended)  # always better further down
+    assert extended == ["sgd/lr0.333", "sgd/lr0.111", "sgd/lr0.037"]
+    # not bracketed (adamw: no bracket) and a nan is never the best: the seed goes to 2e-3
+    assert _planned(grid, results) == ["adamw/lr0.002-seed43"]
+
+
+def test_grid_bracket_and_seeds_end_to_end_and_the_report_pools_seeds(tiny_corpus, token_cache, tmp_path):
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {
+        "adamw": {"lr": [1.0e-3, 4.0e-3], "seeds": 2}, "sgd": {"lr": [1.0e-1]}}), tmp_path / "out")
+    dirs = run_grid(grid, workers=2, progress=False)
+    names = sorted(f"{d.parent.name}/{d.name}" for d in dirs)
+    assert len(names) == 4 and sum("-seed43" in n for n in names) == 1
+    report(tmp_path / "out")
+    best = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(best["adamw"]["seeds"]) == 2 and best["adamw"]["low"] <= best["adamw"]["mean"] <= best["adamw"]["high"]
+    assert best["sgd"]["bracketed"] is None and best["adamw"]["bracketed"] is False  # best is an edge of two points
+    assert _planned(grid, finished_results(tmp_path / "out")) == []
+
+
+def test_verdicts_are_ties_when_seed_ranges_overlap_and_the_pareto_front_keeps_undominated_points():
+    from lowmem.bench.report import pareto_front, verdict
+
+    a = {"low": 10.0, "high": 12.0}
+    assert verdict({"low": 12.5, "high": 13.0}, a) == "worse"
+    assert verdict({"low": 8.0, "high": 9.9}, a) == "better"
+    assert verdict({"low": 11.9, "high": 11.9}, a) == "tie"
+    assert pareto_front([(1.0, 50.0), (2.0, 60.0), (3.0, 40.0), (0.5, 70.0)]) == [(0.5, 70.0), (1.0, 50.0), (3.0, 40.0)]
+
+
+@pytest.mark.parametrize("methods,message", [
+    ({"adamw": {"lr": [1e-3], "seeds": 0}}, "seeds must be an integer >= 1"),
+    ({"adamw": {"lr": [1e-3], "bracket": "yes"}}, "bracket must be true or false"),
+    ({"adamw": {"lr": [-1e-3]}}, "is not a number > 0"),
+])
+def test_bad_seeds_and_bracket_settings_are_refused(methods, message, tiny_corpus, token_cache, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_grid(_grid(tmp_path, tiny_corpus, token_cache, methods), tmp_path / "out")

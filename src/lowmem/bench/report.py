@@ -1,14 +1,20 @@
 """Many runs → the papers' kind of table and plots.
 
-For each method, the run with the lowest validation perplexity over its learning-rate sweep is
-kept; the table gives its perplexity, the ratio to AdamW's best, every LR tried, throughput and
-memory (optimizer-state bytes measured in the run, and the papers' 2 bytes × (weights + states)).
-Plots: perplexity against optimizer-state memory, and the best runs' training-loss curves.
+For each method, the learning rate with the lowest validation perplexity over its sweep (the runs at
+the grid's base seed) is kept; every seed run at that lr is pooled into mean ± s.d. and [min, max].
+Against AdamW a method is "better" or "worse" only when the two seed ranges do not overlap, else a
+"tie" (a one-seed method's range is its one value). The table gives that, every lr tried and
+whether the best is bracketed (a point on each side), memory (optimizer-state bytes measured in the
+run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
+Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
+front, and the best runs' training-loss curves. `report.json` holds the same numbers for scripts.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from lowmem.train.log import format_bytes, read_metrics
 
 
 def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Every finished run under `root` (a directory holding summary.json and grid-config.yaml)."""
+    """Every finished run under `root` (a directory holding summary.json and config.yaml)."""
     from lowmem.config import load_yaml
 
     runs = []
@@ -25,49 +31,98 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         summary = json.loads(summary_path.read_text())
         config = load_yaml((summary_path.parent / "config.yaml").read_text())
         runs.append({"method": summary_path.parent.parent.name, "lr": config["optim"]["lr"],
+                     "seed": config["train"]["seed"], "extra_seed": "-seed" in summary_path.parent.name,
                      "dir": summary_path.parent, **summary})
     return runs
 
 
+def _ppl(run: dict[str, Any]) -> float:
+    value = run["val_perplexity"]
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
 def best_per_method(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: its best sweep run, with `sweep`, `seeds` (perplexities at the best lr, every seed),
+    `mean`, `sd`, `low`, `high` and `bracketed` (None for a one-point sweep)."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
     best = {}
     for method, group in by_method.items():
-        finite = [r for r in group if r["val_perplexity"] == r["val_perplexity"]]
-        chosen = min(finite or group, key=lambda r: r["val_perplexity"])
-        best[method] = {**chosen, "sweep": sorted((r["lr"], r["val_perplexity"]) for r in group if r["lr"] is not None)}
+        sweep = [r for r in group if not r["extra_seed"]] or group
+        chosen = min(sweep, key=_ppl)
+        at_best = [_ppl(r) for r in group if r["lr"] == chosen["lr"]]
+        lrs = sorted(r["lr"] for r in sweep if r["lr"] is not None)
+        finite = [p for p in at_best if math.isfinite(p)] or at_best
+        best[method] = {
+            **chosen,
+            "sweep": sorted((r["lr"], r["val_perplexity"]) for r in sweep if r["lr"] is not None),
+            "seeds": at_best,
+            "mean": statistics.fmean(finite),
+            "sd": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+            "low": min(finite), "high": max(finite),
+            "bracketed": None if len(lrs) < 2 or chosen["lr"] is None else lrs[0] < chosen["lr"] < lrs[-1],
+        }
     return best
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'better' / 'worse' (lower / higher perplexity) when a's and b's seed ranges are apart, else 'tie'."""
+    if a["high"] < b["low"]:
+        return "better"
+    if a["low"] > b["high"]:
+        return "worse"
+    return "tie"
+
+
+def step_seconds(run: dict[str, Any]) -> float:
+    return run["tokens"] / run["tokens_per_second"] / max(run["steps"], 1)
 
 
 def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> str:
     reference = best.get(baseline)
+    base_state = reference.get("memory", {}).get("optimizer_state_bytes") if reference else None
 
     def ratio(value: float | None, base: float | None) -> str:
         return f"{value / base:.3f}" if value is not None and base else "–"
 
     lines = [
-        "| method | val ppl | vs AdamW | best lr | sweep (lr: ppl) | tokens/s | optimizer state | vs AdamW | papers' GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | val ppl (mean ± s.d., n) | vs AdamW | verdict | best lr | bracketed | sweep (lr: ppl) "
+        "| optimizer state | vs AdamW | papers' GB | peak memory | step time | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, run in sorted(best.items(), key=lambda kv: kv[1]["val_perplexity"]):
-        state = run.get("memory", {}).get("optimizer_state_bytes")
-        base_state = reference.get("memory", {}).get("optimizer_state_bytes") if reference else None
+    for method, run in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+        memory = run.get("memory", {})
+        state = memory.get("optimizer_state_bytes")
         sweep = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in run["sweep"]) or "default"
+        spread = f"{run['mean']:.2f} ± {run['sd']:.2f} ({len(run['seeds'])})" if len(run["seeds"]) > 1 \
+            else f"{run['mean']:.2f} (1)"
         cells = [
-            method,
-            f"{run['val_perplexity']:.2f}",
-            ratio(run["val_perplexity"], reference["val_perplexity"] if reference else None),
+            method, spread,
+            ratio(run["mean"], reference["mean"] if reference else None),
+            "—" if method == baseline or not reference else verdict(run, reference),
             "default" if run["lr"] is None else f"{run['lr']:g}",
+            {None: "—", True: "yes", False: "**no**"}[run["bracketed"]],
             sweep,
-            f"{run['tokens_per_second']:,.0f}",
             format_bytes(state) if state is not None else "–",
             ratio(state, base_state),
-            f"{run.get('memory', {}).get('estimate_paper_gb', float('nan')):.4f}",
+            f"{memory.get('estimate_paper_gb', float('nan')):.4f}",
+            format_bytes(memory["peak_bytes"]) if memory.get("peak_bytes") else "–",
+            f"{step_seconds(run) * 1e3:.0f} ms",
+            f"{run['tokens_per_second']:,.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (memory, perplexity) points no other point beats on both (lower or equal memory and ppl)."""
+    front, best_ppl = [], math.inf
+    for memory, ppl in sorted(points):
+        if ppl < best_ppl:
+            front.append((memory, ppl))
+            best_ppl = ppl
+    return front
 
 
 def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -79,27 +134,36 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
     # One colour per method in both plots (the default cycle repeats after ten).
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(best))}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    points = []
     for method, run in best.items():
-        state = run.get("memory", {}).get("optimizer_state_bytes", 0)
-        ax.scatter(state / 2**20, run["val_perplexity"], s=40, color=colours[method])
-        ax.annotate(method, (state / 2**20, run["val_perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        state = run.get("memory", {}).get("optimizer_state_bytes", 0) / 2**20
+        if not math.isfinite(run["mean"]):
+            continue
+        points.append((state, run["mean"]))
+        ax.errorbar(state, run["mean"], yerr=[[run["mean"] - run["low"]], [run["high"] - run["mean"]]],
+                    fmt="o", ms=5, capsize=3, color=colours[method])
+        ax.annotate(method, (state, run["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="grey", linewidth=0.8, linestyle="--", label="Pareto front")
+        ax.legend(fontsize=7)
     ax.set_xlabel("optimizer state (MiB, measured)")
-    ax.set_ylabel("validation perplexity (best lr)")
+    ax.set_ylabel("validation perplexity (best lr; bars: seed range)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out_dir / "perplexity_vs_memory.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method, run in sorted(best.items()):
         records = [r for r in read_metrics(Path(run["dir"]) / "metrics.jsonl") if "loss" in r]
         if records:
-            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=method, linewidth=1,
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=method, linewidth=0.8,
                     color=colours[method])
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (best lr, base seed)")
     ax.set_ylim(top=min(ax.get_ylim()[1], 8))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
@@ -118,5 +182,10 @@ def report(root: str | Path) -> str:
     best = best_per_method(runs)
     table = markdown_table(best)
     (root / "report.md").write_text(table + "\n")
+    keep = ("lr", "sweep", "seeds", "mean", "sd", "low", "high", "bracketed", "memory", "tokens",
+            "tokens_per_second", "steps", "wall_seconds")
+    (root / "report.json").write_text(json.dumps(
+        {m: {k: r.get(k) for k in keep} | {"step_seconds": step_seconds(r)} for m, r in best.items()},
+        indent=1, default=str, allow_nan=True) + "\n")
     plot(best, root)
     return table

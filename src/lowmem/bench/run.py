@@ -4,34 +4,42 @@
       model: cpu-tiny
       data: {source: ../shared/data/reviews, seq_len: 128}
       train: {steps: 250, batch_size: 32, micro_batch_size: 32}
+    bracket: true               # extend each sweep until its best lr has run neighbours on both sides
     methods:
-      adamw: {lr: [1.0e-3, 3.0e-3, 1.0e-2]}
+      adamw: {lr: [1.0e-3, 3.0e-3, 1.0e-2], seeds: 3}
       scale: {lr: [1.0e-3, 3.0e-3, 1.0e-2], hparams: {adam_lr: 2.0e-2}}
       galore: {optimizer: galore, lr: [1.0e-2], hparams: {rank: 32}}
       lowrank-restarts: {optimizer: adamw, lr: [1.0e-3], structure: {name: lowrank, rank: 32},
                          interventions: [{name: restarts, every: 50}]}
-      lowrank: {optimizer: adamw, lr: [3.0e-3], structure: {name: lowrank, rank: 32}}
 
-Each (method, lr) pair is one run in `<output>/<method>/lr<lr>`, started as its own
-`lowmem train` process with one torch thread, `workers` at a time. A run whose summary.json exists
-is not run again, so an interrupted grid continues where it stopped.
+Each (method, lr) pair is one run in `<output>/<method>/lr<lr>`, started as its own `lowmem train`
+process with one torch thread, `workers` at a time. The grid then plans follow-ups from the finished
+runs: while a bracketed sweep's best lr is its smallest or largest, the next point on the same log
+grid (the ratio of its two nearest points) runs, up to `max_extend` points per side; once bracketed,
+`seeds: N` runs N - 1 more seeds (the base seed + 1, + 2, ...) at the best lr, in
+`<method>/lr<lr>-seed<s>`. A run whose summary.json exists is not run again, and the plan is a
+function of the finished runs, so an interrupted grid continues where it stopped.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from lowmem.config import RunConfig, load_yaml
 from lowmem.errors import ConfigError, LowmemError
+
+MAX_EXTEND = 3  # bracketing points added per side before a sweep is reported as unbracketed
 
 
 class GridFailed(LowmemError):
@@ -44,13 +52,112 @@ class GridRun:
     optimizer: str
     lr: float | None
     config: dict[str, Any]
+    seed: int | None = None  # None: the base config's seed (the sweep); else an extra seed
 
     @property
     def name(self) -> str:
-        return f"{self.method}/lr{self.lr:g}" if self.lr is not None else f"{self.method}/default"
+        lr = f"lr{self.lr:g}" if self.lr is not None else "default"
+        return f"{self.method}/{lr}" if self.seed is None else f"{self.method}/{lr}-seed{self.seed}"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config["train"]["output_dir"])
 
 
-def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of a grid: how to build its runs, and what to plan once its sweep has finished."""
+
+    method: str
+    optimizer: str
+    lrs: tuple[float | None, ...]
+    overrides: dict[str, Any]  # the optim (and model) sections this method sets on the base
+    seeds: int = 1
+    bracket: bool = False
+
+
+@dataclass
+class Grid:
+    """The runs a grid file names now (`runs`, iterable) and the follow-ups its results call for."""
+
+    base: dict[str, Any]
+    methods: list[MethodSpec]
+    output: Path
+    runs: list[GridRun] = field(default_factory=list)
+    base_seed: int = RunConfig().train.seed
+
+    def __iter__(self) -> Iterator[GridRun]:
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __getitem__(self, index: int) -> GridRun:
+        return self.runs[index]
+
+    def make_run(self, spec: MethodSpec, lr: float | None, seed: int | None = None) -> GridRun:
+        raw = _merge(self.base, spec.overrides)
+        raw["optim"] = {**raw.get("optim", {}), "name": spec.optimizer, "lr": lr}
+        run = GridRun(spec.method, spec.optimizer, lr, raw, seed)
+        train = raw.setdefault("train", {})
+        train["output_dir"] = str(self.output / run.name)
+        if seed is not None:
+            train["seed"] = seed
+        return run
+
+    def plan(self, spec: MethodSpec, results: dict[str, float]) -> list[GridRun]:
+        """This method's runs still to do, given the validation perplexity of each finished run by
+        name (nan: diverged or failed): its sweep, then bracketing points, then extra seeds."""
+        lrs = list(spec.lrs)
+        extended = {"low": 0, "high": 0}
+        while True:
+            missing = [run for run in (self.make_run(spec, lr) for lr in lrs) if run.name not in results]
+            if missing:
+                return missing
+            best = _best_lr(lrs, {lr: results[self.make_run(spec, lr).name] for lr in lrs})
+            if not spec.bracket or None in lrs or len(lrs) < 2 or best is None:
+                break
+            ordered = sorted(lrs)
+            if best == ordered[0] and extended["low"] < MAX_EXTEND:
+                extended["low"] += 1
+                lrs.append(_on_grid(ordered[0] ** 2 / ordered[1]))
+            elif best == ordered[-1] and extended["high"] < MAX_EXTEND:
+                extended["high"] += 1
+                lrs.append(_on_grid(ordered[-1] ** 2 / ordered[-2]))
+            else:
+                break
+        if best is None:  # every lr diverged: no point to seed
+            return []
+        seeded = (self.make_run(spec, best, self.base_seed + k) for k in range(1, spec.seeds))
+        return [run for run in seeded if run.name not in results]
+
+    def pending(self, results: dict[str, float]) -> list[GridRun]:
+        return [run for spec in self.methods for run in self.plan(spec, results)]
+
+
+def _best_lr(lrs: list[float | None], ppl: dict[float | None, float]) -> float | None:
+    finite = [lr for lr in lrs if math.isfinite(ppl[lr])]
+    return min(finite, key=lambda lr: ppl[lr]) if finite else None
+
+
+def _on_grid(lr: float) -> float:
+    """Three significant digits, so 1e-3**2 / 2e-3 is 0.0005 and its directory name stays short."""
+    return float(f"{lr:.3g}")
+
+
+def finished_results(output: str | Path) -> dict[str, float]:
+    """Validation perplexity of every finished run under a grid's output directory, by run name."""
+    results = {}
+    for path in Path(output).glob("*/*/summary.json"):
+        try:
+            ppl = json.loads(path.read_text())["val_perplexity"]
+        except (OSError, ValueError, KeyError):
+            continue
+        results[f"{path.parent.parent.name}/{path.parent.name}"] = float("nan") if ppl is None else float(ppl)
+    return results
+
+
+def load_grid(path: str | Path, output: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist; see configs/ for examples")
@@ -60,43 +167,58 @@ def load_grid(path: str | Path, output: str | Path) -> list[GridRun]:
         raise ConfigError(f"grid file {path} is not valid YAML: {err}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("methods"), dict) or not spec["methods"]:
         raise ConfigError(f"grid file {path} needs a 'methods' mapping of method name to settings")
+    unknown = sorted(set(spec) - {"base", "methods", "bracket"})
+    if unknown:
+        raise ConfigError(f"grid file {path} has unknown top-level keys {unknown}; use base, methods, bracket")
     base = spec.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"'base' in grid file {path} must be a mapping of config sections, got {base!r}")
-    runs = []
+    bracket_all = spec.get("bracket", False)
+    if not isinstance(bracket_all, bool):
+        raise ConfigError(f"'bracket' in grid file {path} must be true or false, got {bracket_all!r}")
+    base_seed = RunConfig.from_dict(_merge(base, {"train": {"output_dir": str(output)}})).train.seed
+    grid = Grid(base=base, methods=[], output=Path(output), base_seed=base_seed)
     for method, settings in spec["methods"].items():
-        if not isinstance(method, str):
-            raise ConfigError(f"method {method!r} in {path} must be a name (a string), e.g. adamw")
-        if settings is not None and not isinstance(settings, dict):
-            raise ConfigError(f"method {method!r} in {path} must map to its settings "
-                              f"(optimizer, lr, hparams, interventions), got {settings!r}")
-        settings = dict(settings or {})
-        optimizer = settings.pop("optimizer", method)
-        if not isinstance(optimizer, str):
-            raise ConfigError(f"method {method!r} in {path}: optimizer must be a name (a string), got {optimizer!r}")
-        lrs = settings.pop("lr", [None])
-        lrs = lrs if isinstance(lrs, list) else [lrs]
-        for lr in lrs:
-            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
-                raise ConfigError(f"method {method!r} in {path}: lr {lr!r} is not a number; write e.g. lr: [1e-3, 3e-3]")
-        hparams = settings.pop("hparams", {})
-        interventions = settings.pop("interventions", [])
-        structure = settings.pop("structure", None)
-        if settings:
-            raise ConfigError(f"method {method!r} in {path} has unknown settings {sorted(settings)}; "
-                              "use optimizer, lr, hparams, interventions, structure")
-        for lr in lrs:
-            raw = _merge(base, {"optim": {"name": optimizer, "lr": lr, "hparams": hparams,
-                                          "interventions": interventions}})
-            if structure is not None:  # this method's weight structure, on the base's model preset
-                preset = raw.get("model")
-                preset = preset.get("preset") if isinstance(preset, dict) else preset
-                raw["model"] = {"preset": preset, "structure": dict(structure)}
-            run = GridRun(method, optimizer, lr, raw)
-            raw.setdefault("train", {})["output_dir"] = str(Path(output) / run.name)
-            RunConfig.from_dict(raw)  # refuse a bad grid before anything runs
-            runs.append(run)
-    return runs
+        grid.methods.append(_method_spec(path, method, settings, base, bracket_all))
+    for method in grid.methods:
+        for run in grid.plan(method, {}):
+            RunConfig.from_dict(run.config)  # refuse a bad grid before anything runs
+            grid.runs.append(run)
+    return grid
+
+
+def _method_spec(path: Path, method: Any, settings: Any, base: dict[str, Any], bracket_all: bool) -> MethodSpec:
+    if not isinstance(method, str) or "/" in method:
+        raise ConfigError(f"method {method!r} in {path} must be a name (a string without '/'), e.g. adamw")
+    if settings is not None and not isinstance(settings, dict):
+        raise ConfigError(f"method {method!r} in {path} must map to its settings "
+                          f"(optimizer, lr, hparams, interventions, structure, seeds, bracket), got {settings!r}")
+    settings = dict(settings or {})
+    optimizer = settings.pop("optimizer", method)
+    if not isinstance(optimizer, str):
+        raise ConfigError(f"method {method!r} in {path}: optimizer must be a name (a string), got {optimizer!r}")
+    lrs = settings.pop("lr", [None])
+    lrs = lrs if isinstance(lrs, list) else [lrs]
+    for lr in lrs:
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise ConfigError(f"method {method!r} in {path}: lr {lr!r} is not a number > 0; write e.g. lr: [1e-3, 3e-3]")
+    seeds = settings.pop("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"method {method!r} in {path}: seeds must be an integer >= 1 (runs at the best lr), got {seeds!r}")
+    bracket = settings.pop("bracket", bracket_all)
+    if not isinstance(bracket, bool):
+        raise ConfigError(f"method {method!r} in {path}: bracket must be true or false, got {bracket!r}")
+    optim = {"hparams": settings.pop("hparams", {}), "interventions": settings.pop("interventions", [])}
+    structure = settings.pop("structure", None)
+    if settings:
+        raise ConfigError(f"method {method!r} in {path} has unknown settings {sorted(settings)}; "
+                          "use optimizer, lr, hparams, interventions, structure, seeds, bracket")
+    overrides: dict[str, Any] = {"optim": optim}
+    if structure is not None:  # this method's weight structure, on the base's model preset
+        preset = base.get("model")
+        preset = preset.get("preset") if isinstance(preset, dict) else preset
+        overrides["model"] = {"preset": preset, "structure": dict(structure)}
+    return MethodSpec(method, optimizer, tuple(lrs), overrides, seeds, bracket)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -106,18 +228,23 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_grid(runs: list[GridRun], workers: int = 2, threads_per_run: int = 1, progress: bool = True) -> list[Path]:
-    """Run every grid run not yet finished; return their run directories."""
-    pending = [r for r in runs if not (Path(r.config["train"]["output_dir"]) / "summary.json").exists()]
+def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int = 1, progress: bool = True) -> list[Path]:
+    """Run every grid run not yet finished, then the follow-ups their results call for (a Grid's
+    bracketing points and seeds), until none is left; return the run directories of the whole grid."""
+    failures: dict[str, str] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="grid", unit="run")
-    failures: list[tuple[str, str]] = []
+        bar = tqdm(total=0, desc="grid", unit="run")
+
+    def results() -> dict[str, float]:
+        done = finished_results(grid.output) if isinstance(grid, Grid) else {
+            run.name: 0.0 for run in grid if (run.output_dir / "summary.json").exists()}
+        return {**done, **{name: float("nan") for name in failures}}
 
     def launch(run: GridRun) -> None:
-        out = Path(run.config["train"]["output_dir"])
+        out = run.output_dir
         out.mkdir(parents=True, exist_ok=True)
         config_path = out / "grid-config.yaml"
         config_path.write_text(yaml.safe_dump(_merge(run.config, {"train": {"progress": False}})))
@@ -127,21 +254,38 @@ def run_grid(runs: list[GridRun], workers: int = 2, threads_per_run: int = 1, pr
             code = subprocess.call([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
-            failures.append((run.name, f"exit {code}: {_first_error_line(out / 'train.log')} (see {out / 'train.log'})"))
+            failures[run.name] = f"exit {code}: {_first_error_line(out / 'train.log')} (see {out / 'train.log'})"
         if bar:
             bar.set_postfix_str(f"{run.name} {time.perf_counter() - start:.0f}s")
             bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(launch, pending))
+    planned: dict[str, GridRun] = {}
+    while True:
+        done = results()
+        todo = grid.pending(done) if isinstance(grid, Grid) else [r for r in grid if r.name not in done]
+        todo = [run for run in todo if run.name not in failures]
+        for run in todo:
+            planned[run.name] = run
+        if bar:
+            bar.total = len(done) + len(todo) if isinstance(grid, Grid) else len(grid)
+            bar.n = len(done) if isinstance(grid, Grid) else len(grid) - len(todo)
+            bar.refresh()
+        if not todo:
+            break
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(launch, todo))
+        if not isinstance(grid, Grid):
+            break
     if bar:
         bar.close()
     if failures:
         raise GridFailed(
-            f"{len(failures)} of {len(pending)} run(s) failed:\n  "
-            + "\n  ".join(f"{name}: {why}" for name, why in sorted(failures))
+            f"{len(failures)} of {len(planned)} run(s) failed:\n  "
+            + "\n  ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
         )
-    return [Path(r.config["train"]["output_dir"]) for r in runs]
+    runs = list(grid.runs) + [r for name, r in planned.items() if name not in {g.name for g in grid.runs}] \
+        if isinstance(grid, Grid) else list(grid)
+    return [run.output_dir for run in runs]
 
 
 def _first_error_line(log: Path) -> str:
