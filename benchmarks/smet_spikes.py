@@ -60,6 +60,81 @@ def window_difference(curve: dict[int, float], u: int) -> float:
     return statistics.fmean(after) - statistics.fmean(before)
 
 
+def seed_of(run: Path) -> str:
+    """'base' for the grid's base-seed run (lr<lr>), else the seed of lr<lr>-seed<s>."""
+    return run.name.split("-seed", 1)[1] if "-seed" in run.name else "base"
+
+
+def pooled_pairs(seeds: dict[str, dict[str, Path]], pair: list[str]) -> list[dict[str, float]]:
+    """Per seed both methods ran and per update both passed: the two spikes and the paired gap around
+    the update (first minus second method, per step, steps u-20 .. u+100 where logged)."""
+    first, second = pair
+    rows = []
+    for seed in sorted(set(seeds[first]) & set(seeds[second])):
+        a, b = losses(seeds[first][seed]), losses(seeds[second][seed])
+        for u in updates(seeds[first][seed]):
+            if u + WINDOW not in a or u + WINDOW not in b:
+                continue
+            gap = {k: a[u + k] - b[u + k] for k in range(-WINDOW + 1, 101) if u + k in a and u + k in b}
+            rows.append({"seed": seed, "u": u, "first": window_difference(a, u), "second": window_difference(b, u),
+                         "gap": gap})
+    return rows
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided binomial p of at least `wins` of `n` under a fair coin."""
+    from math import comb
+
+    return sum(comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def print_pooled(rows: list[dict[str, float]], pair: list[str], cold_from: int) -> None:
+    first, second = pair
+    print()
+    print(f"| updates | seeds | pairs | {first} spike (mean) | {second} spike (mean) | difference mean ± s.e. "
+          f"| {second} smaller in | sign test p (one-sided) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, chosen in ((f"all", rows), (f"u >= {cold_from} (cold start)", [r for r in rows if r["u"] >= cold_from]),
+                          (f"u < {cold_from}", [r for r in rows if r["u"] < cold_from])):
+        if not chosen:
+            continue
+        diffs = [r["first"] - r["second"] for r in chosen]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        wins = sum(d > 0 for d in diffs)
+        print(f"| {label} | {len({r['seed'] for r in chosen})} | {len(chosen)} | "
+              f"{statistics.fmean(r['first'] for r in chosen):+.4f} | {statistics.fmean(r['second'] for r in chosen):+.4f} | "
+              f"{statistics.fmean(diffs):+.4f} ± {se:.4f} | {wins} of {len(chosen)} | {sign_test_p(wins, len(chosen)):.2g} |")
+
+
+def plot_event_average(rows: list[dict[str, float]], pair: list[str], cold_from: int, path: Path) -> None:
+    """The paired gap around an update, averaged over every (seed, update) of the cold-start regime."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, chosen, colour in ((f"updates at u >= {cold_from}", [r for r in rows if r["u"] >= cold_from], "C3"),
+                                  (f"updates at u < {cold_from}", [r for r in rows if r["u"] < cold_from], "C0")):
+        offsets = sorted(set.intersection(*(set(r["gap"]) for r in chosen))) if chosen else []
+        if not offsets:
+            continue
+        # each update's gap relative to its own 20 steps before, so the slow drift between updates cancels
+        centred = [{k: r["gap"][k] - statistics.fmean(r["gap"][j] for j in range(-WINDOW + 1, 1)) for k in offsets}
+                   for r in chosen]
+        mean = [statistics.fmean(c[k] for c in centred) for k in offsets]
+        se = [statistics.stdev(c[k] for c in centred) / len(centred) ** 0.5 if len(centred) > 1 else 0 for k in offsets]
+        ax.plot(offsets, mean, color=colour, lw=1.2, label=f"{label} ({len(chosen)} seed x update pairs)")
+        ax.fill_between(offsets, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], color=colour, alpha=0.2)
+    ax.axvline(0, color="k", ls=":", lw=0.8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("steps after the topology update")
+    ax.set_ylabel(f"loss, {pair[0]} minus {pair[1]} (vs its 20 steps before)")
+    ax.set_title("paired gap around an update, mean ± s.e. over seeds and updates", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", type=Path)
@@ -69,11 +144,16 @@ def main() -> None:
                         help="methods drawn in the plot (the first two are also paired per update)")
     parser.add_argument("--gap-ylim", type=float, default=0.03,
                         help="y range (+-) of the middle panel, first minus second --plot method")
+    parser.add_argument("--cold-from", type=int, default=1000,
+                        help="updates at or after this step count as the cold-start regime in the pooled summary")
     args = parser.parse_args()
-    runs = {p.parent.parent.name: p.parent for p in sorted(args.grid.glob("*/lr*/summary.json"))}
     # Runs still in progress count too (their metrics.jsonl so far), for the updates they have passed.
+    # The base seed's run ("lr<lr>", sorting before "lr<lr>-seed<s>") stands for its method in the
+    # single-seed tables and the plot; every seed is paired in the pooled table.
+    seeds: dict[str, dict[str, Path]] = {}
     for path in sorted(args.grid.glob("*/lr*/metrics.jsonl")):
-        runs.setdefault(path.parent.parent.name, path.parent)
+        seeds.setdefault(path.parent.parent.name, {})[seed_of(path.parent)] = path.parent
+    runs = {method: by_seed[min(by_seed, key=lambda k: (k != "base", k))] for method, by_seed in seeds.items()}
     dense = losses(runs[args.dense]) if args.dense in runs else {}
     table = {}
     print(f"| run | updates | spike per update (after 20 - before 20) | mean spike | dense AdamW, same windows | mean excess |")
@@ -108,11 +188,17 @@ def main() -> None:
             print(f"| {u} | {lr.get(u + 1, float('nan')):.2e} | {cold_start_factor(u + 1):.2f} | {sa:+.3f} | {sb:+.3f} | "
                   f"{sa - sb:+.3f} | {before:+.4f} / {after:+.4f} |")
 
+    pooled = pooled_pairs(seeds, chosen[:2]) if len(chosen) >= 2 else None
+    if pooled:
+        print_pooled(pooled, chosen[:2], args.cold_from)
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if pooled:
+        plot_event_average(pooled, chosen[:2], args.cold_from, args.output.with_name(args.output.stem + "_pooled.png"))
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     if dense:
         left.plot(sorted(dense), [dense[s] for s in sorted(dense)], color="gray", lw=1, label=f"{args.dense} (no topology)")

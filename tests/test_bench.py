@@ -113,13 +113,21 @@ def test_grid_bracket_and_seeds_end_to_end_and_the_report_pools_seeds(tiny_corpu
     assert _planned(grid, finished_results(tmp_path / "out")) == []
 
 
-def test_verdicts_are_ties_when_seed_ranges_overlap_and_the_pareto_front_keeps_undominated_points():
-    from lowmem.bench.report import pareto_front, verdict
+def test_verdicts_are_ties_when_ranges_overlap_and_the_pareto_front_keeps_undominated_points():
+    from lowmem.bench.report import pareto_front, seed_noise, verdict
 
-    a = {"low": 10.0, "high": 12.0}
-    assert verdict({"low": 12.5, "high": 13.0}, a) == "worse"
-    assert verdict({"low": 8.0, "high": 9.9}, a) == "better"
-    assert verdict({"low": 11.9, "high": 11.9}, a) == "tie"
+    def seeded(*ppl):
+        return {"seeds": list(ppl), "mean": sum(ppl) / len(ppl), "low": min(ppl), "high": max(ppl)}
+
+    a = seeded(10.0, 12.0, 11.0)
+    assert verdict(seeded(12.5, 13.0), a) == "worse"
+    assert verdict(seeded(8.0, 9.9), a) == "better"
+    assert verdict(seeded(11.9), a) == "tie"
+    # one seed: its value +- the grid's noise (median relative half-range of the seeded methods)
+    noise = seed_noise({"a": a, "b": seeded(20.0, 22.0), "c": seeded(30.0)})
+    assert noise == pytest.approx((1 / 11 + 1 / 21) / 2)
+    assert verdict(seeded(12.2), a, noise) == "tie" and verdict(seeded(12.2), a) == "worse"
+    assert verdict(seeded(14.0), a, noise) == "worse"
     assert pareto_front([(1.0, 50.0), (2.0, 60.0), (3.0, 40.0), (0.5, 70.0)]) == [(0.5, 70.0), (1.0, 50.0), (3.0, 40.0)]
 
 

@@ -3,7 +3,8 @@
 For each method, the learning rate with the lowest validation perplexity over its sweep (the runs at
 the grid's base seed) is kept; every seed run at that lr is pooled into mean ± s.d. and [min, max].
 Against AdamW a method is "better" or "worse" only when the two seed ranges do not overlap, else a
-"tie" (a one-seed method's range is its one value). The table gives that, every lr tried and
+"tie". A one-seed method's range is its value ± the grid's seed noise: the median relative
+half-range of the methods that ran several seeds (0 when none did). The table gives that, every lr tried and
 whether the best is bracketed (a point on each side), memory (optimizer-state bytes measured in the
 run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
 Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
@@ -66,11 +67,26 @@ def best_per_method(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
-def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """'better' / 'worse' (lower / higher perplexity) when a's and b's seed ranges are apart, else 'tie'."""
-    if a["high"] < b["low"]:
+def seed_noise(best: dict[str, dict[str, Any]]) -> float:
+    """The median relative half-range ((high - low) / 2 / mean) of the methods with several seeds."""
+    spreads = [(r["high"] - r["low"]) / 2 / r["mean"] for r in best.values()
+               if len(r["seeds"]) > 1 and math.isfinite(r["mean"]) and r["mean"] > 0]
+    return statistics.median(spreads) if spreads else 0.0
+
+
+def interval(run: dict[str, Any], noise: float = 0.0) -> tuple[float, float]:
+    """A method's perplexity range: its seeds' [min, max], or one seed's value ± noise (relative)."""
+    if len(run["seeds"]) > 1:
+        return run["low"], run["high"]
+    return run["mean"] * (1 - noise), run["mean"] * (1 + noise)
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any], noise: float = 0.0) -> str:
+    """'better' / 'worse' (lower / higher perplexity) when a's and b's ranges are apart, else 'tie'."""
+    (a_low, a_high), (b_low, b_high) = interval(a, noise), interval(b, noise)
+    if a_high < b_low:
         return "better"
-    if a["low"] > b["high"]:
+    if a_low > b_high:
         return "worse"
     return "tie"
 
@@ -82,6 +98,7 @@ def step_seconds(run: dict[str, Any]) -> float:
 def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> str:
     reference = best.get(baseline)
     base_state = reference.get("memory", {}).get("optimizer_state_bytes") if reference else None
+    noise = seed_noise(best)
 
     def ratio(value: float | None, base: float | None) -> str:
         return f"{value / base:.3f}" if value is not None and base else "–"
@@ -100,7 +117,7 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
         cells = [
             method, spread,
             ratio(run["mean"], reference["mean"] if reference else None),
-            "—" if method == baseline or not reference else verdict(run, reference),
+            "—" if method == baseline or not reference else verdict(run, reference, noise),
             "default" if run["lr"] is None else f"{run['lr']:g}",
             {None: "—", True: "yes", False: "**no**"}[run["bracketed"]],
             sweep,
@@ -112,6 +129,10 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
             f"{run['tokens_per_second']:,.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"verdict: better / worse than {baseline} when the perplexity ranges do not overlap, else tie; "
+                 f"a range is the seeds' [min, max], or one seed's value ± {noise:.1%} (the median relative "
+                 "half-range of the methods with several seeds)")
     return "\n".join(lines)
 
 
@@ -184,8 +205,10 @@ def report(root: str | Path) -> str:
     (root / "report.md").write_text(table + "\n")
     keep = ("lr", "sweep", "seeds", "mean", "sd", "low", "high", "bracketed", "memory", "tokens",
             "tokens_per_second", "steps", "wall_seconds")
+    noise = seed_noise(best)
     (root / "report.json").write_text(json.dumps(
-        {m: {k: r.get(k) for k in keep} | {"step_seconds": step_seconds(r)} for m, r in best.items()},
+        {m: {k: r.get(k) for k in keep} | {"step_seconds": step_seconds(r), "interval": interval(r, noise)}
+         for m, r in best.items()} | {"_seed_noise": noise},
         indent=1, default=str, allow_nan=True) + "\n")
     plot(best, root)
     return table

@@ -1,0 +1,132 @@
+"""The papers' claims, checked one by one against a finished `lowmem bench` grid (issue 17).
+
+    lowmem bench configs/grid/cpu-1m.yaml --output runs/grid-1m --workers 2
+    PYTHONPATH=src python benchmarks/claims.py runs/grid-1m [--spikes runs/smet-spikes-seeds]
+
+Reads the grid's runs through lowmem.bench.report (best lr per method, seeds pooled, one-seed
+methods widened by the grid's seed noise) and prints a markdown table: each claim, the numbers,
+and a verdict — "reproduced", "not reproduced", or "not resolvable at this budget" (the two ranges
+overlap where the claim needs a difference). A method the grid has not run yet reads "not run".
+With --spikes, the SMET claim is judged on the paired spike differences of that grid
+(benchmarks/smet_spikes.py): reproduced when SMET's spike is smaller in most cold-start updates and
+the one-sided sign test gives p < 0.01.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lowmem.bench.report import best_per_method, collect, interval, seed_noise, verdict
+
+CLOSE = 0.05  # "within a few percent" / "close to": a ratio of mean perplexities within 5%
+
+
+def fmt(run: dict[str, Any]) -> str:
+    n = len(run["seeds"])
+    return f"{run['mean']:.1f}" + (f" ± {run['sd']:.1f} ({n} seeds)" if n > 1 else " (1 seed)")
+
+
+def claims(best: dict[str, dict[str, Any]], noise: float) -> list[tuple[str, str, str]]:
+    rows = []
+
+    def have(*methods: str) -> bool:
+        return all(m in best for m in methods)
+
+    def missing(*methods: str) -> str:
+        return "not run: " + ", ".join(m for m in methods if m not in best)
+
+    def compare(claim: str, a: str, b: str, want: str, ties_count: bool) -> None:
+        """`want`: 'better' (a below b) or 'worse'; ties_count: a tie satisfies the claim ("at or below")."""
+        if not have(a, b):
+            rows.append((claim, "", missing(a, b)))
+            return
+        v = verdict(best[a], best[b], noise)
+        numbers = f"{a} {fmt(best[a])} vs {b} {fmt(best[b])}: ratio {best[a]['mean'] / best[b]['mean']:.3f}, {v}"
+        if v == want or (ties_count and v == "tie"):
+            rows.append((claim, numbers, "reproduced"))
+        elif v == "tie":
+            rows.append((claim, numbers, "not resolvable at this budget"))
+        else:
+            rows.append((claim, numbers, "not reproduced"))
+
+    def close(claim: str, a: str, b: str) -> None:
+        if not have(a, b):
+            rows.append((claim, "", missing(a, b)))
+            return
+        ratio = best[a]["mean"] / best[b]["mean"]
+        v = verdict(best[a], best[b], noise)
+        numbers = f"{a} {fmt(best[a])} vs {b} {fmt(best[b])}: ratio {ratio:.3f}, {v}"
+        ok = abs(ratio - 1) <= CLOSE or v == "tie"
+        rows.append((claim, numbers, "reproduced" if ok else f"not reproduced ({a} {'below' if ratio < 1 else 'above'})"))
+
+    if have("scale", "adamw"):
+        ratio = best["scale"]["mean"] / best["adamw"]["mean"]
+        v = verdict(best["scale"], best["adamw"], noise)
+        gb = best["scale"]["memory"]["estimate_paper_gb"] / best["adamw"]["memory"]["estimate_paper_gb"]
+        numbers = (f"scale {fmt(best['scale'])} vs adamw {fmt(best['adamw'])}: ratio {ratio:.3f}, {v}; "
+                   f"papers' memory {gb:.0%} of AdamW's")
+        ok = abs(ratio - 1) <= CLOSE or v == "tie"
+        why = "" if ok else (" (SCALE far below AdamW: a budget where AdamW lags)" if ratio < 1 else " (SCALE worse)")
+        rows.append(("SCALE within a few percent of AdamW at 35–45% of its memory", numbers,
+                     ("reproduced" if ok else "not reproduced") + why + "; memory: see the note"))
+    else:
+        rows.append(("SCALE within a few percent of AdamW at 35–45% of its memory", "", missing("scale", "adamw")))
+    compare("column-normalized SGD far better than SGD", "sgd-column", "sgd", "better", False)
+    compare("column-normalized SGD worse than SCALE", "sgd-column", "scale", "worse", False)
+    compare("sign normalization worse than column", "sgd-sign", "sgd-column", "worse", False)
+    compare("row normalization worse than column", "sgd-row", "sgd-column", "worse", False)
+    compare("Fira at or below GaLore", "fira", "galore", "better", True)
+    compare("APOLLO at or below GaLore", "apollo", "galore", "better", True)
+    close("APOLLO-Mini close to APOLLO", "apollo-mini", "apollo")
+    compare("Stable-SPAM at or below AdamW", "stable-spam", "adamw", "better", True)
+    compare("restarts improve low-rank training", "lowrank-restarts", "lowrank", "better", False)
+    return rows
+
+
+def spike_claim(grid: Path, cold_from: int = 1000) -> tuple[str, str, str]:
+    spec = importlib.util.spec_from_file_location("smet_spikes", Path(__file__).with_name("smet_spikes.py"))
+    spikes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spikes)
+    seeds: dict[str, dict[str, Path]] = {}
+    for path in sorted(grid.glob("*/lr*/summary.json")):
+        seeds.setdefault(path.parent.parent.name, {})[spikes.seed_of(path.parent)] = path.parent
+    naive = next((m for m in seeds if m.startswith("naive")), None)
+    smet = next((m for m in seeds if m.startswith("smet")), None)
+    claim = "SMET removes the loss spikes of naive DST"
+    if not naive or not smet:
+        return claim, "", f"not run: no finished naive/smet runs under {grid}"
+    rows = [r for r in spikes.pooled_pairs(seeds, [naive, smet]) if r["u"] >= cold_from]
+    diffs = [r["first"] - r["second"] for r in rows]
+    wins = sum(d > 0 for d in diffs)
+    p = spikes.sign_test_p(wins, len(diffs))
+    numbers = (f"{len(rows)} updates at u >= {cold_from} over {len({r['seed'] for r in rows})} seeds: naive spike "
+               f"{statistics.fmean(r['first'] for r in rows):+.4f}, SMET {statistics.fmean(r['second'] for r in rows):+.4f}, "
+               f"naive − SMET {statistics.fmean(diffs):+.4f}; SMET smaller in {wins} of {len(diffs)} (sign test p = {p:.2g})")
+    return claim, numbers, "reproduced" if wins > len(diffs) / 2 and p < 0.01 else "not reproduced"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--spikes", type=Path, help="a finished configs/smet-spikes-seeds.yaml grid")
+    args = parser.parse_args()
+    best = best_per_method(collect(args.grid))
+    noise = seed_noise(best)
+    rows = claims(best, noise)
+    if args.spikes:
+        rows.append(spike_claim(args.spikes))
+    print(f"seed noise (median relative half-range of the seeded methods): {noise:.2%}; "
+          f"ranges: {', '.join(f'{m} [{lo:.1f}, {hi:.1f}]' for m, (lo, hi) in sorted((m, interval(r, noise)) for m, r in best.items()))}")
+    print()
+    print("| claim | numbers (validation perplexity, best lr) | verdict |")
+    print("|---|---|---|")
+    for claim, numbers, result in rows:
+        print(f"| {claim} | {numbers} | {result} |")
+
+
+if __name__ == "__main__":
+    main()
