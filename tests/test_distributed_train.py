@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lowmem.config import load_config
@@ -53,6 +54,14 @@ def test_two_processes_follow_one(mode, tiny_corpus, token_cache, tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
     # Each rank writes its own checkpoint part (its loader position differs).
     assert sorted(p.name for p in (tmp_path / mode / "checkpoints" / "step-00000006").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    # eval / export read the two-process checkpoint as one model (FSDP2: the ranks' dim-0 shards joined)
+    from lowmem.train.trained import load_trained
+
+    alone, joined = load_trained(tmp_path / "single").model.state_dict(), load_trained(tmp_path / mode).model.state_dict()
+    assert alone.keys() == joined.keys()
+    for name in alone:
+        assert joined[name].shape == alone[name].shape, name
+        torch.testing.assert_close(joined[name], alone[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):

@@ -102,6 +102,17 @@ def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             local.copy_(saved[name])
 
 
+def gather_sharded_model_state(model: nn.Module, saved_by_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One process's model state from the ranks' parts of an FSDP2 checkpoint: a tensor saved as dim-0
+    shards (FSDP2's Shard(0), torch.chunk's split, so a rank's part may be empty) is concatenated back;
+    one saved whole on rank 0 (a buffer, or a weight too small to split) is taken from rank 0. Parts
+    that do not join into the model's shape are joined anyway, for `load_model_state` to name."""
+    full = _unwrap(model).state_dict()
+    return {name: first if name not in full or first.shape == full[name].shape
+            else torch.cat([saved[name] for saved in saved_by_rank], dim=0)
+            for name, first in saved_by_rank[0].items()}
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return _local(optimizer.state_dict())
 

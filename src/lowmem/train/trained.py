@@ -106,15 +106,13 @@ def load_trained(path: str | Path, tokenizer: str | None = None) -> TrainedModel
     ranks = sorted(step_dir.glob("rank-*.pt"))
     body = checkpoint.load(step_dir, 0, world_size=len(ranks))
     config = RunConfig.from_dict(body["config"])
-    if len(ranks) > 1 and config.train.distributed == "fsdp2":
-        raise CheckpointError(
-            f"{step_dir} is sharded over {len(ranks)} FSDP2 processes; eval and export read one-process or DDP "
-            "checkpoints (resume the run in one process or with --distributed ddp and let it save)"
-        )
     tok = run_tokenizer(config, tokenizer, step_dir)
     structure = build_structure(config.structure)
     model = build_model(config.model, vocab_size=model_vocab(config.model, tok.vocab_size), structure=structure,
                         device="cpu", dtype=weight_dtype(config.train.precision))
+    if len(ranks) > 1 and config.train.distributed == "fsdp2":  # each rank saved its dim-0 shards
+        parts = [body["model"]] + [checkpoint.load(step_dir, r, world_size=len(ranks))["model"] for r in range(1, len(ranks))]
+        body["model"] = checkpoint.gather_sharded_model_state(model, parts)
     saved_vocab = body["model"].get("embed_tokens.weight")
     if saved_vocab is not None and saved_vocab.shape[0] != model.config.vocab_size:
         raise CheckpointError(
