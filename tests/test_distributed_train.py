@@ -72,3 +72,40 @@ def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):
     _run(split, 2)
     _run(split, 2, "--resume", str(tmp_path / "split" / "checkpoints" / "step-00000003"))
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+_FAIL_ON_RANK_1 = """
+import os, sys
+from lowmem import cli
+from lowmem.train import checkpoint
+
+real, calls = checkpoint.torch.save, [0]
+
+def save(obj, f, *args, **kwargs):  # rank 1's disk fills at its second checkpoint
+    calls[0] += 1
+    if os.environ.get("RANK") == "1" and calls[0] == 2:
+        raise OSError(28, "No space left on device")
+    return real(obj, f, *args, **kwargs)
+
+checkpoint.torch.save = save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_and_keeps_the_last_good_one(mode, tiny_corpus, token_cache, tmp_path):
+    config = _config(tmp_path, "run", tiny_corpus, token_cache, **{
+        "train.distributed": mode, "optim.name": "adamw", "train.checkpoint_every": 2, "train.keep_checkpoints": 5})
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(_FAIL_ON_RANK_1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               str(script), "train", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Before, rank 0 waited in the checkpoint's barrier for gloo's 30-minute timeout.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode != 0
+    step_4 = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert result.stderr.count("could not write the checkpoint of step 4") == 2, result.stderr[-3000:]
+    assert "another process could not write its part" in result.stderr and "No space left on device" in result.stderr
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not step_4.exists() and not list((tmp_path / "run").rglob("*.partial"))

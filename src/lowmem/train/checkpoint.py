@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -231,37 +231,58 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, step: int, payload: dict[str, Any], rank: int = 0, world_size: int = 1,
-         keep: int = 2, barrier=None) -> Path:
-    """Write this rank's part of the checkpoint for `step` atomically; return the step directory."""
+         keep: int = 2, any_failed: Callable[[bool], bool] | None = None) -> Path:
+    """Write this rank's part of the checkpoint for `step` atomically; return the step directory.
+
+    With several processes, `any_failed(failed)` (true on every rank if it is true on any) follows
+    each stage, so a write that fails on one rank stops every rank with the same CheckpointError
+    instead of leaving the others waiting at a barrier."""
     final = step_dir(run_dir, step)
     staging = final.with_name(final.name + ".tmp")
     body = {"format": FORMAT, "rank": rank, "world_size": world_size, **payload}
-    try:
+    agree = any_failed or (lambda failed: failed)
+    error: BaseException | None = None
+
+    def stage(action: Callable[[], None]) -> None:
+        nonlocal error
+        failed = False
+        if error is None:
+            try:
+                action()
+            except (OSError, RuntimeError) as err:
+                if isinstance(err, RuntimeError) and not _is_write_error(err):
+                    raise
+                error, failed = err, True
+        if agree(failed):
+            shutil.rmtree(staging, ignore_errors=True)
+            if error is None:
+                error = OSError(f"another process could not write its part of {staging.name}")
+            raise _save_failed(run_dir, staging, step, body, error) from None
+
+    def make_staging() -> None:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        if barrier:
-            barrier()
+
+    def write_part() -> None:
         part = staging / f"rank-{rank}.pt"
         torch.save(body, part.with_suffix(".pt.partial"))
         os.replace(part.with_suffix(".pt.partial"), part)
-        if barrier:
-            barrier()
+
+    def publish() -> None:
         if rank == 0:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
             _fsync_dir(final.parent)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not _is_write_error(err):
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _save_failed(run_dir, staging, step, body, err) from None
+
+    stage(make_staging)
+    stage(write_part)
+    stage(publish)
     if rank == 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if barrier:
-        barrier()
+    agree(False)  # every rank returns once the step directory is published and pruned
     return final
 
 

@@ -27,7 +27,7 @@ import torch
 from lowmem import data as lowmem_data
 from lowmem.assembly import Run, assemble
 from lowmem.config import RunConfig, results_affecting_differences, save_config
-from lowmem.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from lowmem.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from lowmem.errors import CheckpointError, ConfigError, LowmemError
 from lowmem.models import count_parameters
 from lowmem.train import checkpoint
@@ -359,7 +359,7 @@ def _loop(config: RunConfig, info: DistInfo, run: Run, loader, val_source, token
             )
         payload = {**checkpoint.components_state(components), "config": config.to_dict()}
         return checkpoint.save(run_dir, progress.step, payload, info.rank, info.world_size, t_cfg.keep_checkpoints,
-                               barrier=(lambda: barrier(info)) if info.enabled else None)
+                               any_failed=(lambda failed: _agree(failed, info)) if info.enabled else None)
 
     def log_eval(result: EvalResult) -> None:
         if metrics:
