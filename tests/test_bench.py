@@ -110,6 +110,9 @@ def test_grid_bracket_and_seeds_end_to_end_and_the_report_pools_seeds(tiny_corpu
     best = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(best["adamw"]["seeds"]) == 2 and best["adamw"]["low"] <= best["adamw"]["mean"] <= best["adamw"]["high"]
     assert best["sgd"]["bracketed"] is None and best["adamw"]["bracketed"] is False  # best is an edge of two points
+    cost = [json.loads((d / "grid-run.json").read_text()) for d in dirs]
+    assert all(c["exit_code"] == 0 and 0 < c["cpu_seconds"] and 0 < c["wall_seconds"] for c in cost)
+    assert "4 runs; recorded CPU time" in (tmp_path / "out" / "report.md").read_text()
     assert _planned(grid, finished_results(tmp_path / "out")) == []
 
 

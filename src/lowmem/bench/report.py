@@ -195,20 +195,41 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+def grid_cost(root: str | Path) -> dict[str, float]:
+    """The CPU and wall seconds the bench recorded for the grid's runs (grid-run.json; runs written
+    before it was recorded count by their training wall time, summary.json's wall_seconds)."""
+    cost = {"runs": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs_without_cpu_time": 0}
+    for summary_path in Path(root).glob("*/*/summary.json"):
+        cost["runs"] += 1
+        record = summary_path.with_name("grid-run.json")
+        if record.is_file():
+            data = json.loads(record.read_text())
+            cost["cpu_seconds"] += data["cpu_seconds"]
+            cost["wall_seconds"] += data["wall_seconds"]
+        else:
+            cost["runs_without_cpu_time"] += 1
+            cost["wall_seconds"] += json.loads(summary_path.read_text())["wall_seconds"]
+    return cost
+
+
 def report(root: str | Path) -> str:
     root = Path(root)
     runs = collect(root)
     if not runs:
         return f"no finished runs under {root}"
     best = best_per_method(runs)
-    table = markdown_table(best)
+    cost = grid_cost(root)
+    table = markdown_table(best) + (
+        f"\n{cost['runs']} runs; recorded CPU time {cost['cpu_seconds'] / 3600:.2f} h, run wall time "
+        f"{cost['wall_seconds'] / 3600:.2f} h" + (f" ({cost['runs_without_cpu_time']} runs without a CPU-time record, "
+                                                 "counted by their training wall time only)" if cost["runs_without_cpu_time"] else ""))
     (root / "report.md").write_text(table + "\n")
     keep = ("lr", "sweep", "seeds", "mean", "sd", "low", "high", "bracketed", "memory", "tokens",
             "tokens_per_second", "steps", "wall_seconds")
     noise = seed_noise(best)
     (root / "report.json").write_text(json.dumps(
         {m: {k: r.get(k) for k in keep} | {"step_seconds": step_seconds(r), "interval": interval(r, noise)}
-         for m, r in best.items()} | {"_seed_noise": noise},
+         for m, r in best.items()} | {"_seed_noise": noise, "_grid_cost": cost},
         indent=1, default=str, allow_nan=True) + "\n")
     plot(best, root)
     return table

@@ -251,8 +251,14 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
         env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "MKL_NUM_THREADS": str(threads_per_run)}
         start = time.perf_counter()
         with (out / "train.log").open("w") as log:
-            code = subprocess.call([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+            child = subprocess.Popen([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(child.pid, 0)
+            child.returncode = code = os.waitstatus_to_exitcode(status)
+        # The grid's cost, for sizing the next one: this run's wall time and CPU time (user + system).
+        (out / "grid-run.json").write_text(json.dumps({
+            "exit_code": code, "wall_seconds": time.perf_counter() - start,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads_per_run}) + "\n")
         if code != 0:
             failures[run.name] = f"exit {code}: {_first_error_line(out / 'train.log')} (see {out / 'train.log'})"
         if bar:
