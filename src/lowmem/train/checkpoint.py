@@ -7,9 +7,9 @@ interventions, the structure, every RNG state, and the progress (step, tokens se
 the first evaluation, kept at the top level as before), with the run config beside them. A new
 component adds its state by giving the trainer one more entry; the loop does not change. The step directory
 is written under a temporary name and renamed when every rank has finished, so a checkpoint either
-exists whole or not at all; the newest K are kept. A save that fails (a full disk, an unwritable
-directory) removes its partial directory, keeps the previous checkpoint and raises CheckpointError
-naming the directory, the bytes needed and the last good checkpoint. lowmem never unpickles
+exists whole or not at all; the newest K are kept. A save that fails on any rank (a full disk, an
+unwritable directory) removes its partial directory, keeps the previous checkpoint and raises
+CheckpointError on every rank, naming the directory, the bytes needed and the last good checkpoint. lowmem never unpickles
 arbitrary objects: a file that needs `weights_only=False` is refused with the reason; a truncated
 one is refused naming the newest older checkpoint that loads.
 """
