@@ -232,8 +232,9 @@ def main() -> None:
         steps, excess, _ = table[name]
         right.bar([k + i * width for k in range(len(steps))], excess, width=width, label=name)
     if chosen:
-        right.set_xticks([k + width * (len(chosen) - 1) / 2 for k in range(len(table[chosen[0]][0]))],
-                         [str(u) for u in table[chosen[0]][0]])
+        every = max(1, len(table[chosen[0]][0]) // 10)  # at most ~10 labels, so they stay readable
+        right.set_xticks([k + width * (len(chosen) - 1) / 2 for k in range(0, len(table[chosen[0]][0]), every)],
+                         [str(u) for u in table[chosen[0]][0][::every]])
     right.axhline(0, color="k", lw=0.8)
     right.set_xlabel("topology update at step")
     right.set_ylabel("spike minus dense AdamW's trend (loss)" if dense else "spike (loss)")
