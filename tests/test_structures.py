@@ -411,3 +411,15 @@ def test_fsdp2_on_two_processes_matches_one(structure):
     assert set(single) == set(sharded) and any("lora_A" in k for k in single)
     difference = max_relative_difference(single, sharded)
     assert difference <= 1e-5, difference
+
+
+@pytest.mark.distributed
+def test_relora_merges_under_fsdp2_and_two_processes_match_one():
+    from lowmem.testing import fsdp_matches_single
+
+    # merges after steps 5, 10, 15: W0 moves, A is redrawn (rank 0's draw, broadcast), B restarts at 0
+    single, sharded = fsdp_matches_single("adamw", {"lr": 3e-3}, steps=17, structure={"name": "lora", "rank": 8},
+                                          interventions=[{"name": "lora-merge", "every": 5, "ramp_steps": 0}])
+    assert set(single) == set(sharded) and any(k.endswith("lora_A") for k in single)
+    difference = max_relative_difference(single, sharded)
+    assert difference <= 1e-5, difference

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from lowmem.assembly import build_model, build_optimizer
 from lowmem.models import LlamaConfig
 from lowmem.optim.base import is_dtensor
+from lowmem.registry import INTERVENTIONS
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=32)
 
@@ -46,8 +47,10 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, batch: int = 8,
-                seq: int = 16, rank: int = 0, world_size: int = 1, lr_schedule: bool = True) -> None:
-    """The training loop both sides of the comparison run (each rank takes its slice of the batch)."""
+                seq: int = 16, rank: int = 0, world_size: int = 1, lr_schedule: bool = True,
+                interventions: list[Any] = ()) -> None:
+    """The training loop both sides of the comparison run (each rank takes its slice of the batch);
+    each intervention's `after_step(step, model, optimizer)` runs after every step (steps from 1)."""
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     for step in range(steps):
         if lr_schedule:  # vary the LR so methods that scale by lr_t / lr_max are exercised
@@ -58,6 +61,13 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps:
         _loss(model, tokens[rank * share:(rank + 1) * share]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for intervention in interventions:
+            intervention.after_step(step + 1, model, optimizer)
+
+
+def _intervention(spec: dict[str, Any]) -> Any:
+    settings = dict(spec)
+    return INTERVENTIONS.build(settings.pop("name"), **settings)
 
 
 def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -71,7 +81,7 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str, hparams: dict, steps: int,
-            dtype: torch.dtype, structure: dict | None = None) -> None:
+            dtype: torch.dtype, structure: dict | None = None, interventions: list[dict] = ()) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -82,7 +92,8 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
             fully_shard(block)
         fully_shard(model)
         optimizer = build_optimizer(name, model, hparams=hparams)
-        train_steps(model, optimizer, steps, rank=rank, world_size=world_size)
+        train_steps(model, optimizer, steps, rank=rank, world_size=world_size,
+                    interventions=[_intervention(spec) for spec in interventions])
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_file)
@@ -122,11 +133,13 @@ def end_workers(rank: int, world_size: int, directory: str, timeout: float = 600
 
 def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, world_size: int = 2,
                         dtype: torch.dtype = torch.float64, structure: dict[str, Any] | None = None,
+                        interventions: list[dict[str, Any]] = (),
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return (single-process params, FSDP2 params) after `steps` steps of optimizer `name`.
 
     `structure` (e.g. {"name": "lowrank", "rank": 8}) is applied to both models' hidden matrices
-    before sharding, from the same seed, so both sides start from the same factors and supports.
+    before sharding, from the same seed, so both sides start from the same factors and supports;
+    `interventions` (config entries, e.g. {"name": "lora-merge", "every": 5}) act after each step on both.
 
     float64 by default: summation order differs between one process and a reduce-scatter, and in
     fp32 adaptive methods amplify that to ~1e-5; in fp64 a correct sharded method agrees to ~1e-12,
@@ -135,13 +148,13 @@ def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, wor
     torch.manual_seed(0)
     model = build_model(TINY, structure=structure).to(dtype)
     optimizer = build_optimizer(name, model, hparams=hparams)
-    train_steps(model, optimizer, steps)
+    train_steps(model, optimizer, steps, interventions=[_intervention(spec) for spec in interventions])
     single = _full_state(model)
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         out_file = os.path.join(tmp, "params.pt")
-        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype, structure),
+        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype, structure, list(interventions)),
                            nprocs=world_size, join=True, start_method="spawn")
         sharded = torch.load(out_file, weights_only=True)
     return single, sharded

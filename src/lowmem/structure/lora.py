@@ -12,7 +12,7 @@ ReLoRA (`--intervention lora-merge:every=N`): after every N-th optimizer step
   the learning rate restarts: the k-th update after a merge runs at k / (ramp_steps + 1) of the
   scheduled rate for k <= ramp_steps (ReLoRA's jagged cosine; its scripts use a 50-100 step warm restart)
 The benchmark's reference code ships ReLoRA with A and B both zero and never merges; here the factors
-move and each merge changes W0. Frozen W0 stays in the model's state dict, so checkpoints carry it.
+move and each merge changes W0, under FSDP2 too (each rank merges its rows of W0). Frozen W0 stays in the model's state dict, so checkpoints carry it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lowmem.interventions import BaseIntervention
 from lowmem.optim.base import check_positive_int, is_dtensor
 from lowmem.optim.state import reset_state
 from lowmem.registry import INTERVENTIONS, STRUCTURES
-from lowmem.structure.lowrank import LowRankLinear, RankedStructure
+from lowmem.structure.lowrank import LowRankLinear, RankedStructure, kaiming_uniform_
 
 
 class LoRALinear(LowRankLinear):
@@ -49,9 +49,27 @@ class LoRALinear(LowRankLinear):
 
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
-        """W0 += scale * B A; A re-initialized, B = 0 (the layer's output is unchanged)."""
-        self.weight.add_(self.product())
-        self.reset_factors(zero_b=True)
+        """W0 += scale * B A; A re-initialized, B = 0 (the layer's output is unchanged).
+
+        FSDP2 (W0, A, B row-sharded DTensors): A and B are gathered whole (r x (in + out)), each rank
+        adds its own rows of scale * B A to its shard of W0, and the new A is drawn on rank 0 and
+        broadcast, so every rank holds its rows of the same matrix."""
+        if not is_dtensor(self.lora_A):
+            self.weight.add_(self.product())
+            self.reset_factors(zero_b=True)
+            return
+        import torch.distributed as dist
+
+        from lowmem.optim.projection import rows_of
+
+        a, b = self.lora_A.full_tensor(), self.lora_B.full_tensor()
+        w0 = self.weight.to_local()
+        w0.add_((rows_of(b, self.weight) @ a * self.scale).to(w0.dtype))
+        new_a = kaiming_uniform_(torch.empty_like(a))
+        group = self.lora_A.device_mesh.get_group()
+        dist.broadcast(new_a, src=dist.get_global_rank(group, 0), group=group)
+        self.lora_A.to_local().copy_(rows_of(new_a, self.lora_A))
+        self.lora_B.to_local().zero_()
 
 
 class LoRA(RankedStructure):
@@ -92,8 +110,6 @@ class LoRAMerge(BaseIntervention):
         modules = lora_modules(model)
         if not modules:
             raise ValueError("lora-merge needs a model with the lora structure (--structure lora:rank=...)")
-        if any(is_dtensor(m.lora_A) for m in modules):
-            raise ValueError("lora-merge does not support FSDP2-sharded models yet; use DDP or one process")
         for module in modules:
             module.merge_and_reinit()
         reset_state(optimizer, params=[p for m in modules for p in (m.lora_A, m.lora_B)])
