@@ -423,3 +423,13 @@ def test_relora_merges_under_fsdp2_and_two_processes_match_one():
     assert set(single) == set(sharded) and any(k.endswith("lora_A") for k in single)
     difference = max_relative_difference(single, sharded)
     assert difference <= 1e-5, difference
+
+
+@pytest.mark.distributed
+def test_refactor_rotates_the_moments_under_fsdp2_and_two_processes_match_one():
+    from lowmem.testing import fsdp_matches_single
+
+    single, sharded = fsdp_matches_single("adamw", {"lr": 3e-3}, steps=12, structure={"name": "lowrank", "rank": 8, "alpha": 8},
+                                          interventions=[{"name": "refactor", "every": 4, "state": "rotate"}])
+    difference = max_relative_difference(single, sharded)
+    assert difference <= 1e-5, difference

@@ -26,8 +26,10 @@ scheduled rate, then a linear climb that reaches it on the (lr_ramp_steps - 1)-t
 first fresh update at ~11%, the target by the 9th, for lr_ramp_steps = 10). `lowmem.optim.reset.restart_lr_factor`
 is that timing (the same function momentum reset uses), a function of the step alone.
 
-FSDP2: each pair is gathered whole (full_tensor, r x (in + out) elements), refactored redundantly on
-every rank, and each rank keeps its rows (no state rotation under FSDP2: rotate falls back to reset).
+FSDP2: each pair (and, for rotate, its moments) is gathered whole (full_tensor, r x (in + out)
+elements), refactored redundantly on every rank (the same inputs, so the same G everywhere), and each
+rank keeps its rows. An optimizer that keeps a sharded factor's moments as plain local shards falls
+back to a reset for that pair.
 """
 
 from __future__ import annotations
@@ -101,20 +103,31 @@ def _rotation(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor,
     return new_a, new_b, g, g_inv
 
 
+MOMENTS = (("exp_avg", False), ("exp_avg_sq", True))
+
+
+def _rotatable(state: dict[str, Any], param: torch.Tensor) -> bool:
+    """Whether the moments of `param` can be rotated: held whole, or sharded like the parameter
+    (DTensors); a plain local shard of a sharded parameter cannot take a map that mixes its rows."""
+    return all(not is_dtensor(param) or is_dtensor(state[key]) for key, _ in MOMENTS
+               if isinstance(state.get(key), torch.Tensor) and state[key].dim() == 2)
+
+
 def _rotate_state(state: dict[str, Any], left: torch.Tensor | None, right: torch.Tensor | None) -> None:
-    """m -> left @ m @ right (whichever is given); v -> left^2 @ v @ right^2 (elementwise squares of the maps)."""
-    for key, square in (("exp_avg", False), ("exp_avg_sq", True)):
+    """m -> left @ m @ right (whichever is given); v -> left^2 @ v @ right^2 (elementwise squares of the maps).
+    Sharded moments are gathered whole, mapped, and each rank keeps its rows."""
+    for key, square in MOMENTS:
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             continue
-        work = value.to(left.dtype if left is not None else right.dtype)
+        work = _whole(value).to(left.dtype if left is not None else right.dtype)
         if left is not None:
             work = (left.square() if square else left) @ work
         if right is not None:
             work = work @ (right.square() if square else right)
         if square:
             work = work.clamp_min(0)
-        value.copy_(work.to(value.dtype))
+        _write(value, work)
 
 
 def _write(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -138,8 +151,8 @@ def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: 
     fallbacks = 0
     for module in modules:
         a, b = module.lora_A, module.lora_B
-        sharded = is_dtensor(a) or is_dtensor(b)
-        rotate = state == "rotate" and optimizer is not None and not sharded
+        rotate = state == "rotate" and optimizer is not None and all(
+            _rotatable(optimizer.state.get(p) or {}, p) for p in (a, b))
         whole_a, whole_b = _whole(a), _whole(b)
         rotation = _rotation(whole_a, whole_b) if rotate else None
         if rotation is not None:
@@ -151,7 +164,7 @@ def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: 
                 _rotate_state(optimizer.state[a], g.t(), None)
         else:
             new_a, new_b, _ = balanced_factors(whole_a, whole_b)
-            fallbacks += int(rotate)
+            fallbacks += int(state == "rotate" and optimizer is not None)
             if optimizer is not None:
                 reset_state(optimizer, params=[a, b])
         _write(a, new_a)
