@@ -236,7 +236,7 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=0, desc="grid", unit="run")
+        bar = tqdm(total=len(grid), desc="grid", unit="run")
 
     def results() -> dict[str, float]:
         done = finished_results(grid.output) if isinstance(grid, Grid) else {
