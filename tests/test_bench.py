@@ -103,9 +103,12 @@ def test_bracketing_stops_after_three_points_per_side_and_skips_diverged_runs(ti
 def test_grid_bracket_and_seeds_end_to_end_and_the_report_pools_seeds(tiny_corpus, token_cache, tmp_path):
     grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {
         "adamw": {"lr": [1.0e-3, 4.0e-3], "seeds": 2}, "sgd": {"lr": [1.0e-1]}}), tmp_path / "out")
-    dirs = run_grid(grid, workers=2, progress=False)
+    dirs = run_grid(grid, workers=1, progress=False)
     names = sorted(f"{d.parent.name}/{d.name}" for d in dirs)
     assert len(names) == 4 and sum("-seed43" in n for n in names) == 1
+    # re-planned after each run: adamw's seed starts as soon as its sweep ends, before sgd listed after it
+    order = [f"{d.parent.name}/{d.name}" for d in sorted(dirs, key=lambda d: (d / "grid-run.json").stat().st_mtime)]
+    assert order[2].startswith("adamw/") and "-seed43" in order[2] and order[3] == "sgd/lr0.1"
     report(tmp_path / "out")
     best = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(best["adamw"]["seeds"]) == 2 and best["adamw"]["low"] <= best["adamw"]["mean"] <= best["adamw"]["high"]

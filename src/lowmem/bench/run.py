@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -261,37 +261,42 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
             "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads_per_run}) + "\n")
         if code != 0:
             failures[run.name] = f"exit {code}: {_first_error_line(out / 'train.log')} (see {out / 'train.log'})"
+        elif not (out / "summary.json").exists():  # never planned again: it would loop
+            failures[run.name] = f"exit 0 without a summary.json (see {out / 'train.log'})"
         if bar:
             bar.set_postfix_str(f"{run.name} {time.perf_counter() - start:.0f}s")
-            bar.update(1)
 
-    planned: dict[str, GridRun] = {}
-    while True:
-        done = results()
-        todo = grid.pending(done) if isinstance(grid, Grid) else [r for r in grid if r.name not in done]
-        todo = [run for run in todo if run.name not in failures]
-        for run in todo:
-            planned[run.name] = run
-        if bar:
-            bar.total = len(done) + len(todo) if isinstance(grid, Grid) else len(grid)
-            bar.n = len(done) if isinstance(grid, Grid) else len(grid) - len(todo)
-            bar.refresh()
-        if not todo:
-            break
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(launch, todo))
-        if not isinstance(grid, Grid):
-            break
+    # Re-planned whenever a run ends, so a follow-up (a bracketing point, a seed) starts as soon as its
+    # method's sweep allows, ahead of the runs of methods listed after it in the grid file.
+    launched: list[GridRun] = []
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while True:
+            done = results()
+            todo = grid.pending(done) if isinstance(grid, Grid) else [r for r in grid if r.name not in done]
+            todo = [run for run in todo if run.name not in failures and run.name not in running.values()]
+            if bar:
+                bar.total = len(done) + len(running) + len(todo)
+                bar.n = len(done)
+                bar.refresh()
+            for run in todo[:workers - len(running)]:
+                running[pool.submit(launch, run)] = run.name
+                launched.append(run)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                running.pop(future)
+                future.result()
     if bar:
         bar.close()
     if failures:
         raise GridFailed(
-            f"{len(failures)} of {len(planned)} run(s) failed:\n  "
+            f"{len(failures)} of {len(launched)} run(s) failed:\n  "
             + "\n  ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
         )
-    runs = list(grid.runs) + [r for name, r in planned.items() if name not in {g.name for g in grid.runs}] \
-        if isinstance(grid, Grid) else list(grid)
-    return [run.output_dir for run in runs]
+    initial = {run.name for run in grid}
+    return [run.output_dir for run in [*grid, *(r for r in launched if r.name not in initial)]]
 
 
 def _first_error_line(log: Path) -> str:
