@@ -46,3 +46,34 @@ def test_a_method_the_grid_has_not_run_reads_not_run_and_scale_far_below_adamw_i
     v = _verdicts({"adamw": _run(200), "scale": _run(120, gb=0.004)})
     assert v["SCALE within a few percent of AdamW at 35–45% of its memory"].startswith("not reproduced (SCALE far below")
     assert v["Fira at or below GaLore"] == "not run: fira, galore"
+
+
+def _fake_run(directory: Path, losses: list[float], every: int) -> None:
+    import json
+
+    import yaml
+
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({
+        "train": {"steps": len(losses)}, "optim": {"interventions": [{"name": "topology", "every": every}]}}))
+    (directory / "metrics.jsonl").write_text("".join(json.dumps({"step": s + 1, "loss": v, "lr": 1e-3}) + "\n"
+                                                     for s, v in enumerate(losses)))
+    (directory / "summary.json").write_text("{}")
+
+
+def test_the_spike_claim_pairs_seeds_and_judges_early_and_late_updates_apart(tmp_path):
+    import random
+
+    steps, every = 2000, 100
+    for seed in ("", "-seed43", "-seed44"):
+        rng = random.Random(seed)
+        noise = [rng.gauss(0, 0.01) for _ in range(steps)]
+        smet = [5 - s / steps + n for s, n in enumerate(noise)]
+        # naive: the same curve plus a bump of 0.05 over the 20 steps after each update before step 1000
+        naive = [v + (0.05 if (s + 1) < 1000 and 0 < (s + 1) % every <= 20 and s + 1 > every else 0.0)
+                 for s, v in enumerate(smet)]
+        _fake_run(tmp_path / "naive-set-d50" / f"lr0.001{seed}", naive, every)
+        _fake_run(tmp_path / "smet-none-set-d50" / f"lr0.001{seed}", smet, every)
+    claim, numbers, verdict = claims.spike_claim(tmp_path)
+    assert verdict == "reproduced for u < 1000 only", numbers
+    assert "3 seeds" in numbers and "SMET smaller in 27 of 27" in numbers
