@@ -39,6 +39,11 @@ def claims(best: dict[str, dict[str, Any]], noise: float) -> list[tuple[str, str
     def missing(*methods: str) -> str:
         return "not run: " + ", ".join(m for m in methods if m not in best)
 
+    def provisional(*methods: str) -> str:
+        """A verdict resting on a sweep whose best lr is not bracketed (an end point, or one lr) may move."""
+        loose = [m for m in methods if best[m].get("bracketed") is not True]
+        return f" (provisional: {', '.join(loose)} not bracketed)" if loose else ""
+
     def compare(claim: str, a: str, b: str, want: str, ties_count: bool) -> None:
         """`want`: 'better' (a below b) or 'worse'; ties_count: a tie satisfies the claim ("at or below")."""
         if not have(a, b):
@@ -47,11 +52,12 @@ def claims(best: dict[str, dict[str, Any]], noise: float) -> list[tuple[str, str
         v = verdict(best[a], best[b], noise)
         numbers = f"{a} {fmt(best[a])} vs {b} {fmt(best[b])}: ratio {best[a]['mean'] / best[b]['mean']:.3f}, {v}"
         if v == want or (ties_count and v == "tie"):
-            rows.append((claim, numbers, "reproduced"))
+            result = "reproduced"
         elif v == "tie":
-            rows.append((claim, numbers, "not resolvable at this budget"))
+            result = "not resolvable at this budget"
         else:
-            rows.append((claim, numbers, "not reproduced"))
+            result = "not reproduced"
+        rows.append((claim, numbers, result + provisional(a, b)))
 
     def close(claim: str, a: str, b: str) -> None:
         if not have(a, b):
@@ -61,7 +67,8 @@ def claims(best: dict[str, dict[str, Any]], noise: float) -> list[tuple[str, str
         v = verdict(best[a], best[b], noise)
         numbers = f"{a} {fmt(best[a])} vs {b} {fmt(best[b])}: ratio {ratio:.3f}, {v}"
         ok = abs(ratio - 1) <= CLOSE or v == "tie"
-        rows.append((claim, numbers, "reproduced" if ok else f"not reproduced ({a} {'below' if ratio < 1 else 'above'})"))
+        rows.append((claim, numbers, ("reproduced" if ok else f"not reproduced ({a} {'below' if ratio < 1 else 'above'})")
+                     + provisional(a, b)))
 
     if have("scale", "adamw"):
         ratio = best["scale"]["mean"] / best["adamw"]["mean"]

@@ -11,10 +11,10 @@ claims = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(claims)
 
 
-def _run(*ppl: float, gb: float = 0.01) -> dict:
+def _run(*ppl: float, gb: float = 0.01, bracketed: bool | None = True) -> dict:
     mean = sum(ppl) / len(ppl)
     return {"seeds": list(ppl), "mean": mean, "sd": 0.0, "low": min(ppl), "high": max(ppl),
-            "memory": {"estimate_paper_gb": gb}}
+            "memory": {"estimate_paper_gb": gb}, "bracketed": bracketed}
 
 
 def _verdicts(best: dict, noise: float = 0.0) -> dict[str, str]:
@@ -38,6 +38,8 @@ def test_strict_claims_need_ranges_apart_and_at_or_below_claims_accept_ties():
     assert v["APOLLO-Mini close to APOLLO"] == "reproduced"
     assert v["Stable-SPAM at or below AdamW"] == "reproduced"
     assert v["restarts improve low-rank training"] == "not resolvable at this budget"
+    best["sgd-row"] = _run(200, bracketed=False)
+    assert _verdicts(best)["row normalization worse than column"] == "reproduced (provisional: sgd-row not bracketed)"
     # with seed noise, a one-seed difference of 1% becomes a tie
     assert _verdicts(best, noise=0.02)["sign normalization worse than column"] == "not resolvable at this budget"
 
