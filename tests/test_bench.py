@@ -145,3 +145,13 @@ def test_verdicts_are_ties_when_ranges_overlap_and_the_pareto_front_keeps_undomi
 def test_bad_seeds_and_bracket_settings_are_refused(methods, message, tiny_corpus, token_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_grid(_grid(tmp_path, tiny_corpus, token_cache, methods), tmp_path / "out")
+
+
+def test_a_run_interrupted_after_a_checkpoint_is_resumed_not_restarted(tiny_corpus, token_cache, tmp_path):
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {"adamw": {"lr": [1.0e-3]}}), tmp_path / "out")
+    (run_dir,) = run_grid(grid, workers=1, progress=False)
+    first = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").unlink()  # as if stopped after its last checkpoint (SIGTERM saves one)
+    run_grid(grid, workers=1, progress=False)  # a fresh `lowmem train` would refuse the directory
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["val_perplexity"] == first["val_perplexity"] and again["steps"] == first["steps"]

@@ -38,6 +38,7 @@ import yaml
 
 from lowmem.config import RunConfig, load_yaml
 from lowmem.errors import ConfigError, LowmemError
+from lowmem.train.checkpoint import list_checkpoints
 
 MAX_EXTEND = 3  # bracketing points added per side before a sweep is reported as unbracketed
 
@@ -250,9 +251,11 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
         config_path.write_text(yaml.safe_dump(_merge(run.config, {"train": {"progress": False}})))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "MKL_NUM_THREADS": str(threads_per_run)}
         start = time.perf_counter()
-        with (out / "train.log").open("w") as log:
-            child = subprocess.Popen([sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+        command = [sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)]
+        if list_checkpoints(out):  # interrupted (SIGTERM saves one): continue it exactly, do not start over
+            command += ["--resume", str(out)]
+        with (out / "train.log").open("a" if len(command) > 6 else "w") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(child.pid, 0)
             child.returncode = code = os.waitstatus_to_exitcode(status)
         # The grid's cost, for sizing the next one: this run's wall time and CPU time (user + system).
