@@ -57,7 +57,7 @@ def main() -> None:
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"validation perplexity / {args.baseline}'s")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title("ranking vs budget (cpu-tiny, batch 32 x 128, one lr, one seed)")
+        ax.set_title("ranking vs budget (cpu-tiny, batch 32 x 128, best of the listed lrs, one seed)")
         ax.legend()
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)

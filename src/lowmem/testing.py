@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lowmem.assembly import build_model, build_optimizer
 from lowmem.models import LlamaConfig
 from lowmem.optim.base import is_dtensor
-from lowmem.registry import INTERVENTIONS
+from lowmem.interventions import RunContext, build_interventions
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=32)
 
@@ -65,11 +65,6 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps:
             intervention.after_step(step + 1, model, optimizer)
 
 
-def _intervention(spec: dict[str, Any]) -> Any:
-    settings = dict(spec)
-    return INTERVENTIONS.build(settings.pop("name"), **settings)
-
-
 def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
@@ -93,7 +88,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str
         fully_shard(model)
         optimizer = build_optimizer(name, model, hparams=hparams)
         train_steps(model, optimizer, steps, rank=rank, world_size=world_size,
-                    interventions=[_intervention(spec) for spec in interventions])
+                    interventions=build_interventions(interventions, RunContext(steps, rank, world_size)))
         state = _full_state(model)
         if rank == 0:
             torch.save(state, out_file)
@@ -148,7 +143,7 @@ def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, wor
     torch.manual_seed(0)
     model = build_model(TINY, structure=structure).to(dtype)
     optimizer = build_optimizer(name, model, hparams=hparams)
-    train_steps(model, optimizer, steps, interventions=[_intervention(spec) for spec in interventions])
+    train_steps(model, optimizer, steps, interventions=build_interventions(interventions, RunContext(steps)))
     single = _full_state(model)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,6 +47,12 @@ class GridFailed(LowmemError):
     """Some runs of a grid failed; the message lists each with the first line of its error."""
 
 
+def run_name(method: str, lr: float | None, seed: int | None = None) -> str:
+    """`<method>/lr<lr>` for the sweep, `<method>/lr<lr>-seed<s>` for an extra seed (the run directory)."""
+    name = f"{method}/lr{lr:g}" if lr is not None else f"{method}/default"
+    return name if seed is None else f"{name}-seed{seed}"
+
+
 @dataclass(frozen=True)
 class GridRun:
     method: str
@@ -57,8 +63,7 @@ class GridRun:
 
     @property
     def name(self) -> str:
-        lr = f"lr{self.lr:g}" if self.lr is not None else "default"
-        return f"{self.method}/{lr}" if self.seed is None else f"{self.method}/{lr}-seed{self.seed}"
+        return run_name(self.method, self.lr, self.seed)
 
     @property
     def output_dir(self) -> Path:
@@ -110,27 +115,27 @@ class Grid:
         """This method's runs still to do, given the validation perplexity of each finished run by
         name (nan: diverged or failed): its sweep, then bracketing points, then extra seeds."""
         lrs = list(spec.lrs)
-        extended = {"low": 0, "high": 0}
+        added_low = added_high = 0
         while True:
-            missing = [run for run in (self.make_run(spec, lr) for lr in lrs) if run.name not in results]
+            missing = [lr for lr in lrs if run_name(spec.method, lr) not in results]
             if missing:
-                return missing
-            best = _best_lr(lrs, {lr: results[self.make_run(spec, lr).name] for lr in lrs})
+                return [self.make_run(spec, lr) for lr in missing]
+            best = _best_lr(lrs, {lr: results[run_name(spec.method, lr)] for lr in lrs})
             if not spec.bracket or None in lrs or len(lrs) < 2 or best is None:
                 break
             ordered = sorted(lrs)
-            if best == ordered[0] and extended["low"] < MAX_EXTEND:
-                extended["low"] += 1
+            if best == ordered[0] and added_low < MAX_EXTEND:
+                added_low += 1
                 lrs.append(_on_grid(ordered[0] ** 2 / ordered[1]))
-            elif best == ordered[-1] and extended["high"] < MAX_EXTEND:
-                extended["high"] += 1
+            elif best == ordered[-1] and added_high < MAX_EXTEND:
+                added_high += 1
                 lrs.append(_on_grid(ordered[-1] ** 2 / ordered[-2]))
             else:
                 break
         if best is None:  # every lr diverged: no point to seed
             return []
-        seeded = (self.make_run(spec, best, self.base_seed + k) for k in range(1, spec.seeds))
-        return [run for run in seeded if run.name not in results]
+        seeds = [self.base_seed + k for k in range(1, spec.seeds)]
+        return [self.make_run(spec, best, seed) for seed in seeds if run_name(spec.method, best, seed) not in results]
 
     def pending(self, results: dict[str, float]) -> list[GridRun]:
         return [run for spec in self.methods for run in self.plan(spec, results)]
@@ -229,7 +234,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int = 1, progress: bool = True) -> list[Path]:
+def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: bool = True) -> list[Path]:
     """Run every grid run not yet finished, then the follow-ups their results call for (a Grid's
     bracketing points and seeds), until none is left; return the run directories of the whole grid."""
     failures: dict[str, str] = {}
@@ -240,9 +245,7 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
         bar = tqdm(total=len(grid), desc="grid", unit="run")
 
     def results() -> dict[str, float]:
-        done = finished_results(grid.output) if isinstance(grid, Grid) else {
-            run.name: 0.0 for run in grid if (run.output_dir / "summary.json").exists()}
-        return {**done, **{name: float("nan") for name in failures}}
+        return {**finished_results(grid.output), **{name: float("nan") for name in failures}}
 
     def launch(run: GridRun) -> None:
         out = run.output_dir
@@ -252,9 +255,10 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
         env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "MKL_NUM_THREADS": str(threads_per_run)}
         start = time.perf_counter()
         command = [sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)]
-        if list_checkpoints(out):  # interrupted (SIGTERM saves one): continue it exactly, do not start over
+        resume = bool(list_checkpoints(out))  # interrupted (SIGTERM saves one): continue it, do not start over
+        if resume:
             command += ["--resume", str(out)]
-        with (out / "train.log").open("a" if len(command) > 6 else "w") as log:
+        with (out / "train.log").open("a" if resume else "w") as log:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(child.pid, 0)
             child.returncode = code = os.waitstatus_to_exitcode(status)
@@ -276,7 +280,7 @@ def run_grid(grid: Grid | list[GridRun], workers: int = 2, threads_per_run: int 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while True:
             done = results()
-            todo = grid.pending(done) if isinstance(grid, Grid) else [r for r in grid if r.name not in done]
+            todo = grid.pending(done)
             todo = [run for run in todo if run.name not in failures and run.name not in running.values()]
             if bar:
                 bar.total = len(done) + len(running) + len(todo)
