@@ -147,6 +147,22 @@ def test_bad_seeds_and_bracket_settings_are_refused(methods, message, tiny_corpu
         load_grid(_grid(tmp_path, tiny_corpus, token_cache, methods), tmp_path / "out")
 
 
+def test_close_points_get_labels_pushed_apart_in_height_order_and_far_ones_stay():
+    from lowmem.bench.report import spread_labels
+
+    points = [(0.0, 229.8), (0.0, 228.4), (0.0, 252.0), (9.0, 128.7), (9.0, 128.8), (5.0, 129.0)]
+    heights = spread_labels(points, min_gap=10.0, x_tolerance=1.5)
+    assert heights[1] == 228.4 and heights[0] == pytest.approx(238.4)  # the lower point keeps its place
+    assert heights[2] == 252.0  # 13.6 above the pushed label: not moved
+    assert heights[3] == 128.7 and heights[4] == pytest.approx(138.7)
+    assert heights[5] == 129.0  # 4 away in x from the (9, ...) pair: not their neighbour
+    # Grid-sized values whose sum rounds: a label pushed to h + gap must not be pushed again forever.
+    gap = 0.032 * (420.0 - 110.0)
+    many = [(9.0 + 0.01 * k, 128.7 + 1e-13 * k) for k in range(12)]
+    pushed = spread_labels(many, min_gap=gap, x_tolerance=1.4)
+    assert sorted(pushed) == pytest.approx([128.7 + k * gap for k in range(12)])
+
+
 def test_a_run_interrupted_after_a_checkpoint_is_resumed_not_restarted(tiny_corpus, token_cache, tmp_path):
     grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {"adamw": {"lr": [1.0e-3]}}), tmp_path / "out")
     (run_dir,) = run_grid(grid, workers=1, progress=False)

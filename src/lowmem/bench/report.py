@@ -8,7 +8,7 @@ half-range of the methods that ran several seeds (0 when none did). The table gi
 whether the best is bracketed (a point on each side), memory (optimizer-state bytes measured in the
 run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
 Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
-front, and the best runs' training-loss curves. `report.json` holds the same numbers for scripts.
+front, and the best runs' training-loss curves (smoothed; seeded and one-seed methods in two panels). `report.json` holds the same numbers for scripts.
 """
 
 from __future__ import annotations
@@ -146,6 +146,44 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def spread_labels(points: list[tuple[float, float]], min_gap: float, x_tolerance: float) -> list[float]:
+    """Heights for the points' labels, in the points' own units: a label is pushed up, never down, until
+    it is at least `min_gap` from every lower label whose point is within `x_tolerance` in x, so close
+    points (fira and apollo, column and sign SGD) get readable labels in their order of height."""
+    heights: dict[int, float] = {}
+    for i in sorted(range(len(points)), key=lambda k: points[k][1]):
+        x, y = points[i]
+        moved = True
+        while moved:
+            moved = False
+            for j, h in heights.items():
+                # `h + min_gap > y` as well: after a push, float rounding can leave |h - y| a hair
+                # under min_gap, and the same label would push forever.
+                if abs(points[j][0] - x) < x_tolerance and abs(h - y) < min_gap and h + min_gap > y:
+                    y, moved = h + min_gap, True
+        heights[i] = y
+    return [heights[i] for i in range(len(points))]
+
+
+def _styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """One colour and marker / line style per method: ten colours, then the next marker and dash, so
+    twenty-odd methods stay distinguishable (tab20's pairs of pale and dark shades did not)."""
+    import matplotlib.pyplot as plt
+
+    markers, dashes = "osD^v", ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
+    return {m: {"color": plt.cm.tab10(i % 10), "marker": markers[i // 10 % 5], "linestyle": dashes[i // 10 % 5]}
+            for i, m in enumerate(sorted(methods))}
+
+
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points, so per-step noise does not hide the gaps between methods."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -153,22 +191,25 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    # One colour per method in both plots (the default cycle repeats after ten).
-    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(best))}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    points = []
-    for method, run in best.items():
-        state = run.get("memory", {}).get("optimizer_state_bytes", 0) / 2**20
-        if not math.isfinite(run["mean"]):
-            continue
-        points.append((state, run["mean"]))
-        ax.errorbar(state, run["mean"], yerr=[[run["mean"] - run["low"]], [run["high"] - run["mean"]]],
-                    fmt="o", ms=5, capsize=3, color=colours[method])
-        ax.annotate(method, (state, run["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    styles = _styles(list(best))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    shown = [(m, r) for m, r in best.items() if math.isfinite(r["mean"])]
+    points = [(r.get("memory", {}).get("optimizer_state_bytes", 0) / 2**20, r["mean"]) for _, r in shown]
+    for (method, run), (state, mean) in zip(shown, points):
+        ax.errorbar(state, mean, yerr=[[mean - run["low"]], [run["high"] - mean]], fmt=styles[method]["marker"],
+                    ms=5, capsize=3, color=styles[method]["color"])
     front = pareto_front(points)
     if len(front) > 1:
         ax.step(*zip(*front), where="post", color="grey", linewidth=0.8, linestyle="--", label="Pareto front")
         ax.legend(fontsize=7)
+    if points:
+        (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()
+        heights = spread_labels(points, min_gap=0.032 * (y_high - y_low), x_tolerance=0.14 * (x_high - x_low))
+        for (method, _), (state, mean), height in zip(shown, points, heights):
+            moved = abs(height - mean) > 1e-9 * max(abs(mean), 1)
+            ax.annotate(method, (state, mean), xytext=(state + 0.012 * (x_high - x_low), height), fontsize=7,
+                        va="center", arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if moved else None)
+        ax.set_ylim(y_low, max(y_high, max(heights) + 0.03 * (y_high - y_low)))
     ax.set_xlabel("optimizer state (MiB, measured)")
     ax.set_ylabel("validation perplexity (best lr; bars: seed range)")
     ax.grid(alpha=0.3)
@@ -177,17 +218,27 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, run in sorted(best.items()):
-        records = [r for r in read_metrics(Path(run["dir"]) / "metrics.jsonl") if "loss" in r]
-        if records:
-            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=method, linewidth=0.8,
-                    color=colours[method])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (best lr, base seed)")
-    ax.set_ylim(top=min(ax.get_ylim()[1], 8))
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    # Methods with several seeds (a grid's headline ones) and the one-seed rest in two panels, when
+    # both kinds exist: twenty curves in one panel cannot be told apart.
+    seeded = sorted(m for m, r in best.items() if len(r["seeds"]) > 1)
+    single = sorted(m for m in best if m not in seeded)
+    panels = [(f"methods with {max(len(best[m]['seeds']) for m in seeded)} seeds (base seed shown)", seeded),
+              ("one-seed methods", single)] if seeded and single else [("", sorted(best))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), sharey=True, squeeze=False)
+    window = 10
+    for ax, (title, methods) in zip(axes[0], panels):
+        for method in methods:
+            records = [r for r in read_metrics(Path(best[method]["dir"]) / "metrics.jsonl") if "loss" in r]
+            if records:
+                style = styles[method]
+                ax.plot([r["step"] for r in records], _smoothed([r["loss"] for r in records], window),
+                        label=method, linewidth=1.0, color=style["color"], linestyle=style["linestyle"])
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"training loss, mean of the last {window} logged steps (best lr)")
+    axes[0][0].set_ylim(top=min(axes[0][0].get_ylim()[1], 8))
     fig.tight_layout()
     paths.append(out_dir / "loss_curves.png")
     fig.savefig(paths[-1], dpi=110)
