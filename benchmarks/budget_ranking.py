@@ -57,7 +57,13 @@ def main() -> None:
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"validation perplexity / {args.baseline}'s")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_title("ranking vs budget (cpu-tiny, batch 32 x 128, best of the listed lrs, one seed)")
+        # Log scale: one unstable run (plain SGD stuck on the plateau, ratio ~6) would flatten the rest.
+        ax.set_yscale("log")
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_title("ranking vs budget\n(cpu-tiny, batch 32 x 128, best of the listed lrs, one seed)", fontsize=10)
         ax.legend()
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)
