@@ -48,6 +48,7 @@ def main() -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for m in methods:
@@ -59,8 +60,6 @@ def main() -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         # Log scale: one unstable run (plain SGD stuck on the plateau, ratio ~6) would flatten the rest.
         ax.set_yscale("log")
-        from matplotlib.ticker import FormatStrFormatter
-
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_title("ranking vs budget\n(cpu-tiny, batch 32 x 128, best of the listed lrs, one seed)", fontsize=10)

@@ -8,7 +8,8 @@ half-range of the methods that ran several seeds (0 when none did). The table gi
 whether the best is bracketed (a point on each side), memory (optimizer-state bytes measured in the
 run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
 Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
-front, and the best runs' training-loss curves (smoothed; seeded and one-seed methods in two panels). `report.json` holds the same numbers for scripts.
+front, and the best runs' training-loss curves (smoothed; seeded and one-seed methods in two panels).
+`report.json` holds the same numbers for scripts.
 """
 
 from __future__ import annotations
@@ -157,9 +158,9 @@ def spread_labels(points: list[tuple[float, float]], min_gap: float, x_tolerance
         while moved:
             moved = False
             for j, h in heights.items():
-                # `h + min_gap > y` as well: after a push, float rounding can leave |h - y| a hair
-                # under min_gap, and the same label would push forever.
-                if abs(points[j][0] - x) < x_tolerance and abs(h - y) < min_gap and h + min_gap > y:
+                # `y < h + min_gap` against the very sum a push assigns, not `abs(h - y) < min_gap`:
+                # float rounding can leave that a hair under min_gap, and the label would push forever.
+                if abs(points[j][0] - x) < x_tolerance and h - min_gap < y < h + min_gap:
                     y, moved = h + min_gap, True
         heights[i] = y
     return [heights[i] for i in range(len(points))]
@@ -206,9 +207,8 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
         (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()
         heights = spread_labels(points, min_gap=0.032 * (y_high - y_low), x_tolerance=0.14 * (x_high - x_low))
         for (method, _), (state, mean), height in zip(shown, points, heights):
-            moved = abs(height - mean) > 1e-9 * max(abs(mean), 1)
             ax.annotate(method, (state, mean), xytext=(state + 0.012 * (x_high - x_low), height), fontsize=7,
-                        va="center", arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if moved else None)
+                        va="center", arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if height != mean else None)
         ax.set_ylim(y_low, max(y_high, max(heights) + 0.03 * (y_high - y_low)))
     ax.set_xlabel("optimizer state (MiB, measured)")
     ax.set_ylabel("validation perplexity (best lr; bars: seed range)")
