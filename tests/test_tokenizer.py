@@ -69,6 +69,13 @@ def test_bpe_is_cached_and_reused(source, tmp_path, monkeypatch, caplog):
     assert bpe_cache_path(source, 320, tmp_path) != path  # another vocabulary is another tokenizer
 
 
+def test_a_cached_bpe_is_found_under_another_tokenizers_version(source, tmp_path, monkeypatch):
+    # A tokenizer carried to another machine (the GPU check) must be reused there, not retrained.
+    path = bpe_cache_path(source, 300, tmp_path)
+    monkeypatch.setattr(tokenizer_module.tokenizers, "__version__", "0.0.1-elsewhere")
+    assert bpe_cache_path(source, 300, tmp_path) == path
+
+
 def test_cache_dir_defaults_to_lowmem_cache(source, tmp_path, monkeypatch):
     monkeypatch.setenv("LOWMEM_CACHE", str(tmp_path))
     assert bpe_cache_path(source, 300).parent == tmp_path / "tokenizers"

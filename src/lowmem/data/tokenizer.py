@@ -6,8 +6,10 @@
   text round-trips) trained with the `tokenizers` library on the first `BPE_TRAINING_CHARS`
   characters of the source's training split, read in the source's fixed file order. Special
   tokens as in T5: pad id 0 (``<pad>``), eos id 1 (``</s>``). The result is cached as JSON under
-  ``<cache_dir>/tokenizers/`` keyed by a hash of the source's identity, the vocabulary size, the
-  training recipe and the `tokenizers` version; later runs load it instead of training.
+  ``<cache_dir>/tokenizers/`` keyed by a hash of the source's identity, the vocabulary size and the
+  training recipe; later runs load it instead of training. The `tokenizers` version is not in the key:
+  a tokenizer file carried to a machine with another version (the GPU check does this) must be used
+  as it is, not retrained into a possibly different vocabulary.
 - a path to a ``.json`` file written by `train_bpe` (``lowmem tokenizer train``).
 - anything else: a Hugging Face tokenizer, by Hub name (``t5-base``, the papers') or local
   directory, through `transformers.AutoTokenizer`. Only fast (Rust-backed) tokenizers are accepted.
@@ -133,7 +135,6 @@ def bpe_cache_path(source: TextSource, vocab_size: int, cache_dir: str | Path | 
             "source": source.with_split("train").identity,
             "vocab_size": int(vocab_size),
             "recipe": _bpe_recipe(BPE_TRAINING_CHARS),
-            "tokenizers": tokenizers.__version__,
         },
         sort_keys=True,
     )
