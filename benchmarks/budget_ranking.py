@@ -6,26 +6,15 @@ training budget, from finished `lowmem bench` grids that differ only in their st
         --plot docs/figures/ranking_vs_budget.png
 
 Prints a markdown table (tokens, then per method: perplexity and ratio to AdamW) and the ranking at
-each budget; with --plot, draws the ratios against training tokens.
+each budget; with --plot, draws the ratios against training tokens. The analysis: lowmem.bench.budget.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def best_per_method(grid_dir: Path) -> tuple[int, dict[str, float]]:
-    """(training tokens of the grid's runs, {method: best validation perplexity}) of one grid."""
-    best: dict[str, float] = {}
-    tokens = 0
-    for summary_path in sorted(grid_dir.glob("*/*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        method = summary_path.parent.parent.name
-        tokens = max(tokens, summary["tokens"])
-        best[method] = min(best.get(method, float("inf")), summary["val_perplexity"])
-    return tokens, best
+from lowmem.bench.budget import plot_ranking, ranking, ranking_table
 
 
 def main() -> None:
@@ -34,40 +23,10 @@ def main() -> None:
     parser.add_argument("--baseline", default="adamw")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    rows = sorted((best_per_method(g) for g in args.grids), key=lambda r: r[0])
-    methods = sorted({m for _, best in rows for m in best})
-    print("| training tokens | " + " | ".join(f"{m} ppl (/ {args.baseline})" for m in methods) + " | ranking |")
-    print("|---|" + "---|" * (len(methods) + 1))
-    for tokens, best in rows:
-        base = best.get(args.baseline)
-        cells = [f"{best[m]:.1f} ({best[m] / base:.3f})" if m in best and base else "—" for m in methods]
-        ranking = " < ".join(sorted(best, key=best.get))
-        print(f"| {tokens:,} | " + " | ".join(cells) + f" | {ranking} |")
+    points = ranking(args.grids)
+    print(ranking_table(points, args.baseline))
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FormatStrFormatter
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for m in methods:
-            points = [(t, b[m] / b[args.baseline]) for t, b in rows if m in b and args.baseline in b]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel(f"validation perplexity / {args.baseline}'s")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        # Log scale: one unstable run (plain SGD stuck on the plateau, ratio ~6) would flatten the rest.
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.set_title("ranking vs budget\n(cpu-tiny, batch 32 x 128, best of the listed lrs, one seed)", fontsize=10)
-        ax.legend()
-        fig.tight_layout()
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=110)
-        print(f"plot: {args.plot}")
+        print(f"plot: {plot_ranking(points, args.plot, args.baseline)}")
 
 
 if __name__ == "__main__":

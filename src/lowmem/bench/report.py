@@ -9,7 +9,9 @@ whether the best is bracketed (a point on each side), memory (optimizer-state by
 run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
 Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
 front, and the best runs' training-loss curves (smoothed; seeded and one-seed methods in two panels).
-`report.json` holds the same numbers for scripts.
+`report.json` holds the same numbers for scripts. `collect` is the one reader of a grid's run
+directories (`<output>/<method>/<run>`), for the claims, SMET and budget analyses too; `load_best`
+reads either a grid or the report.json written there.
 """
 
 from __future__ import annotations
@@ -24,17 +26,27 @@ from typing import Any
 from lowmem.train.log import format_bytes, read_metrics
 
 
-def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Every finished run under `root` (a directory holding summary.json and config.yaml)."""
+def run_dirs(root: str | Path, *, unfinished: bool = False) -> list[Path]:
+    """The run directories of a grid (`<root>/<method>/<run>`), sorted: the finished ones (summary.json
+    written), or with `unfinished` also those still running (metrics.jsonl so far, no summary yet)."""
+    markers = ("summary.json", "metrics.jsonl") if unfinished else ("summary.json",)
+    return sorted({path.parent for marker in markers for path in Path(root).glob(f"*/*/{marker}")})
+
+
+def collect(root: str | Path, *, unfinished: bool = False) -> list[dict[str, Any]]:
+    """Every finished run under `root` (a directory holding summary.json and config.yaml): its method
+    (the parent directory's name), lr, seed, whether it is an extra seed, `dir`, `config` and the
+    summary's fields. With `unfinished`, runs still in progress too, without summary fields."""
     from lowmem.config import load_yaml
 
     runs = []
-    for summary_path in sorted(Path(root).glob("*/*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        config = load_yaml((summary_path.parent / "config.yaml").read_text())
-        runs.append({"method": summary_path.parent.parent.name, "lr": config["optim"]["lr"],
-                     "seed": config["train"]["seed"], "extra_seed": "-seed" in summary_path.parent.name,
-                     "dir": summary_path.parent, **summary})
+    for run_dir in run_dirs(root, unfinished=unfinished):
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        config = load_yaml((run_dir / "config.yaml").read_text())
+        runs.append({"method": run_dir.parent.name, "lr": config["optim"]["lr"],
+                     "seed": config["train"]["seed"], "extra_seed": "-seed" in run_dir.name,
+                     "dir": run_dir, "config": config, **summary})
     return runs
 
 
@@ -66,6 +78,17 @@ def best_per_method(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "bracketed": None if len(lrs) < 2 or chosen["lr"] is None else lrs[0] < chosen["lr"] < lrs[-1],
         }
     return best
+
+
+def load_best(source: str | Path) -> tuple[dict[str, dict[str, Any]], float]:
+    """The best run per method and the grid's seed noise, from a grid's output directory or from the
+    report.json a report wrote there (as committed in docs/data/, where runs/ is not)."""
+    source = Path(source)
+    if source.is_file():
+        data = json.loads(source.read_text())
+        return {method: run for method, run in data.items() if not method.startswith("_")}, data["_seed_noise"]
+    best = best_per_method(collect(source))
+    return best, seed_noise(best)
 
 
 def seed_noise(best: dict[str, dict[str, Any]]) -> float:
@@ -250,16 +273,16 @@ def grid_cost(root: str | Path) -> dict[str, float]:
     """The CPU and wall seconds the bench recorded for the grid's runs (grid-run.json; runs written
     before it was recorded count by their training wall time, summary.json's wall_seconds)."""
     cost = {"runs": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs_without_cpu_time": 0}
-    for summary_path in Path(root).glob("*/*/summary.json"):
+    for run_dir in run_dirs(root):
         cost["runs"] += 1
-        record = summary_path.with_name("grid-run.json")
+        record = run_dir / "grid-run.json"
         if record.is_file():
             data = json.loads(record.read_text())
             cost["cpu_seconds"] += data["cpu_seconds"]
             cost["wall_seconds"] += data["wall_seconds"]
         else:
             cost["runs_without_cpu_time"] += 1
-            cost["wall_seconds"] += json.loads(summary_path.read_text())["wall_seconds"]
+            cost["wall_seconds"] += json.loads((run_dir / "summary.json").read_text())["wall_seconds"]
     return cost
 
 

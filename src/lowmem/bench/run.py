@@ -36,6 +36,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from lowmem.bench.report import run_dirs
 from lowmem.config import RunConfig, load_yaml
 from lowmem.errors import ConfigError, LowmemError
 from lowmem.train.checkpoint import list_checkpoints
@@ -154,12 +155,12 @@ def _on_grid(lr: float) -> float:
 def finished_results(output: str | Path) -> dict[str, float]:
     """Validation perplexity of every finished run under a grid's output directory, by run name."""
     results = {}
-    for path in Path(output).glob("*/*/summary.json"):
+    for run_dir in run_dirs(output):
         try:
-            ppl = json.loads(path.read_text())["val_perplexity"]
+            ppl = json.loads((run_dir / "summary.json").read_text())["val_perplexity"]
         except (OSError, ValueError, KeyError):
             continue
-        results[f"{path.parent.parent.name}/{path.parent.name}"] = float("nan") if ppl is None else float(ppl)
+        results[f"{run_dir.parent.name}/{run_dir.name}"] = float("nan") if ppl is None else float(ppl)
     return results
 
 
