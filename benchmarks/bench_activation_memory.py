@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
+
+from lowmem.bench.peak import baseline_bytes, default_device, mmap_threshold_env, report_to_parent, run_child
+from lowmem.bench.timing import seconds_per_step
 
 GB = 1e9
 ALL_COMBOS = "none:plain,none:chunked,selective:plain,selective:chunked,block:plain,block:chunked"
@@ -44,21 +44,18 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from lowmem.assembly import build_model, build_optimizer, configure_memory, model_vocab, weight_dtype
     from lowmem.distributed import DistInfo
-    from lowmem.memory import TensorMemory, estimate_memory, peak_memory, reset_peak_memory
+    from lowmem.memory import TensorMemory, estimate_memory, peak_memory
     from lowmem.memory.plan import plan
     from lowmem.train.step import train_step
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.init()
-        reset_peak_memory()
     # Load the kernels' libraries (oneDNN, attention) with a tiny step before the baseline is read,
     # so the baseline holds them and the difference holds the run.
     tiny = torch.randn(2, 4, 8, 8, requires_grad=True)
     torch.nn.functional.scaled_dot_product_attention(tiny, tiny, tiny, is_causal=True).sum().backward()
     (tiny.bfloat16() @ tiny.bfloat16().transpose(-1, -2)).float().logsumexp(-1).sum().backward()
     del tiny
-    baseline = peak_memory()["peak_bytes"]
+    baseline = baseline_bytes(device)
     mode, loss = args.combo.split(":")
     chunked = "on" if loss == "chunked" else "off"
     micro = args.batch_size
@@ -82,14 +79,7 @@ def worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates the optimizer state, loads kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = seconds_per_step(step, args.steps, device)
     measured = peak_memory()
     tensor_peak = None
     if args.tensor_peak and device.type == "cpu":
@@ -132,23 +122,19 @@ def main() -> int:
                         help="MALLOC_MMAP_THRESHOLD_ for the child processes (glibc): blocks above it are "
                              "mmapped and given back when freed, so the peak RSS follows the tensors instead "
                              "of glibc's heap, which otherwise keeps freed blocks (0: glibc's default)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--output", help="append one JSON line per combination to this file")
     parser.add_argument("--combo", help=argparse.SUPPRESS)  # set in the per-combination child process
     args = parser.parse_args()
 
     if args.combo:
-        print(json.dumps(worker(args)))
+        report_to_parent(worker(args))
         return 0
 
     records = []
-    env = dict(os.environ)
-    if args.malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    env = mmap_threshold_env(args.malloc_mmap_threshold)
     for combo in args.combos.split(","):
-        argv = [sys.executable, __file__, "--combo", combo, *sys.argv[1:]]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-        records.append(json.loads(out.strip().splitlines()[-1]))
+        records.append(run_child([__file__, "--combo", combo, *sys.argv[1:]], env))
         if args.output:
             with open(args.output, "a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
@@ -165,12 +151,6 @@ def main() -> int:
         print(f"{r['combo']:<20}{r['micro_batch']:>6}{measured / GB:>11.3f}{tensors:>9}"
               f"{r['estimate_peak_bytes'] / GB:>11.3f}{r['tokens_per_second']:>9.0f}{ratio:>9}")
     return 0
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import lowmem.optim
 from lowmem.assembly import build_model
+from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
-
-
-def _time(step, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
 
 
 def _muon_pair(model):
@@ -80,17 +73,10 @@ def main() -> None:
 
     for name in args.pairs:
         ours, reference = PAIRS[name](model)
-        ours(), reference()  # warm up: allocate state, fault in pages
-        times = {"lowmem": [], "reference": []}
-        ratios = []
-        for r in range(args.rounds):
-            order = [("lowmem", ours), ("reference", reference)]
-            if r % 2:
-                order.reverse()
-            this_round = {label: _time(step, args.steps) for label, step in order}
-            for label, seconds in this_round.items():
-                times[label].append(seconds)
-            ratios.append(this_round["lowmem"] / this_round["reference"])
+        # One warm-up step each (allocate state, fault in pages), then the two alternate round by round.
+        times = interleaved({"lowmem": ours, "reference": reference}, args.rounds,
+                            lambda step: seconds_per_step(step, args.steps))
+        ratios = [a / b for a, b in zip(times["lowmem"], times["reference"])]
         print(f"{name:10s} lowmem {statistics.median(times['lowmem']) * 1e3:8.1f} ms/step   "
               f"reference {statistics.median(times['reference']) * 1e3:8.1f} ms/step   "
               f"ratio lowmem/reference: median {statistics.median(ratios):.3f} "

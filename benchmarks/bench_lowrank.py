@@ -17,14 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
-import time
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from lowmem.bench.peak import report_to_parent, rss_bytes, run_child
+from lowmem.bench.timing import step_seconds
 
 
 def refactor(args: argparse.Namespace) -> dict:
@@ -35,13 +30,12 @@ def refactor(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     a = torch.randn(args.rank, args.in_features) / args.in_features**0.5
     b = torch.randn(args.out, args.rank) / args.rank**0.5
-    def timed(fn, repeats):
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn(a, b)
-            best = min(best, time.perf_counter() - start)
-        return best, result
+
+    def timed(factors, repeats: int) -> tuple[float, tuple]:
+        """The fastest of `repeats` calls, and the factors the last one returned."""
+        results = []
+        return min(step_seconds(lambda: results.append(factors(a, b)), repeats)), results[-1]
+
     qr_seconds, (qa, qb, qs) = timed(balanced_factors, args.repeats)
     svd_seconds, (sa, sb, ss) = timed(balanced_factors_svd, 1)
     product = b @ a
@@ -61,7 +55,7 @@ def _sltrain_worker(args: argparse.Namespace) -> dict:
     from lowmem.structure.sltrain import SLTrainLinear
 
     torch.manual_seed(0)
-    start_rss = _rss_bytes()  # torch imported, nothing of the layer allocated yet
+    start_rss = rss_bytes()  # torch imported, nothing of the layer allocated yet
     if args.variant == "dense":
         layer = nn.Linear(args.in_features, args.out, bias=False)
     else:
@@ -76,12 +70,8 @@ def _sltrain_worker(args: argparse.Namespace) -> dict:
         y.backward(g)
 
     step()  # warm-up: gradient buffers exist from here on, as in training
-    times = []
-    before = _rss_bytes()
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    before = rss_bytes()
+    times = step_seconds(step, args.repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     io_bytes = (x.numel() + x.grad.numel() + g.numel()) * 4
     return {"variant": args.variant, "weight_and_index_bytes": weight_bytes,
@@ -91,14 +81,10 @@ def _sltrain_worker(args: argparse.Namespace) -> dict:
 
 
 def sltrain(args: argparse.Namespace) -> list[dict]:
-    results = []
-    for variant in ("dense", "sltrain"):
-        cmd = [sys.executable, __file__, "sltrain-worker", "--variant", variant, "--out", str(args.out),
-               "--in", str(args.in_features), "--rank", str(args.rank), "--density", str(args.density),
-               "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return [run_child([__file__, "sltrain-worker", "--variant", variant, "--out", str(args.out),
+                       "--in", str(args.in_features), "--rank", str(args.rank), "--density", str(args.density),
+                       "--tokens", str(args.tokens), "--repeats", str(args.repeats)])
+            for variant in ("dense", "sltrain")]
 
 
 def main() -> None:
@@ -118,7 +104,7 @@ def main() -> None:
         for row in sltrain(args):
             print(json.dumps(row))
     else:
-        print(json.dumps(_sltrain_worker(args)))
+        report_to_parent(_sltrain_worker(args))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
+
+from lowmem.bench.peak import baseline_bytes, default_device, report_to_parent, run_child
+from lowmem.bench.timing import seconds_per_step
 
 GB = 1e9
 
@@ -31,14 +32,11 @@ def worker(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     import lowmem.optim
-    from lowmem.memory import estimate_memory, peak_memory, reset_peak_memory, snapshot
+    from lowmem.memory import estimate_memory, snapshot
     from lowmem.models import build_model
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.init()
-        reset_peak_memory()
-    baseline = peak_memory()["peak_bytes"]
+    baseline = baseline_bytes(device)
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=args.vocab_size, device=device)
     if args.precision == "bf16-pure":
@@ -46,8 +44,8 @@ def worker(args: argparse.Namespace) -> dict:
     optimizer = lowmem.optim.build(args.optimizer, model, preset=args.model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-autocast")
     vocab = model.config.vocab_size
-    start = time.perf_counter()
-    for _ in range(args.steps):
+
+    def step() -> None:
         tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), device=device)
         with autocast:
             logits = model(tokens[:, :-1])
@@ -55,10 +53,8 @@ def worker(args: argparse.Namespace) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del logits, loss
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+
+    seconds = seconds_per_step(step, args.steps, device) * args.steps
     measured = snapshot(model, optimizer)
     est = estimate_memory(args.model, args.optimizer, vocab_size=args.vocab_size, batch_size=args.batch_size,
                           seq_len=args.seq_len, precision=args.precision)
@@ -82,20 +78,16 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--precision", default="bf16-pure", choices=("fp32", "bf16-autocast", "bf16-pure"))
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--output", help="append one JSON line per optimizer to this file")
     parser.add_argument("--optimizer", help=argparse.SUPPRESS)  # set in the per-optimizer child process
     args = parser.parse_args()
 
     if args.optimizer:  # child: measure one optimizer, print its record as JSON
-        print(json.dumps(worker(args)))
+        report_to_parent(worker(args))
         return 0
 
-    records = []
-    for name in args.optimizers.split(","):
-        argv = [sys.executable, __file__, "--optimizer", name, *sys.argv[1:]]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-        records.append(json.loads(out.strip().splitlines()[-1]))
+    records = [run_child([__file__, "--optimizer", name, *sys.argv[1:]]) for name in args.optimizers.split(",")]
     first = records[0]
     print(f"{first['model']}, micro-batch {first['batch_size']} x {first['seq_len']}, {first['precision']}, "
           f"{first['steps']} steps on {first['device_name']} (torch {first['torch']}); GB = 1e9 bytes")
@@ -111,12 +103,6 @@ def main() -> int:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return 0
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

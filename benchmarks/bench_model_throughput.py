@@ -10,13 +10,14 @@ process and the median tokens/s of each is reported with their ratio (goal: lowm
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lowmem.assembly import build_model
+from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.models import resolve_config
 
 
@@ -68,15 +69,11 @@ def main() -> None:
         "transformers": (hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), True),
     }
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1))
-    for model, opt, is_hf in contenders.values():  # warm up allocators and kernels
-        step_fn(model, opt, tokens, is_hf, args.precision)
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, (model, opt, is_hf) in contenders.items():
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                step_fn(model, opt, tokens, is_hf, args.precision)
-            rates[name].append(args.steps_per_round * args.batch * args.seq_len / (time.perf_counter() - start))
+    steps = {name: functools.partial(step_fn, model, opt, tokens, is_hf, args.precision)
+             for name, (model, opt, is_hf) in contenders.items()}
+    # One warm-up step each (allocators, kernels); the same order every round.
+    seconds = interleaved(steps, args.rounds, lambda step: seconds_per_step(step, args.steps_per_round), rotate=False)
+    rates = {name: [args.batch * args.seq_len / s for s in values] for name, values in seconds.items()}
     config = resolve_config(args.model, vocab_size=args.vocab_size)
     print(f"model {args.model} ({config.hidden_size}x{config.num_layers}, vocab {args.vocab_size}), "
           f"batch {args.batch}x{args.seq_len}, {args.precision}, threads {torch.get_num_threads()}, "

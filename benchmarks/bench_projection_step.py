@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
 
 from lowmem.assembly import build_model, build_optimizer
+from lowmem.bench.timing import interleaved, seconds_per_step, step_seconds
 from lowmem.optim.projection import projection_side, randomized_svd_projection, svd_projection
 from lowmem.optim.roles import assign_roles
 
@@ -76,28 +76,15 @@ def model_with_grads(seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def timed_steps(optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def compare(name: str, gap: int, rounds: int) -> dict[str, float]:
     ours_model, theirs_model = model_with_grads(), model_with_grads()
     roles = assign_roles(theirs_model)
     hidden = [p for p in theirs_model.parameters() if roles[p] == "hidden"]
     others = [p for p in theirs_model.parameters() if roles[p] != "hidden"]
-    contenders = {"ours": ours_optimizer(name, ours_model, gap), "official": official_optimizer(name, hidden, others, gap)}
-    for optimizer in contenders.values():  # first step: state allocation and the first projections
-        timed_steps(optimizer, 1)
-    blocks: dict[str, list[list[float]]] = {key: [] for key in contenders}
-    order = list(contenders)
-    for round_index in range(rounds):
-        for key in (order if round_index % 2 == 0 else order[::-1]):
-            blocks[key].append(timed_steps(contenders[key], gap))
+    contenders = {"ours": ours_optimizer(name, ours_model, gap).step,
+                  "official": official_optimizer(name, hidden, others, gap).step}
+    # The warm-up step allocates the state and computes the first projections; then blocks alternate.
+    blocks = interleaved(contenders, rounds, lambda step: step_seconds(step, gap))
     # Steps 2.. run in blocks of `gap`; the refresh is the step whose 0-based count is a multiple of gap.
     refresh_index = gap - 1  # block k holds 0-based counts 1 + k*gap ... (k+1)*gap
     figures = {}
@@ -122,8 +109,8 @@ def stagger_spikes(gap: int, svd: str) -> dict[str, float]:
     for stagger in (False, True):
         model = model_with_grads()
         optimizer = ours_optimizer("galore", model, gap, stagger=stagger, svd=svd)
-        timed_steps(optimizer, 1)  # the first step computes every projection in both cases
-        times = timed_steps(optimizer, gap)
+        optimizer.step()  # the first step computes every projection in both cases
+        times = step_seconds(optimizer.step, gap)
         label = "stagger" if stagger else "plain"
         figures[f"{label}_max"] = max(times)
         figures[f"{label}_median"] = statistics.median(times)
@@ -138,16 +125,17 @@ def refresh_cost(rounds: int) -> dict[str, float]:
     roles = assign_roles(model)
     grads = [p.grad for p in model.parameters() if roles[p] == "hidden"]
     sides = [projection_side(g.shape[0], g.shape[1], "std") for g in grads]
-    times: dict[str, list[float]] = {"exact": [], "randomized": []}
-    for round_index in range(rounds):
-        for kind in (("exact", "randomized") if round_index % 2 == 0 else ("randomized", "exact")):
-            start = time.perf_counter()
-            for i, (g, side) in enumerate(zip(grads, sides)):
-                if kind == "exact":
-                    svd_projection(g, 128, side)
-                else:
-                    randomized_svd_projection(g, 128, side, seed=i)
-            times[kind].append(time.perf_counter() - start)
+
+    def exact_bases() -> None:
+        for g, side in zip(grads, sides):
+            svd_projection(g, 128, side)
+
+    def randomized_bases() -> None:
+        for i, (g, side) in enumerate(zip(grads, sides)):
+            randomized_svd_projection(g, 128, side, seed=i)
+
+    times = interleaved({"exact": exact_bases, "randomized": randomized_bases}, rounds,
+                        lambda bases: seconds_per_step(bases, 1), warmup=0)
     captured = []
     for i, (g, side) in enumerate(zip(grads, sides)):
         exact, approx = svd_projection(g, 128, side), randomized_svd_projection(g, 128, side, seed=i)

@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from lowmem.assembly import build_model, build_optimizer
-
-
-def _time(step, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+from lowmem.bench.timing import interleaved, seconds_per_step
 
 
 def main() -> None:
@@ -60,16 +53,9 @@ def main() -> None:
         "adamw": adamw.step,
         "floor": floor,
     }
-    for step in contenders.values():  # warm up: allocate optimizer state, fault in pages
-        step()
-        step()
-
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    # Two warm-up steps each: allocate optimizer state, fault in pages.
+    times = interleaved(contenders, args.rounds, lambda step: seconds_per_step(step, args.steps), warmup=2)
     names = list(contenders)
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            times[name].append(_time(contenders[name], args.steps))
 
     print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps")

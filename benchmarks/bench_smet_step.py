@@ -12,12 +12,13 @@ so a change in the machine's load hits all of them alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 
 from lowmem.assembly import build_model, build_optimizer
+from lowmem.bench.timing import interleaved, seconds_per_step
 
 
 def setup(model_name: str, vocab: int, structure: dict | None, optimizer: str):
@@ -44,18 +45,17 @@ def main() -> None:
             configs[f"{storage} storage / {optimizer}"] = (structure, optimizer)
     built = {name: setup(args.model, args.vocab_size, s, o) for name, (s, o) in configs.items()}
     x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len))
-    times = {name: {"fwd+bwd": [], "step": []} for name in configs}
-    for repeat in range(args.repeats + 2):  # two warm-up rounds
-        for name, (model, opt) in built.items():
-            opt.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            model(x).float().logsumexp(-1).mean().backward()
-            mid = time.perf_counter()
-            opt.step()
-            end = time.perf_counter()
-            if repeat >= 2:
-                times[name]["fwd+bwd"].append(mid - start)
-                times[name]["step"].append(end - mid)
+
+    def timed_pass(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
+        """(forward + backward seconds, optimizer.step seconds) of one micro-batch."""
+        opt.zero_grad(set_to_none=True)
+        fwd_bwd = seconds_per_step(lambda: model(x).float().logsumexp(-1).mean().backward(), 1)
+        return fwd_bwd, seconds_per_step(opt.step, 1)
+
+    # Two warm-up passes each; then the configurations in the same order, repeat by repeat.
+    passes = interleaved({name: functools.partial(timed_pass, *built[name]) for name in configs}, args.repeats,
+                         lambda timed: timed(), warmup=2, rotate=False)
+    times = {name: {"fwd+bwd": [p[0] for p in values], "step": [p[1] for p in values]} for name, values in passes.items()}
     print(f"{args.model}, d={args.density}, B={args.block}, micro-batch {args.batch} x {args.seq_len}, fp32, 1 thread; "
           f"medians of {args.repeats} (ms)")
     print("| configuration | forward+backward | optimizer.step |")

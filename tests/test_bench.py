@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -171,3 +172,78 @@ def test_a_run_interrupted_after_a_checkpoint_is_resumed_not_restarted(tiny_corp
     run_grid(grid, workers=1, progress=False)  # a fresh `lowmem train` would refuse the directory
     again = json.loads((run_dir / "summary.json").read_text())
     assert again["val_perplexity"] == first["val_perplexity"] and again["steps"] == first["steps"]
+
+
+def test_interleaved_timing_warms_up_each_contender_then_rotates_the_order_every_round():
+    from lowmem.bench.timing import interleaved, seconds_per_step, step_seconds
+
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    measured = interleaved(contenders, 3, lambda step: (step(), calls[-1])[1], warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert measured == {"a": ["a"] * 3, "b": ["b"] * 3, "c": ["c"] * 3}
+    calls.clear()
+    interleaved(contenders, 2, lambda step: step(), warmup=0, rotate=False)
+    assert calls == ["a", "b", "c", "a", "b", "c"]
+    # a block is timed as one and averaged; single steps are timed one by one
+    calls.clear()
+    assert seconds_per_step(contenders["a"], 4) >= 0 and calls == ["a"] * 4
+    times = step_seconds(contenders["b"], 3)
+    assert len(times) == 3 and all(t >= 0 for t in times) and calls[4:] == ["b"] * 3
+
+
+def test_the_peak_runner_returns_the_childs_record_with_its_own_peak(tmp_path):
+    from lowmem.bench.peak import mmap_threshold_env, run_child
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, sys\n"
+        "from lowmem.bench.peak import baseline_bytes, report_to_parent, rss_bytes\n"
+        "from lowmem.memory import peak_memory\n"
+        "if sys.argv[1] == 'fail':\n"
+        "    sys.exit('the child failed on purpose')\n"
+        "baseline, before = baseline_bytes('cpu'), rss_bytes()\n"
+        "held = b'x' * (int(sys.argv[1]) << 20)  # written, so resident\n"
+        "print('progress lines before the record are ignored')\n"
+        "report_to_parent({**peak_memory(), 'baseline_bytes': baseline, 'rss_before': before,\n"
+        "                  'threshold': os.environ.get('MALLOC_MMAP_THRESHOLD_')})\n")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **mmap_threshold_env(131072)}
+    record = run_child([str(child), "64"], env)
+    assert record["peak_measure"] == "cpu_peak_rss" and record["threshold"] == "131072"
+    # The child's own peak: its RSS before the 64 MiB plus them (the baseline, a peak so far, may hold
+    # an import's transient above the RSS the allocation starts from).
+    assert record["peak_bytes"] >= record["baseline_bytes"] > 0
+    assert record["peak_bytes"] >= record["rss_before"] + (48 << 20)
+    assert mmap_threshold_env(0) == {}
+    with pytest.raises(RuntimeError, match="the child failed on purpose"):
+        run_child([str(child), "fail"], env)
+
+
+def _finished_run(directory: Path, lr: float, summary: dict | None) -> None:
+    """A run directory as `lowmem train` leaves it: config.yaml, metrics.jsonl, summary.json once finished."""
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": lr}, "train": {"seed": 42}}))
+    (directory / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    if summary is not None:
+        (directory / "summary.json").write_text(json.dumps(summary))
+
+
+def test_collect_reads_finished_runs_or_also_running_ones_and_budget_points_skip_diverged_runs(tmp_path):
+    from lowmem.bench.budget import ranking, ranking_table
+    from lowmem.bench.report import collect
+
+    for steps, tokens in ((250, 1000), (125, 500)):
+        grid = tmp_path / f"steps{steps}"
+        _finished_run(grid / "adamw" / "lr0.001", 1e-3, {"val_perplexity": 200.0 * 125 / steps, "tokens": tokens})
+        _finished_run(grid / "galore" / "lr0.01", 1e-2, {"val_perplexity": float("nan"), "tokens": tokens})
+        _finished_run(grid / "galore" / "lr0.04", 4e-2, {"val_perplexity": 100.0, "tokens": tokens})
+        _finished_run(grid / "galore" / "lr0.08", 8e-2, None)  # still running
+    grid = tmp_path / "steps250"
+    assert [(r["method"], r["lr"]) for r in collect(grid)] == [("adamw", 1e-3), ("galore", 1e-2), ("galore", 4e-2)]
+    running = collect(grid, unfinished=True)
+    assert len(running) == 4 and "val_perplexity" not in running[-1] and running[-1]["config"]["optim"]["lr"] == 8e-2
+    points = ranking([tmp_path / "steps250", tmp_path / "steps125"])
+    assert points == [(500, {"adamw": 200.0, "galore": 100.0}), (1000, {"adamw": 100.0, "galore": 100.0})]
+    table = ranking_table(points)
+    assert "| 500 | 200.0 (1.000) | 100.0 (0.500) | galore < adamw |" in table

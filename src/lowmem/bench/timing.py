@@ -1,0 +1,64 @@
+"""Wall-clock timing for the benchmarks: steps timed alone or as a block, contenders interleaved.
+
+On a shared machine the load drifts while a benchmark runs, so contenders are not timed one after the
+other: `interleaved` warms each up (optimizer state allocated, pages faulted in, kernels loaded), then
+runs rounds in which every contender is measured once, the order rotated by one each round (two
+contenders: alternated), so drift hits all of them alike and each round gives comparable figures (a
+ratio per round, medians over rounds). On CUDA, pass the device so the clock reads after the queued
+work has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+Measured = TypeVar("Measured")
+
+
+def _synchronize(device: Any) -> None:
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(step: Callable[[], object], steps: int, device: Any = None) -> float:
+    """Mean wall seconds of `steps` consecutive calls of `step`, timed as one block."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def step_seconds(step: Callable[[], object], steps: int, device: Any = None) -> list[float]:
+    """Wall seconds of each of `steps` consecutive calls of `step` (to tell a slow step from the rest)."""
+    times = []
+    for _ in range(steps):
+        _synchronize(device)
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(contenders: Mapping[str, Callable[[], object]], rounds: int,
+                measure: Callable[[Callable[[], object]], Measured], *, warmup: int = 1,
+                rotate: bool = True) -> dict[str, list[Measured]]:
+    """{name: [measure(step) per round]}: each contender is called `warmup` times, then `rounds` rounds
+    measure every contender once, in an order rotated by one per round (`rotate=False`: the given
+    order every round)."""
+    for step in contenders.values():
+        for _ in range(warmup):
+            step()
+    names = list(contenders)
+    results: dict[str, list[Measured]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names) if rotate and names else 0
+        for name in names[shift:] + names[:shift]:
+            results[name].append(measure(contenders[name]))
+    return results
