@@ -1,7 +1,7 @@
 """One assembly for a run: a config becomes its model, optimizer and interventions, in one place.
 
     run = assemble(config, vocab_size=tokenizer.vocab_size, info=info)
-    run.model       # what the loop calls: wrapped for DDP, or sharded by FSDP2, or the model itself
+    run.model       # what the trainer calls: wrapped for DDP, or sharded by FSDP2, or the model itself
     run.core        # the unwrapped model (interventions, memory snapshots, checkpoints)
     run.optimizer   # built over run.core's role/kind groups, with the run's hyperparameters
     run.interventions, run.structure
@@ -15,6 +15,7 @@ runner's runs all come through here, so a structure or a method that works in on
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +25,13 @@ from torch.optim import Optimizer
 
 import lowmem.optim
 from lowmem.config import RunConfig
-from lowmem.distributed import DistInfo, wrap_model
+from lowmem.distributed import DistInfo, unwrap, wrap_model
 from lowmem.errors import ConfigError
 from lowmem.interventions import Intervention, RunContext, build_interventions
 from lowmem.models import LlamaConfig, resolve_config
 from lowmem.models import build_model as build_preset
-from lowmem.models.hf import load_pretrained
 from lowmem.models.chunked_loss import loss_chunk_for
+from lowmem.models.hf import load_pretrained
 from lowmem.structure import Structure, build_structure
 
 
@@ -97,7 +98,16 @@ def build_optimizer(name: str, model: nn.Module, preset: str | None = None, hpar
 
 
 def weight_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a run's weights are cast to: bf16 under "bf16-pure", else left as built (fp32)."""
     return torch.bfloat16 if precision == "bf16-pure" else None
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context a run's forward passes run in: bf16 autocast on `device` under "bf16-autocast",
+    else nothing (fp32, or bf16-pure weights that need no casting)."""
+    if precision == "bf16-autocast":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def configure_memory(model: nn.Module, activation_checkpointing: str = "none", chunked_loss: str = "auto",
@@ -138,7 +148,7 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
     configure_memory(core, config.train.activation_checkpointing, config.train.chunked_loss,
                      config.train.loss_chunk, config.train.micro_batch_size * config.data.seq_len)
     model = wrap_model(core, info, config.train.distributed)
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)
     optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)
     context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size)

@@ -74,10 +74,23 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper; any other model as it is (FSDP2 shards in place, no wrapper).
+    What checkpoints, interventions and memory snapshots see; the forward goes through the wrapper."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+    return bool(all_reduce_sum(torch.tensor([1 if flag else 0], device=info.device), info).item())
 
 
 def barrier(info: DistInfo) -> None:

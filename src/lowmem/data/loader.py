@@ -45,9 +45,9 @@ import torch
 from lowmem.data.sources import TextSource
 from lowmem.data.tokenizer import Tokenizer
 from lowmem.errors import CheckpointError, ConfigError, DataError
+from lowmem.models.chunked_loss import IGNORE_INDEX  # the loss's unscored label: padding targets get it
 
 MODES = ("pad", "pack")
-IGNORE_INDEX = -100
 # Documents per call of the Rust batch encoder: large enough to keep its threads busy, small
 # enough that a resumed or validation read does not tokenize much it will not use.
 TOKENIZE_CHUNK = 512

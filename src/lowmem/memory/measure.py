@@ -30,12 +30,7 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lowmem.optim.base import is_dtensor
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    # A DTensor's numel() is the global size; the rank holds only its shard.
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+from lowmem.optim.base import local_tensor
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -46,7 +41,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        local = _local(tensor)
+        local = local_tensor(tensor)  # a DTensor's numel() is the global size; the rank holds only its shard
         total += local.numel() * local.element_size()
     return total
 
@@ -130,9 +125,6 @@ class TensorMemory(TorchDispatchMode):
         self.peak = 0
         self._sizes: dict[int, int] = {}
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)

@@ -20,9 +20,10 @@ relative); d W's sum over chunks is taken in fp32, so in bf16 it is at least as 
 
 When no gradient is needed (evaluation), only the loss is computed, chunk by chunk.
 
-Lives in the models layer (the model computes its loss when asked, so FSDP2's gathered head weight is
-used inside the root module's forward); it knows nothing of the data layer, so the ignored label
-value is an argument (-100, lowmem.data.IGNORE_INDEX, by default).
+Lives in the models layer: the model computes its loss when asked (`model(ids, labels=labels)`, plain
+or chunked behind that one call), so FSDP2's gathered head weight is used inside the root module's
+forward. `IGNORE_INDEX`, the label of a position nothing is scored at, is defined here, once: the
+data layer writes it for padding and imports it from here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from lowmem.errors import ConfigError
 
-IGNORE_INDEX = -100  # equal to lowmem.data.IGNORE_INDEX (checked in tests/test_chunked_loss.py)
+IGNORE_INDEX = -100  # the label of an unscored position (padding): PyTorch's cross-entropy default
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 32000 fp32 logits are 131 MB
 # "auto" turns the chunked loss on when one micro-batch's fp32 logits would take at least this many
 # bytes (256 MiB: llama-60m from micro-batch 2 x 256 on; the CPU main job, 16 x 128 x 8192, stays dense).
@@ -51,6 +52,11 @@ def loss_chunk_for(mode: str, chunk: int, tokens: int, vocab_size: int) -> int:
     if mode == "off" or (mode == "auto" and tokens * vocab_size * 4 < AUTO_THRESHOLD_BYTES):
         return 0
     return chunk
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """How many positions of `labels` are scored (not IGNORE_INDEX): the tokens a summed loss is over."""
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

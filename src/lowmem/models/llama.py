@@ -215,9 +215,11 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab]; with `return_hidden`, the final hidden states (the head's
-        input, after the last RMSNorm) instead; with `labels`, the summed fp32 cross-entropy over
-        positions whose label is not -100, through the chunked loss when `self.loss_chunk` > 0 (the
-        full logits never exist), else over the full logits as lowmem.train.loss does."""
+        input, after the last RMSNorm) instead; with `labels`, the training objective: the summed
+        fp32 next-token cross-entropy over positions whose label is not IGNORE_INDEX, through the
+        chunked loss when `self.loss_chunk` > 0 (the full logits never exist), else over the full
+        logits. This is the one place lowmem computes the loss: training, evaluation and `lowmem
+        eval` call `model(ids, labels=labels)` (through a DDP/FSDP2 wrapper's forward in a run)."""
         hidden = self.forward_hidden(input_ids)
         if return_hidden:
             return hidden

@@ -5,7 +5,7 @@ each of the run's components by name (`components_state` / `load_components`): t
 optimizer (DTensor shards stored as their local tensors), the data loader's position, the
 interventions, the structure, every RNG state, and the progress (step, tokens seen, skipped steps,
 the first evaluation, kept at the top level as before), with the run config beside them. A new
-component adds its state by giving the trainer one more entry; the loop does not change. The step directory
+component adds its state by giving the Trainer one more entry (`Trainer._components`); nothing else changes. The step directory
 is written under a temporary name and renamed when every rank has finished, so a checkpoint either
 exists whole or not at all; the newest K are kept. A save that fails on any rank (a full disk, an
 unwritable directory) removes its partial directory, keeps the previous checkpoint and raises
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowmem.distributed import unwrap
 from lowmem.errors import CheckpointError
-from lowmem.optim.base import is_dtensor
+from lowmem.optim.base import is_dtensor, local_tensor
 
 FORMAT = "lowmem-checkpoint-1"
 CHECKPOINT_DIR = "checkpoints"
@@ -78,11 +79,11 @@ def _numpy_rng_to_plain() -> tuple:
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: _local(p) for name, p in _unwrap(model).state_dict().items()}
+    return {name: _local(p) for name, p in unwrap(model).state_dict().items()}
 
 
 def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    target = _unwrap(model)
+    target = unwrap(model)
     current = target.state_dict()
     missing = set(current) - set(saved)
     unexpected = set(saved) - set(current)
@@ -93,7 +94,7 @@ def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, tensor in current.items():
-            local = tensor.to_local() if is_dtensor(tensor) else tensor
+            local = local_tensor(tensor)
             if local.shape != saved[name].shape:
                 raise CheckpointError(
                     f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, the model's is "
@@ -107,7 +108,7 @@ def gather_sharded_model_state(model: nn.Module, saved_by_rank: list[dict[str, t
     shards (FSDP2's Shard(0), torch.chunk's split, so a rank's part may be empty) is concatenated back;
     one saved whole on rank 0 (a buffer, or a weight too small to split) is taken from rank 0. Parts
     that do not join into the model's shape are joined anyway, for `load_model_state` to name."""
-    full = _unwrap(model).state_dict()
+    full = unwrap(model).state_dict()
     return {name: first if name not in full or first.shape == full[name].shape
             else torch.cat([saved[name] for saved in saved_by_rank], dim=0)
             for name, first in saved_by_rank[0].items()}
@@ -220,10 +221,6 @@ def load_components(components: dict[str, Stateful], body: dict[str, Any]) -> No
             component.load_state_dict(body[name])
         elif component.state_dict():
             raise CheckpointError(f"the checkpoint holds no {name!r} state, which this run needs; resume with the run's own settings")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
