@@ -14,12 +14,11 @@ from lowmem.config import RunConfig, load_config, results_affecting_differences
 from lowmem.data import IGNORE_INDEX
 from lowmem.distributed import DistInfo
 from lowmem.errors import ConfigError
-from lowmem.models import chunked_loss
+from lowmem.models import count_targets
 from lowmem.models.chunked_loss import chunked_head_loss_sum, loss_chunk_for
 from lowmem.models.llama import build_model
 from lowmem.structure import build_structure
 from lowmem.train.evaluate import evaluate
-from lowmem.train.loss import model_loss_sum, token_loss_sum
 from lowmem.train.step import train_step
 
 VOCAB = 300
@@ -43,8 +42,30 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_ignore_index_matches_the_data_layer():
-    assert chunked_loss.IGNORE_INDEX == IGNORE_INDEX
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PyTorch's summed cross-entropy over the full logits in fp32: the plain loss, as a reference."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+
+
+def _model_loss(model, ids, labels, autocast) -> torch.Tensor:
+    with autocast:
+        return model(ids, labels=labels)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_the_padding_the_data_layer_writes_is_never_scored(chunk):
+    # Row 0's last 5 labels are lowmem.data.IGNORE_INDEX (a padded tail): the model's loss, plain or
+    # chunked, is the loss of the rows without those positions (attention is causal, so cutting the
+    # tail changes nothing before it).
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=VOCAB)
+    model.loss_chunk = chunk
+    ids, labels = _batch()
+    with torch.no_grad():
+        padded = model(ids, labels=labels)
+        cut = model(ids[:1, :-5], labels=labels[:1, :-5]) + model(ids[1:], labels=labels[1:])
+    assert padded.item() == pytest.approx(cut.item(), rel=1e-6)
+    assert count_targets(labels) == labels.numel() - 5
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 72, 1000])
@@ -52,7 +73,7 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients_in_fp32(chunk):
     torch.manual_seed(0)
     model = build_model("cpu-tiny", vocab_size=VOCAB)
     ids, labels = _batch()
-    plain_loss = token_loss_sum(model(ids), labels)
+    plain_loss = model(ids, labels=labels)
     plain = _grads(model, plain_loss)
     model.loss_chunk = chunk
     loss = model(ids, labels=labels)
@@ -70,10 +91,10 @@ def test_chunked_loss_is_within_bf16_rounding(precision):
         model.to(torch.bfloat16)
     ids, labels = _batch()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
-    plain_loss = model_loss_sum(model, ids, labels, autocast)
+    plain_loss = _model_loss(model, ids, labels, autocast)
     plain = _grads(model, plain_loss)
     model.loss_chunk = 16
-    loss = model_loss_sum(model, ids, labels, autocast)
+    loss = _model_loss(model, ids, labels, autocast)
     chunked = _grads(model, loss)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - plain_loss.item()) <= 1e-3 * abs(plain_loss.item())
@@ -87,7 +108,7 @@ def test_chunked_loss_without_gradients_equals_the_plain_loss():
     model = build_model("cpu-tiny", vocab_size=VOCAB)
     ids, labels = _batch()
     with torch.no_grad():
-        plain = token_loss_sum(model(ids), labels)
+        plain = _cross_entropy_sum(model(ids), labels)
         model.loss_chunk = 5
         chunked = model(ids, labels=labels)
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -110,8 +131,8 @@ def test_checkpointing_gives_bitwise_equal_gradients_in_fp32(mode, structure):
     ckpt.set_activation_checkpointing(mode)
     assert ckpt.activation_checkpointing == mode
     ids, labels = _batch()
-    loss_a = token_loss_sum(plain(ids), labels)
-    loss_b = token_loss_sum(ckpt(ids), labels)
+    loss_a = plain(ids, labels=labels)
+    loss_b = ckpt(ids, labels=labels)
     assert torch.equal(loss_a, loss_b)
     for (name, _), a, b in zip(plain.named_parameters(), _grads(plain, loss_a), _grads(ckpt, loss_b)):
         assert torch.equal(a, b), name
@@ -196,16 +217,14 @@ def test_old_configs_resume_and_checkpointing_may_change_on_resume():
     assert results_affecting_differences(new, other_chunk) == ["train.loss_chunk: 1024 -> 7"]
 
 
-def test_plain_forward_still_returns_logits_and_the_model_loss_equals_token_loss_sum():
+def test_plain_forward_still_returns_logits_and_the_model_loss_is_pytorchs_cross_entropy():
     torch.manual_seed(0)
     model = build_model("cpu-tiny", vocab_size=VOCAB)
     ids, labels = _batch()
     logits = model(ids)
     assert logits.shape == (*ids.shape, VOCAB)
-    assert torch.equal(model(ids, labels=labels), token_loss_sum(logits, labels))
+    assert torch.equal(model(ids, labels=labels), _cross_entropy_sum(logits, labels))
     assert torch.equal(model.lm_head(model(ids, return_hidden=True)), logits)
-    assert torch.equal(F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum"),
-                       token_loss_sum(logits, labels))
 
 
 # ---- the estimate against what the code allocates --------------------------------------------------
@@ -234,7 +253,7 @@ def _measured_activation_peak(precision: str, mode: str, chunk: int, batch: int 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
     owned = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), ids, labels]
     with TensorMemory(exclude=owned) as mem:
-        model_loss_sum(model, ids, labels, autocast).backward()
+        _model_loss(model, ids, labels, autocast).backward()
     return mem.peak
 
 

@@ -14,18 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 from torch import nn
 
-import lowmem
 from lowmem.assembly import assemble, build_model, build_optimizer
 from lowmem.config import load_config
 from lowmem.distributed import DistInfo
 from lowmem.errors import ConfigError
 from lowmem.optim.roles import param_groups
 from lowmem.optim.state import replace_parameter, reset_state
-from lowmem.train.step import train_step
-
-from conftest import tiny_run_overrides, write_corpus
+from lowmem.train.step import AfterBackward, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_assembly_run"
@@ -189,6 +187,33 @@ def test_train_step_matches_a_hand_written_step_and_calls_the_hook_with_live_gra
     assert len(seen) == 1 and seen[0] > 0
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_where_the_update_happens_is_the_update_object_the_step_is_given():
+    # The seam an update applied inside backward (gradient release) plugs into: every micro-batch's
+    # backward goes through it, told which one completes the gradients, and the update follows once.
+    class Recording(AfterBackward):
+        def __init__(self, optimizer):
+            super().__init__(optimizer)
+            self.calls = []
+
+        def backward(self, loss, last):
+            self.calls.append(("backward", last))
+            super().backward(loss, last)
+
+        def apply(self, model, before_update):
+            self.calls.append(("apply", model.lm_head.weight.grad is not None))
+            super().apply(model, before_update)
+
+    torch.manual_seed(0)
+    model = build_model("cpu-micro", vocab_size=64)
+    update = Recording(torch.optim.SGD(model.parameters(), lr=0.1))
+    ids = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(1))
+    micro = [{"input_ids": ids[i:i + 2, :-1], "labels": ids[i:i + 2, 1:]} for i in (0, 2, 4)]
+    before = model.lm_head.weight.detach().clone()
+    assert train_step(model, update, micro, info=DistInfo()).updated
+    assert update.calls == [("backward", False), ("backward", False), ("backward", True), ("apply", True)]
+    assert not torch.equal(model.lm_head.weight, before)
 
 
 def test_train_step_skips_the_update_on_a_non_finite_loss():

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_overrides
 
 from lowmem.config import load_config
-
-from conftest import tiny_run_overrides
 
 pytestmark = pytest.mark.distributed
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_run_overrides
+
 from lowmem.assembly import build_model
 from lowmem.cli import main
 from lowmem.config import RunConfig, load_config
 from lowmem.errors import CheckpointError, ConfigError
 from lowmem.models.generate import greedy_generate
 from lowmem.train import checkpoint
-from lowmem.train.loop import train
 from lowmem.train.trained import load_trained
+from lowmem.train.trainer import train
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

@@ -5,7 +5,6 @@ orientation per architecture, SCALE/Muon/Adam-mini on GPT-2's [in, out] Conv1D w
 from __future__ import annotations
 
 import math
-
 import warnings
 
 import pytest

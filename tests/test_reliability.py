@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,15 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_overrides
 
 from lowmem.bench.run import load_grid
 from lowmem.cli import main as cli_main
 from lowmem.config import load_config, parse_key_values, parse_spec, parse_value
-from lowmem.errors import CheckpointError, ConfigError, LowmemError
-from lowmem.train import checkpoint, loop, step
-from lowmem.train.loop import TrainingStopped, train
-
-from conftest import tiny_run_overrides
+from lowmem.errors import CheckpointError
+from lowmem.train import checkpoint, rundir, trainer
+from lowmem.train.trainer import TrainingStopped, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -81,8 +78,9 @@ def test_scientific_notation_in_yaml_configs_grids_and_memory_hparams(tmp_path, 
     runs = load_grid(grid, tmp_path / "out")
     assert [r.name for r in runs] == ["adamw/lr0.001", "adamw/lr0.003"]
     assert runs[0].config["optim"]["hparams"] == {"eps": 1e-8}
-    from lowmem.memory.cli import add_parser, parse_hparams
     import argparse
+
+    from lowmem.memory.cli import add_parser, parse_hparams
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
@@ -180,15 +178,15 @@ def test_a_grid_whose_runs_all_fail_exits_nonzero_listing_each_with_its_error(ca
 # ---------------------------------------------------------------------------------------------
 # Work lost at the end of a run
 
-# The child runs the real CLI and sends itself SIGTERM on the `nth` call of loop.`function`
-# (evaluate: call 1 is the initial evaluation, call 2 the final one with eval_every 0;
-# checkpoint.save: the final checkpoint with checkpoint_every 0).
+# The child runs the real CLI and sends itself SIGTERM on the `nth` call of the trainer's `evaluate`
+# (call 1 is the initial evaluation, call 2 the final one with eval_every 0) or of checkpoint.save
+# (the final checkpoint with checkpoint_every 0).
 _SIGNAL_IN_FINAL_PHASE = """
 import os, signal, sys
 from lowmem import cli
-from lowmem.train import checkpoint, loop
+from lowmem.train import checkpoint, trainer
 target, nth, calls = sys.argv[1], int(sys.argv[2]), [0]
-owner = loop if target == "evaluate" else checkpoint
+owner = trainer if target == "evaluate" else checkpoint
 real = getattr(owner, target)
 def signalling(*args, **kwargs):
     calls[0] += 1
@@ -218,16 +216,16 @@ def test_sigterm_during_the_final_evaluation_or_checkpoint_exits_0_with_checkpoi
 _WAIT_AT_STEP = """
 import os, sys, time
 from lowmem import cli
-from lowmem.train import step
-ready, go, real, calls = sys.argv[1], sys.argv[2], step.model_loss_sum, [0]
-def waiting(*args):
+from lowmem.train import trainer
+ready, go, real, calls = sys.argv[1], sys.argv[2], trainer.train_step, [0]
+def waiting(*args, **kwargs):
     calls[0] += 1
     if calls[0] == 2:
         open(ready, "w").close()
         while not os.path.exists(go):
             time.sleep(0.05)
-    return real(*args)
-step.model_loss_sum = waiting
+    return real(*args, **kwargs)
+trainer.train_step = waiting
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -264,7 +262,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_and_the_first_completes_i
 def test_default_run_names_made_in_the_same_instant_are_distinct(tiny_corpus, token_cache, tmp_path, monkeypatch):
     import time
 
-    monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setattr(rundir, "RUNS_ROOT", str(tmp_path / "runs"))
     # Both runs start in the same second, at the same microsecond, in the same process.
     monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20270115-080000")
@@ -378,7 +376,7 @@ def test_a_damaged_newest_checkpoint_names_the_older_intact_one(damage, tiny_cor
 
 
 def test_non_finite_weights_are_never_checkpointed_or_named_good(tiny_corpus, token_cache, tmp_path, monkeypatch):
-    real = loop.train_step
+    real = trainer.train_step
     calls = [0]
 
     def poisoning(model, *args, **kwargs):
@@ -389,7 +387,7 @@ def test_non_finite_weights_are_never_checkpointed_or_named_good(tiny_corpus, to
                 next(model.parameters()).fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(loop, "train_step", poisoning)
+    monkeypatch.setattr(trainer, "train_step", poisoning)
     run_dir = tmp_path / "run"
     config = load_config(overrides=_micro(tiny_corpus, token_cache, run_dir, **{
         "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}))
@@ -414,14 +412,14 @@ def test_resume_survives_a_partial_last_line_in_metrics(tiny_corpus, token_cache
 
 
 def test_a_bare_resume_picks_the_newest_run_with_a_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setattr(rundir, "RUNS_ROOT", str(tmp_path / "runs"))
     interrupted, failed = tmp_path / "runs" / "interrupted", tmp_path / "runs" / "failed-at-start"
     (interrupted / "checkpoints" / "step-00000003").mkdir(parents=True)
     (interrupted / "config.yaml").write_text("model: cpu-tiny\n")
     failed.mkdir(parents=True)
     (failed / "config.yaml").write_text("model: cpu-tiny\n")  # written later, nothing to resume
     os.utime(interrupted / "config.yaml", (1000, 1000))
-    assert loop.latest_run_dir() == interrupted
+    assert rundir.latest_run_dir() == interrupted
 
 
 # ---------------------------------------------------------------------------------------------

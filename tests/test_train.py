@@ -6,15 +6,14 @@ import json
 
 import pytest
 import yaml
+from conftest import tiny_run_overrides
 
 from lowmem.cli import main as cli_main
 from lowmem.config import RunConfig, load_config, results_affecting_differences
 from lowmem.errors import ConfigError
 from lowmem.models import build_model
-from lowmem.train.loop import train
 from lowmem.train.schedule import lr_factor
-
-from conftest import tiny_run_overrides
+from lowmem.train.trainer import train
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():

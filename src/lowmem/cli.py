@@ -101,7 +101,7 @@ def train_config_from_args(args: argparse.Namespace):
     config_path = args.config
     if args.resume is not None and config_path is None:
         # A resume starts from the run's own config; flags may change only what does not alter results.
-        from lowmem.train.loop import latest_run_dir
+        from lowmem.train.rundir import latest_run_dir
 
         target = args.resume or overrides.get("train.output_dir")
         run_dir = Path(target) if target else latest_run_dir()
@@ -150,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             _list(table)
             return 0
-    from lowmem.train.loop import train
+    from lowmem.train.trainer import train
 
     config = train_config_from_args(args)
     resume = None

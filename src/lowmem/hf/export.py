@@ -30,7 +30,7 @@ import torch
 
 import lowmem
 from lowmem.errors import ConfigError
-from lowmem.models.hf import hf_config_fields, to_hf_state_dict, WEIGHTS_FILE
+from lowmem.models.hf import WEIGHTS_FILE, hf_config_fields, to_hf_state_dict
 from lowmem.train.trained import TrainedModel, load_trained
 
 FORMATS = ("hf",)

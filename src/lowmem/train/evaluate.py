@@ -3,6 +3,10 @@
 Token-weighted: exp(sum of token losses / number of non-pad target tokens), over a fixed list of
 validation batches. Legacy (GaLore's evaluation code): exp(sum of per-batch mean losses / (batches +
 1)), which understates perplexity by 1-4%; reported only for comparison with published cells.
+
+`EvalTotals` is the one accumulation of those sums: the trainer's `evaluate` (over a run's validation
+batches, split across ranks) and `lowmem eval` (`trained.evaluate_source`, streamed) both add each
+batch's summed loss to it, so the two report the same figure for the same batches.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.train.loss import count_targets, model_loss_sum
+from lowmem.models import count_targets
 
 
 @dataclass(frozen=True)
@@ -26,28 +30,59 @@ class EvalResult:
     tokens: int
 
 
+class EvalTotals:
+    """Running sums of an evaluation (float64): token loss, scored tokens, per-batch mean losses, batches."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64)
+
+    def add(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> int:
+        """Add one batch: its summed token loss (the model's) and its labels; return its scored tokens."""
+        loss = loss_sum.double().item()
+        count = count_targets(labels)
+        self.sums += torch.tensor([loss, count, loss / max(count, 1), 1], dtype=torch.float64)
+        return count
+
+    def all_reduce(self, info: DistInfo) -> None:
+        all_reduce_sum(self.sums, info)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.sums[1].item())
+
+    @property
+    def batches(self) -> int:
+        return int(self.sums[3].item())
+
+    @property
+    def mean_loss(self) -> float:
+        """Loss per scored token so far (nats)."""
+        loss_sum, tokens, _, _ = self.sums.tolist()
+        return loss_sum / max(tokens, 1)
+
+    def result(self) -> EvalResult:
+        _, tokens, mean_sum, batches = self.sums.tolist()
+        loss = self.mean_loss
+        return EvalResult(loss=loss, perplexity=math.exp(loss), legacy_perplexity=math.exp(mean_sum / (batches + 1)),
+                          tokens=int(tokens))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
              autocast: AbstractContextManager, info: DistInfo) -> EvalResult:
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, sum of batch means
+    totals = EvalTotals()
     # Every rank runs the same number of forward passes (FSDP2 gathers weights collectively), so a
     # rank with no batch left repeats its first one and discards the result.
     per_rank = math.ceil(len(batches) / info.world_size)
     for index in range(info.rank, per_rank * info.world_size, info.world_size):
         batch = batches[index] if index < len(batches) else batches[info.rank]
         labels = batch["labels"].to(device)
-        loss = model_loss_sum(model, batch["input_ids"].to(device), labels, autocast)
-        if index >= len(batches):
-            continue
-        loss_sum = loss.double().item()
-        count = count_targets(labels)
-        totals += torch.tensor([loss_sum, count, loss_sum / max(count, 1)], dtype=torch.float64)
-    all_reduce_sum(totals, info)
+        with autocast:
+            loss = model(batch["input_ids"].to(device), labels=labels)
+        if index < len(batches):
+            totals.add(loss, labels)
+    totals.all_reduce(info)
     model.train(was_training)
-    loss_sum, tokens, mean_sum = totals.tolist()
-    loss = loss_sum / max(tokens, 1)
-    batches_seen = len(batches)
-    return EvalResult(loss=loss, perplexity=math.exp(loss),
-                      legacy_perplexity=math.exp(mean_sum / (batches_seen + 1)), tokens=int(tokens))
+    return totals.result()

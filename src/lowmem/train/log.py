@@ -51,7 +51,7 @@ class MetricsLog:
 
 
 class PlainProgress:
-    """tqdm's interface for a log file: one plain line per `set_postfix` (the loop calls it once per
+    """tqdm's interface for a log file: one plain line per `set_postfix` (the trainer calls it once per
     log interval), printed at the next `update`, instead of a bar redrawn in place."""
 
     def __init__(self, total: int | None, initial: int = 0, desc: str = "", unit: str = "it", file=None) -> None:

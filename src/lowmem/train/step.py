@@ -1,15 +1,21 @@
 """One optimizer step of training, apart from the loop around it.
 
-    result = train_step(model, optimizer, micro_batches, info=info, autocast=autocast,
-                        before_update=lambda: ..., clip_grad_norm=0.0, distributed="ddp")
+    result = train_step(model, AfterBackward(optimizer, clip_grad_norm=1.0), micro_batches, info=info,
+                        autocast=autocast, before_update=hook)
 
-Runs this rank's micro-batches (forward, token loss, backward; gradient accumulation; the loss is
-the chunked one when the model's `loss_chunk` is set, see lowmem.train.loss.model_loss_sum), each
-micro-batch's summed token loss scaled by world_size / (non-pad targets of the whole global batch),
-so the gradient is the token-weighted mean over the global batch whatever the accumulation and the
-number of ranks (DDP and FSDP average over ranks, hence the factor world_size). Then, if the loss is
-finite: `before_update()` (the hook interventions use to see live gradients), optional clipping,
-`optimizer.step()`. Gradients are left in place for the caller (which measures them) to zero.
+Runs this rank's micro-batches (forward with the labels, which returns the summed token loss, plain
+or chunked as the model is set; backward; gradient accumulation), each micro-batch's summed token
+loss scaled by world_size / (non-pad targets of the whole global batch), so the gradient is the
+token-weighted mean over the global batch whatever the accumulation and the number of ranks (DDP and
+FSDP average over ranks, hence the factor world_size). If the loss is finite, the update is applied;
+otherwise nothing is (`StepResult.updated` False).
+
+Where the update happens is the `Update` passed in, not a branch here: `AfterBackward` is
+torch.optim's way (gradients accumulate over the micro-batches; then `before_update()`, the hook
+interventions use to see live gradients, optional clipping, `optimizer.step()`; gradients are left
+in place for the caller, which measures them, to zero). An update applied inside backward, per
+parameter as its gradient completes, is another `Update` whose `backward` arms it on the last
+micro-batch.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.train.loss import count_targets, model_loss_sum
+from lowmem.models import count_targets
 
 
 @dataclass(frozen=True)
@@ -34,29 +40,59 @@ class StepResult:
     updated: bool  # False when the loss was not finite and the update was not applied
 
 
-def train_step(model: nn.Module, optimizer: Optimizer, micro_batches: list[dict[str, torch.Tensor]], *,
+class Update(Protocol):
+    """Where a step's update happens: each micro-batch's backward goes through `backward` (`last`:
+    the step's last micro-batch, whose backward completes the gradients), and `apply` follows once
+    the step's loss is known to be finite."""
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None: ...
+
+    def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> None: ...
+
+
+class AfterBackward:
+    """The update after the step's whole backward, as torch.optim does it: `before_update()` sees the
+    accumulated gradients, then they are clipped to `clip_grad_norm` (0: not clipped), then
+    `optimizer.step()`."""
+
+    def __init__(self, optimizer: Optimizer, clip_grad_norm: float = 0.0) -> None:
+        self.optimizer = optimizer
+        self.clip_grad_norm = clip_grad_norm
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> None:
+        if before_update is not None:
+            before_update()
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+
+
+def train_step(model: nn.Module, update: Update | Optimizer, micro_batches: list[dict[str, torch.Tensor]], *,
                info: DistInfo, autocast: contextlib.AbstractContextManager | None = None,
-               before_update: Callable[[], None] | None = None, clip_grad_norm: float = 0.0,
-               distributed: str = "ddp") -> StepResult:
+               before_update: Callable[[], None] | None = None, distributed: str = "ddp") -> StepResult:
+    """One optimizer step over `micro_batches` (this rank's); `update` is an `Update`, or an optimizer
+    (`AfterBackward(optimizer)`). `model` is what the run calls: a DDP wrapper's forward syncs gradients."""
+    update = AfterBackward(update) if isinstance(update, Optimizer) else update
     autocast = autocast or contextlib.nullcontext()
     local_targets = sum(count_targets(mb["labels"]) for mb in micro_batches)
     global_targets = int(all_reduce_sum(torch.tensor([local_targets], dtype=torch.int64), info).item())
     scale = info.world_size / max(global_targets, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext()
-        if info.enabled and distributed == "ddp" and i < len(micro_batches) - 1:
+        if info.enabled and distributed == "ddp" and not last:
             sync = model.no_sync()  # all-reduce once, after the last micro-batch
         with sync:
-            micro_loss = model_loss_sum(model, mb["input_ids"].to(info.device), mb["labels"].to(info.device), autocast)
-            (micro_loss * scale).backward()
+            with autocast:
+                micro_loss = model(mb["input_ids"].to(info.device), labels=mb["labels"].to(info.device))
+            update.backward(micro_loss * scale, last)
         loss_sum += micro_loss.detach().double().cpu()
     loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)
     if not math.isfinite(loss):
         return StepResult(loss, global_targets, updated=False)
-    if before_update is not None:
-        before_update()
-    if clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
+    update.apply(model, before_update)
     return StepResult(loss, global_targets, updated=True)

@@ -4,7 +4,7 @@
     result = evaluate_source(trained, "notes.txt")            # token-weighted perplexity of any source
 
 The model is rebuilt as the run built it (`lowmem.assembly.build_model` with the run's preset, vocabulary
-and structure, weights in the run's dtype) and evaluated as the loop evaluates (`lowmem.train.evaluate`'s
+and structure, weights in the run's dtype) and evaluated as the trainer evaluates (`lowmem.train.evaluate`'s
 arithmetic, the same autocast), so on the run's own validation batches (same source, `--tokens`
 = train.eval_tokens, same seq_len / micro-batch / seq_mode) the figure equals the one the run
 reported. The tokenizer is the run's: a trained BPE is found in its cache (never retrained: a
@@ -14,9 +14,7 @@ retrained tokenizer could differ), a named one is loaded again; `tokenizer=` ove
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +23,14 @@ import torch
 from torch import nn
 
 from lowmem import data as lowmem_data
-from lowmem.assembly import build_model, configure_memory, model_vocab, weight_dtype
+from lowmem.assembly import autocast, build_model, configure_memory, model_vocab, weight_dtype
 from lowmem.config import RunConfig
 from lowmem.data.tokenizer import bpe_cache_path
 from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError
 from lowmem.structure import Structure, build_structure
 from lowmem.train import checkpoint
+from lowmem.train.evaluate import EvalTotals
 from lowmem.train.log import progress_bar, write_json
-from lowmem.train.loss import count_targets, model_loss_sum
 
 SPLITS = ("auto", "validation", "all")
 
@@ -156,12 +154,6 @@ def eval_source(spec: str, split: str = "auto", text_field: str = "text") -> low
     return source
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16-autocast":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None, seq_len: int | None = None,
                     batch_size: int | None = None, seq_mode: str | None = None, split: str = "auto",
@@ -169,7 +161,7 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
     """Token-weighted perplexity of `trained` on `data` (and the legacy figure), streamed batch by batch.
 
     Defaults follow the run: seq_len, micro-batch size, seq_mode and text field; `tokens` None reads
-    the whole source. The sums are those of `lowmem.train.evaluate.evaluate`, in the same order.
+    the whole source. The sums are `lowmem.train.evaluate.EvalTotals`, as the trainer's evaluation adds them.
     """
     d, t = trained.config.data, trained.config.train
     seq_len, batch_size, seq_mode = seq_len or d.seq_len, batch_size or t.micro_batch_size, seq_mode or d.seq_mode
@@ -180,31 +172,27 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
         raise ConfigError(f"--tokens must be a positive integer (or left out for the whole source), got {tokens!r}")
     source = eval_source(data, split, text_field or d.text_field)
     batches = lowmem_data.iter_validation_batches(source, trained.tokenizer, seq_len, batch_size, tokens, mode=seq_mode)
-    model, autocast = trained.model.eval(), _autocast(t.precision)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, sum of batch means
-    n_batches = 0
+    model, context = trained.model.eval(), autocast(t.precision, "cpu")
+    totals = EvalTotals()
     bar = progress_bar(total=tokens, desc="eval", unit="tok", enabled=progress)
     for batch in batches:
-        labels = batch["labels"]
-        loss_sum = model_loss_sum(model, batch["input_ids"], labels, autocast).double().item()
-        count = count_targets(labels)
-        totals += torch.tensor([loss_sum, count, loss_sum / max(count, 1)], dtype=torch.float64)
-        n_batches += 1
+        with context:
+            loss = model(batch["input_ids"], labels=batch["labels"])
+        count = totals.add(loss, batch["labels"])
         if bar is not None:
-            if n_batches % 50 == 0:
-                bar.set_postfix(loss=f"{totals[0].item() / max(totals[1].item(), 1):.4f}")
+            if totals.batches % 50 == 0:
+                bar.set_postfix(loss=f"{totals.mean_loss:.4f}")
             bar.update(count)
     if bar is not None:
         bar.close()
-    loss_sum, n_tokens, mean_sum = totals.tolist()
-    if not n_tokens:
+    if not totals.tokens:
         raise ConfigError(f"{data} gave no tokens to evaluate (split {split}); choose --split all or another source")
-    loss = loss_sum / n_tokens
+    scores = totals.result()
     result = {
         "checkpoint": str(trained.checkpoint), "step": trained.step, "model": trained.config.model,
         "optimizer": trained.config.optim.name, "data": data, "split": split, "seq_len": seq_len,
-        "batch_size": batch_size, "seq_mode": seq_mode, "tokens": int(n_tokens), "batches": n_batches,
-        "loss": loss, "perplexity": math.exp(loss), "legacy_perplexity": math.exp(mean_sum / (n_batches + 1)),
+        "batch_size": batch_size, "seq_mode": seq_mode, "tokens": scores.tokens, "batches": totals.batches,
+        "loss": scores.loss, "perplexity": scores.perplexity, "legacy_perplexity": scores.legacy_perplexity,
     }
     if trained.summary:
         result["run_val_perplexity"] = trained.summary.get("val_perplexity")
