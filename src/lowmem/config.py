@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
 
@@ -149,12 +147,9 @@ class RunConfig:
             for f in dataclasses.fields(value):
                 _check_type(f"{section}.{f.name}", getattr(value, f.name), f.type)
         t, d = self.train, self.data
-        if t.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if d.seq_mode not in SEQ_MODES:
-            raise ConfigError(f"unknown sequence mode {d.seq_mode!r}; choose one of: {', '.join(SEQ_MODES)}")
-        if t.distributed not in DISTRIBUTED_MODES:
-            raise ConfigError(f"unknown distributed mode {t.distributed!r}; choose one of: {', '.join(DISTRIBUTED_MODES)}")
+        check_choice("precision", t.precision, PRECISIONS, ConfigError)
+        check_choice("sequence mode", d.seq_mode, SEQ_MODES, ConfigError)
+        check_choice("distributed mode", t.distributed, DISTRIBUTED_MODES, ConfigError)
         for name in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints", "eval_tokens"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {getattr(t, name)!r}")

@@ -4,6 +4,10 @@ The CLI prints a LowmemError's message without a traceback and exits with status
 is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from typing import Iterable
+
 
 class LowmemError(Exception):
     """An error caused by input or environment, with a message that says how to fix it."""
@@ -19,3 +23,14 @@ class DataError(LowmemError, ValueError):
 
 class CheckpointError(LowmemError):
     """A checkpoint that cannot be loaded or resumed from."""
+
+
+def check_choice(name: str, value: object, choices: Iterable[object], error: type[Exception] = ValueError) -> None:
+    """Refuse `value` unless it is one of `choices`: `error` naming the value and the choices.
+
+    The one "choose one of" check of lowmem (optimizers raise ValueError, which lowmem.optim.build
+    turns into a ConfigError naming the method; configs, registries and structures pass ConfigError).
+    """
+    choices = tuple(choices)  # a dict's keys; membership by ==, so an unhashable value is refused, not a TypeError
+    if value not in choices:
+        raise error(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices)) or '(none)'}")

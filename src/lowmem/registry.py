@@ -14,9 +14,12 @@ entries the same way, before the run is built.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Generic, Iterator, TypeVar
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Generic, Iterable, Iterator, TypeVar
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 
 T = TypeVar("T")
 _MISSING = object()
@@ -49,10 +52,10 @@ class Registry(Generic[T]):
     def get(self, name: str, default: Any = _MISSING) -> T:
         """The entry `name`; unknown names raise ConfigError listing the choices (or return `default`)."""
         self._load_builtins()
-        if not isinstance(name, str) or name not in self._entries:
-            if default is not _MISSING:
-                return default
-            raise ConfigError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self.names()) or '(none)'}")
+        known = isinstance(name, str) and name in self._entries
+        if not known and default is not _MISSING:
+            return default
+        check_choice(self.what, name, self.names(), ConfigError)
         return self._entries[name]
 
     def build(self, name: str, **settings: Any) -> Any:
@@ -92,6 +95,36 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(name, self._entries[name]) for name in self.names()]
+
+
+def load_plugins(plugins: Iterable[str | Path]) -> None:
+    """Import each plugin -- a path to a .py file, or a module name -- so that it registers its entries
+    (`lowmem train --plugin`; every process of a run loads them itself, as spawned test workers do).
+
+    A file is imported as module `lowmem_plugin_<stem>` (once: loading it again is a no-op), so a
+    Method target written `f"{__name__}:Class"` in it resolves in every process that loaded it.
+    """
+    for plugin in map(str, plugins):
+        path = Path(plugin)
+        if plugin.endswith(".py"):
+            if not path.is_file():
+                raise ConfigError(f"--plugin {plugin}: no such file; pass a Python file or an importable module name")
+            name = f"lowmem_plugin_{path.stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]  # a failed plugin is not half-registered for the next try
+                raise
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ModuleNotFoundError as err:
+                raise ConfigError(f"--plugin {plugin}: {err}; pass a Python file or an importable module name") from None
 
 
 def resolve_target(target: str) -> Any:
