@@ -4,6 +4,8 @@
 fixed stream of random tokens twice: once in this process, once in `world_size` gloo processes with
 the model sharded by FSDP2 (`fully_shard` per block and at the root, so every weight is a DTensor
 sharded on dim 0). It returns both final state dicts so a test can compare them.
+`fsdp_matches_single_many(cases)` does the same for several cases with one set of processes (starting
+them takes seconds; the cases then run one after another in them).
 
 Teardown (`end_workers`) is where a loaded machine made these tests flaky: a rank that finished
 first destroyed its gloo group and exited while its peer was still tearing down, and a worker's
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,9 +31,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lowmem.assembly import build_model, build_optimizer
+from lowmem.interventions import RunContext, build_interventions
 from lowmem.models import LlamaConfig
 from lowmem.optim.base import is_dtensor
-from lowmem.interventions import RunContext, build_interventions
+from lowmem.registry import load_plugins
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=32)
 
@@ -75,24 +78,32 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_file: str, name: str, hparams: dict, steps: int,
-            dtype: torch.dtype, structure: dict | None = None, interventions: list[dict] = ()) -> None:
+def _worker(rank: int, world_size: int, init_file: str, out_file: str, cases: list[dict[str, Any]],
+            dtype: torch.dtype, plugins: list[str]) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    load_plugins(plugins)  # what registered a case's optimizer in the parent: a spawned process starts bare
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(0)
-        model = build_model(TINY, structure=structure).to(dtype)
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        optimizer = build_optimizer(name, model, hparams=hparams)
-        train_steps(model, optimizer, steps, rank=rank, world_size=world_size,
-                    interventions=build_interventions(interventions, RunContext(steps, rank, world_size)))
-        state = _full_state(model)
+        states = []
+        for case in cases:
+            try:
+                torch.manual_seed(0)
+                model = build_model(case["config"], structure=case["structure"]).to(dtype)
+                for block in model.layers:
+                    fully_shard(block)
+                fully_shard(model)
+                optimizer = build_optimizer(case["name"], model, hparams=case["hparams"])
+                steps = case["steps"]
+                train_steps(model, optimizer, steps, rank=rank, world_size=world_size,
+                            interventions=build_interventions(case["interventions"], RunContext(steps, rank, world_size)))
+                states.append(_full_state(model))
+                del model, optimizer
+            except Exception as err:
+                raise RuntimeError(f"the sharded run of optimizer {case['name']!r} failed: {err}") from err
         if rank == 0:
-            torch.save(state, out_file)
-        del model, optimizer, state
+            torch.save(states, out_file)
+        del states
     except BaseException:
         dist.destroy_process_group()  # a peer may be gone: no waiting for it
         raise
@@ -128,31 +139,49 @@ def end_workers(rank: int, world_size: int, directory: str, timeout: float = 600
 
 def fsdp_matches_single(name: str, hparams: dict[str, Any], steps: int = 20, world_size: int = 2,
                         dtype: torch.dtype = torch.float64, structure: dict[str, Any] | None = None,
-                        interventions: list[dict[str, Any]] = (),
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Return (single-process params, FSDP2 params) after `steps` steps of optimizer `name`.
+                        interventions: list[dict[str, Any]] = (), plugins: Sequence[str] = (),
+                        config: LlamaConfig = TINY) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Return (single-process params, FSDP2 params) after `steps` steps of optimizer `name` on a LLaMA
+    of `config` (TINY: two blocks of width 64).
 
     `structure` (e.g. {"name": "lowrank", "rank": 8}) is applied to both models' hidden matrices
     before sharding, from the same seed, so both sides start from the same factors and supports;
-    `interventions` (config entries, e.g. {"name": "lora-merge", "every": 5}) act after each step on both.
+    `interventions` (config entries, e.g. {"name": "lora-merge", "every": 5}) act after each step on both;
+    `plugins` (files or modules, as `lowmem train --plugin`) are loaded by each worker first, for an
+    optimizer registered outside lowmem.
 
     float64 by default: summation order differs between one process and a reduce-scatter, and in
     fp32 adaptive methods amplify that to ~1e-5; in fp64 a correct sharded method agrees to ~1e-12,
     so any real sharding error stands out.
     """
-    torch.manual_seed(0)
-    model = build_model(TINY, structure=structure).to(dtype)
-    optimizer = build_optimizer(name, model, hparams=hparams)
-    train_steps(model, optimizer, steps, interventions=build_interventions(interventions, RunContext(steps)))
-    single = _full_state(model)
+    case = dict(name=name, hparams=hparams, steps=steps, structure=structure, interventions=list(interventions),
+                config=config)
+    return fsdp_matches_single_many([case], world_size, dtype, plugins)[0]
+
+
+def fsdp_matches_single_many(cases: Sequence[dict[str, Any]], world_size: int = 2, dtype: torch.dtype = torch.float64,
+                             plugins: Sequence[str] = ()) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """`fsdp_matches_single` for each case (a dict of its name, hparams, steps and optional structure,
+    interventions and config), the sharded runs all in one set of `world_size` processes; one failing
+    case fails them all."""
+    cases = [dict(case, structure=case.get("structure"), interventions=list(case.get("interventions", ())),
+                  config=case.get("config", TINY)) for case in cases]
+    singles = []
+    for case in cases:
+        torch.manual_seed(0)
+        model = build_model(case["config"], structure=case["structure"]).to(dtype)
+        optimizer = build_optimizer(case["name"], model, hparams=case["hparams"])
+        train_steps(model, optimizer, case["steps"],
+                    interventions=build_interventions(case["interventions"], RunContext(case["steps"])))
+        singles.append(_full_state(model))
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         out_file = os.path.join(tmp, "params.pt")
-        mp.start_processes(_worker, args=(world_size, init_file, out_file, name, hparams, steps, dtype, structure, list(interventions)),
+        mp.start_processes(_worker, args=(world_size, init_file, out_file, cases, dtype, [str(p) for p in plugins]),
                            nprocs=world_size, join=True, start_method="spawn")
         sharded = torch.load(out_file, weights_only=True)
-    return single, sharded
+    return list(zip(singles, sharded))
 
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -46,8 +46,16 @@ class Method:
         return resolve_target(self.target)
 
     def hyperparameters(self) -> set[str]:
-        """The names the optimizer's constructor takes besides `params`."""
-        return set(inspect.signature(self.load().__init__).parameters) - {"self", "params"}
+        """The names the optimizer's constructor takes besides `params`: each method declares its
+        hyperparameters once, as the explicit keyword arguments of its `__init__` (torch.optim's way)."""
+        cls = self.load()
+        parameters = inspect.signature(cls.__init__).parameters
+        catch_all = [("**" if p.kind is p.VAR_KEYWORD else "*") + p.name for p in parameters.values()
+                     if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if catch_all:  # it would hide the method's names from build(), `lowmem memory` and the error messages
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__}.__init__ takes {catch_all[0]}: declare every "
+                            "hyperparameter as a keyword argument (lowmem.optim.Method reads them from the signature)")
+        return set(parameters) - {"self", "params"}
 
     def settings(self, preset: str | None = None, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The hyperparameters this method is built with: its defaults, then the preset's, then `hparams`."""
@@ -59,12 +67,6 @@ class Method:
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return resolve_target(self.groups)(model) if self.groups else param_groups(model)
-
-
-
-# Kept for callers that read the table directly; lookups go through method(), which loads every
-# built-in method module first.
-REGISTRY = OPTIMIZERS
 
 
 def register(name: str, method: Method) -> None:
@@ -120,5 +122,5 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
         raise ConfigError(f"optimizer {name!r} refused its settings ({given}): {err}") from None
 
 
-__all__ = ["KINDS", "REGISTRY", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles",
+__all__ = ["KINDS", "ROLES", "Method", "assign_roles", "available", "build", "method", "named_roles",
            "param_groups", "register"]

@@ -48,7 +48,16 @@ import torch
 from torch import nn
 
 from lowmem.optim import Method, register
-from lowmem.optim.base import LowmemOptimizer, all_reduce_partials, check_betas, check_grad, check_nonneg, is_dtensor, sharded_groups
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    all_reduce_partials,
+    check_betas,
+    check_grad,
+    check_nonneg,
+    check_positive_int,
+    is_dtensor,
+    sharded_groups,
+)
 from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.roles import group_input_dim, param_groups
 
@@ -106,24 +115,6 @@ def _local_rows(tensor: torch.Tensor, transposed: bool = False) -> tuple[torch.T
     return local.view(_rows(local), -1), (offset[0] if offset else 0)
 
 
-def _check_settings(group: dict[str, Any]) -> None:
-    check_nonneg("lr", group["lr"])
-    check_betas("betas", group["betas"])
-    check_nonneg("eps", group["eps"])
-    check_nonneg("weight_decay", group["weight_decay"])
-    rows_per_block = group.get("rows_per_block")
-    if rows_per_block is None:
-        return
-    if not isinstance(rows_per_block, int) or isinstance(rows_per_block, bool) or rows_per_block < 1:
-        raise ValueError(f"invalid rows_per_block: {rows_per_block!r}; it must be an integer >= 1 (or absent)")
-    for p in group["params"]:
-        if _rows(p) % rows_per_block:
-            raise ValueError(
-                f"rows_per_block {rows_per_block} does not divide the {_rows(p)} rows of a parameter of shape "
-                f"{tuple(p.shape)}; a block must be whole rows of one tensor"
-            )
-
-
 class AdamMini(LowmemOptimizer):
     """Adam-mini: Adam with one second moment per block; see the module docstring for the blocks.
 
@@ -145,9 +136,22 @@ class AdamMini(LowmemOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rows_per_block=None)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _check_settings(self.param_groups[-1])
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        rows_per_block = group["rows_per_block"]
+        if rows_per_block is None:  # the default blocks: rows of a matrix, a whole vector
+            return
+        check_positive_int("rows_per_block", rows_per_block)
+        for p in group["params"]:
+            if _rows(p) % rows_per_block:
+                raise ValueError(
+                    f"rows_per_block {rows_per_block} does not divide the {_rows(p)} rows of a parameter of shape "
+                    f"{tuple(p.shape)}; a block must be whole rows of one tensor"
+                )
 
     def _step(self) -> None:
         # Pass 1: per-block partial sums of g^2 over local rows; then one all-reduce completes them.

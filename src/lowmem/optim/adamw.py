@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from lowmem.optim.base import LowmemOptimizer, check_beta, check_grad, check_nonneg, group_by_device_dtype, is_dtensor
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    check_betas,
+    check_choice,
+    check_grad,
+    check_nonneg,
+    group_by_device_dtype,
+    is_dtensor,
+)
 
 EPS_PLACEMENTS = ("corrected", "uncorrected")
 DECAY_PLACEMENTS = ("before", "after")
@@ -91,10 +99,8 @@ def adamw_update(
 ) -> None:
     """One AdamW step over lists of tensors (steps are incremented here); see the module docstring
     for `eps_placement` ("corrected" | "uncorrected") and `decay` ("before" | "after")."""
-    if eps_placement not in EPS_PLACEMENTS:
-        raise ValueError(f"invalid eps_placement: {eps_placement!r}; choose one of: {', '.join(EPS_PLACEMENTS)}")
-    if decay not in DECAY_PLACEMENTS:
-        raise ValueError(f"invalid decay: {decay!r}; choose one of: {', '.join(DECAY_PLACEMENTS)}")
+    check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+    check_choice("decay", decay, DECAY_PLACEMENTS)
     if not params:
         return
     corrected, decay_first = eps_placement == "corrected", decay == "before"
@@ -156,13 +162,15 @@ class AdamW(LowmemOptimizer):
         weight_decay: float = 0.0,
         foreach: bool = True,
     ) -> None:
-        check_nonneg("lr", lr)
-        check_beta("betas[0]", betas[0])
-        check_beta("betas[1]", betas[1])
-        check_nonneg("eps", eps)
-        check_nonneg("weight_decay", weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
 
     def _step(self) -> None:
         for group in self.param_groups:

@@ -36,19 +36,16 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, register
+from lowmem.optim.base import check_choice, check_nonneg_int, local_tensor
 from lowmem.optim.kinds import FACTOR_KINDS
-from lowmem.optim.base import check_nonneg
 from lowmem.optim.projection import (
     RATIO_EPS,
     ProjectedAdam,
     channel_dim,
-    check_choice,
     gaussian_projection,
-    local_tensor,
     matrix_shape,
     next_seed,
     norm_growth_limiter,
-    shared_arguments,
     sum_over_shards,
 )
 
@@ -59,8 +56,8 @@ PROJECTIONS = ("random", "svd")
 class Apollo(ProjectedAdam):
     """APOLLO-AdamW (and APOLLO-Mini with rank=1, scale_type="tensor", scale=128); see the module docstring.
 
-    Takes lowmem.optim.projection.ProjectedAdam's arguments (here rank 256 and scale 1 by default;
-    the update is multiplied by sqrt(scale)) and:
+    Takes lowmem.optim.projection.ProjectedAdam's shared arguments (here rank 256 and scale 1 by
+    default; the update is multiplied by sqrt(scale)) and:
         scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
         proj: "random" (Gaussian, from a seed) or "svd" (GaLore's basis; then `svd` picks exact or randomized).
         seed: base of the per-parameter seeds (the hidden matrix at position i starts at seed + i, as
@@ -69,19 +66,19 @@ class Apollo(ProjectedAdam):
 
     method_name = "apollo"
 
-    @shared_arguments
-    def __init__(self, params, *, rank: int = 256, scale: float = 1.0, scale_type: str = "channel",
-                 proj: str = "random", seed: int = 0, **shared: Any) -> None:
-        super().__init__(params, rank=rank, scale=scale, scale_type=scale_type, proj=proj, seed=seed, **shared)
+    def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0,
+                 proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
+                 scale_type: str = "channel", proj: str = "random", seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                                      stagger=stagger, foreach=foreach, scale_type=scale_type, proj=proj, seed=seed))
 
-    def _check_group(self, settings: dict[str, Any]) -> None:
-        super()._check_group(settings)
-        check_choice("scale_type", settings["scale_type"], SCALE_TYPES)
-        check_choice("proj", settings["proj"], PROJECTIONS)
-        seed = settings["seed"]
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"invalid seed: {seed!r}; it must be an integer >= 0")
-        check_nonneg("seed", seed)
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_choice("scale_type", group["scale_type"], SCALE_TYPES)
+        check_choice("proj", group["proj"], PROJECTIONS)
+        check_nonneg_int("seed", group["seed"])
 
     def _new_projection(self, p, state, group, side, position, step):
         if group["proj"] == "svd":

@@ -1,17 +1,31 @@
-"""Small helpers shared by lowmem's optimizers: hyperparameter checks, tensor grouping, the DTensor
-check, and `LowmemOptimizer`, the base class that owns the step/closure boilerplate."""
+"""The base of lowmem's optimizers: `LowmemOptimizer` (the step/closure boilerplate and the one
+validation hook, `_check_group`), the hyperparameter checks every method's hook uses, and the helpers
+for FSDP2 (DTensor) parameters: the DTensor check, local parts, `full_matrix_op` (an operation that
+needs the whole matrix of a maybe-sharded tensor), the batched all-reduce of partial sums over shards."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from lowmem.errors import check_choice
+
+# --------------------------------------------------------------------------- hyperparameter checks
+# Each raises ValueError naming the hyperparameter, its value and what is accepted; lowmem.optim.build
+# turns it into a ConfigError naming the method.
 
 
 def check_nonneg(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or value != value or value < 0:
         raise ValueError(f"invalid {name}: {value!r}; it must be a number >= 0")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise ValueError(f"invalid {name}: {value!r}; it must be a finite number > 0")
 
 
 def check_beta(name: str, value: float) -> None:
@@ -29,6 +43,20 @@ def check_betas(name: str, betas) -> None:
 def check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"invalid {name}: {value!r}; it must be an integer >= 1")
+
+
+def check_nonneg_int(name: str, value: int, zero_means: str | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        meaning = f" (0: {zero_means})" if zero_means else ""
+        raise ValueError(f"invalid {name}: {value!r}; it must be an integer >= 0{meaning}")
+
+
+def check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"invalid {name}: {value!r}; it must be True or False")
+
+
+# --------------------------------------------------------------------------- tensors
 
 
 def check_grad(param: torch.Tensor) -> None:
@@ -66,6 +94,40 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rows of `full` (held whole by every rank) that this rank holds of row-sharded `like`: a local
+    slice, no communication; `full` itself when `like` is not a DTensor."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, like.placements).to_local()
+
+
+def full_matrix_op(tensor: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *,
+                   local_rows: bool = True) -> torch.Tensor:
+    """`fn` applied to the whole of `tensor` viewed as a matrix [size(0), -1], for what needs the whole
+    matrix (Newton–Schulz, an SVD); returns this rank's part of the result as a plain tensor.
+
+    A DTensor shard (FSDP2, rows on dim 0) is all-gathered first (`full_tensor()`: a transient
+    full-size copy on every rank, each computing `fn` on the same matrix, so all hold the same result).
+      local_rows=True   the result's dim 0 is the matrix's rows (an orthogonalized update, a left
+                        projection basis): this rank's rows of it, those it holds of `tensor`; a
+                        result shaped like the matrix comes back shaped like `tensor` (its local part)
+      local_rows=False  the whole result, on every rank (a right projection basis)
+    """
+    whole = tensor.full_tensor() if is_dtensor(tensor) else tensor
+    matrix = whole.reshape(whole.shape[0], -1)
+    result = fn(matrix)
+    if not local_rows:
+        return result
+    if result.shape == matrix.shape:
+        result = result.reshape(whole.shape)
+    return rows_of(result, tensor)
+
+
 def sharded_groups(param: torch.Tensor) -> tuple:
     """Process groups over which `param`'s entries are split (its Shard mesh dims); () if whole."""
     if not is_dtensor(param):
@@ -88,8 +150,27 @@ def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=di
 
 
 class LowmemOptimizer(torch.optim.Optimizer):
-    """A torch Optimizer whose `step(closure)` evaluates the closure with grad enabled, then runs the
-    subclass's `_step()` under no_grad and returns the closure's loss (None without one)."""
+    """A torch Optimizer with lowmem's two seams for a method:
+
+    `_check_group(group)` validates one param group's hyperparameters (the constructor's defaults
+    already merged into it). It runs for every group however it arrives -- the constructor's groups
+    and any later `add_param_group` -- and a group it refuses (ValueError) does not join. A method
+    overrides it (calling super()) with the lowmem.optim.base checks of its own hyperparameters.
+
+    `_step()` is the update: `step(closure)` evaluates the closure with grad enabled, then runs
+    `_step()` under no_grad and returns the closure's loss (None without one).
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # torch's checks of params; the defaults merged in
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Refuse a bad hyperparameter of `group` (ValueError naming it, its value and what is accepted)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,3 +183,24 @@ class LowmemOptimizer(torch.optim.Optimizer):
 
     def _step(self) -> None:
         raise NotImplementedError
+
+
+__all__ = [
+    "LowmemOptimizer",
+    "all_reduce_partials",
+    "check_beta",
+    "check_betas",
+    "check_bool",
+    "check_choice",
+    "check_grad",
+    "check_nonneg",
+    "check_nonneg_int",
+    "check_positive",
+    "check_positive_int",
+    "full_matrix_op",
+    "group_by_device_dtype",
+    "is_dtensor",
+    "local_tensor",
+    "rows_of",
+    "sharded_groups",
+]

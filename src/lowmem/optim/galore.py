@@ -21,7 +21,7 @@ The released Fira code subtracts `scale * back(R)` (its project_back multiplies 
 scale < 1 part of the in-subspace gradient stays in the residual; every published Fira number comes
 from that form, and it is the default. `compat="paper"` is the paper's `S = G - back(R)` (the
 residual orthogonal to the subspace). Everything shared (projection, Adam form, schedule, FSDP2, meta,
-state, the constructor arguments) is in lowmem.optim.projection; Adam's bias correction is folded
+state, the meaning of the shared constructor arguments) is in lowmem.optim.projection; Adam's bias correction is folded
 into the step size there, so phi and the limiter see what the released code sees, and the embedding,
 head and norm gains get the released codes' AdamW (eps added to the uncorrected sqrt(v)).
 
@@ -35,15 +35,14 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, register
+from lowmem.optim.base import check_choice
 from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.projection import (
     RATIO_EPS,
     ProjectedAdam,
     add_project_back,
     channel_dim,
-    check_choice,
     norm_growth_limiter,
-    shared_arguments,
     sum_over_shards,
 )
 
@@ -52,9 +51,16 @@ FIRA_COMPAT = ("official", "paper")
 
 class GaLore(ProjectedAdam):
     """GaLore-AdamW; see the module docstring. Arguments: lowmem.optim.projection.ProjectedAdam's
-    (lr 0.01, eps 1e-6, rank 128, update_proj_gap 200, scale 0.25, ...)."""
+    shared ones (the papers' 60M settings by default)."""
 
     method_name = "galore"
+
+    def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                 proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                                      stagger=stagger, foreach=foreach))
 
     def _apply_update(self, p, param, grad, low_rank, direction, projection, side, state, group, *, step_size):
         add_project_back(param, direction, projection, side, alpha=-step_size * group["scale"])
@@ -63,20 +69,25 @@ class GaLore(ProjectedAdam):
 class Fira(ProjectedAdam):
     """Fira-AdamW: GaLore plus the norm-scaled, norm-limited residual; see the module docstring.
 
-    Takes ProjectedAdam's arguments (scale 0.25 at 60M-350M, 0.0625 at 1B and 7B) and:
+    Takes lowmem.optim.projection.ProjectedAdam's shared arguments (scale 0.25 at 60M-350M, 0.0625 at
+    1B and 7B) and:
         compat: "official" (the released code's residual G - scale*back(R), the default) or "paper"
             (G - back(R)).
     """
 
     method_name = "fira"
 
-    @shared_arguments
-    def __init__(self, params, *, compat: str = "official", **shared: Any) -> None:
-        super().__init__(params, compat=compat, **shared)
+    def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                 proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
+                 compat: str = "official") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+                                      stagger=stagger, foreach=foreach, compat=compat))
 
-    def _check_group(self, settings: dict[str, Any]) -> None:
-        super()._check_group(settings)
-        check_choice("compat", settings["compat"], FIRA_COMPAT)
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_choice("compat", group["compat"], FIRA_COMPAT)
 
     def _apply_update(self, p, param, grad, low_rank, direction, projection, side, state, group, *, step_size):
         dim = channel_dim(side)

@@ -26,8 +26,8 @@ schedule's peak and follows the same warmup + cosine shape. State: `momentum_buf
 matrix; `step`, `exp_avg`, `exp_avg_sq` per Adam tensor.
 
 FSDP2 (DTensor shards on dim 0): the momentum update is elementwise on the local shard; NS needs the
-whole matrix, so every rank all-gathers U with `full_tensor()`, runs NS on the full matrix, and keeps
-its own rows (Replicate -> Shard is a local slice). Cost per hidden matrix and step: one all-gather
+whole matrix, so every rank all-gathers U, runs NS on the full matrix, and keeps its own rows
+(lowmem.optim.newton_schulz.orthogonalize, through lowmem.optim.base.full_matrix_op). Cost per hidden matrix and step: one all-gather
 of rows*cols elements (each rank receives (world-1)/world of it — the same volume as FSDP's own
 parameter all-gather in the forward pass), a transient full-size copy of U and O on every rank, and
 NS computed redundantly on every rank (per-rank NS time equals the unsharded time; total FLOPs are
@@ -44,44 +44,32 @@ import torch
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
-from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
-from lowmem.optim.newton_schulz import newton_schulz
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    check_beta,
+    check_betas,
+    check_bool,
+    check_choice,
+    check_grad,
+    check_nonneg,
+    check_positive_int,
+    local_tensor,
+)
+from lowmem.optim.newton_schulz import orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
 
 ADJUST_LR = ("original", "match_rms_adamw")
 # Which matrices get Muon: "hidden" (Keller Jordan's and torch's), or "all" (embedding and head too).
 MATRICES = {"hidden": frozenset({"hidden"}), "all": frozenset({"hidden", "embedding", "head"})}
-NS_EPS = 1e-7  # torch.optim.Muon's and Keller Jordan's
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str) -> float:
     """The rate of an orthogonalized update of a rows x cols matrix (see the module docstring)."""
+    check_choice("adjust_lr", adjust_lr, ADJUST_LR)
     if adjust_lr == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
-    if adjust_lr == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    raise ValueError(f"invalid adjust_lr: {adjust_lr!r}; choose one of: {', '.join(ADJUST_LR)}")
-
-
-
-def orthogonalize(update: torch.Tensor, *, ns_steps: int, ns_dtype: torch.dtype) -> torch.Tensor:
-    """NS(update) viewed as a matrix [size(0), -1]; a DTensor is gathered whole and its rows kept."""
-    whole = update.full_tensor() if is_dtensor(update) else update  # all-gather: NS needs the matrix
-    # torch.optim.Muon divides by max(||U||, eps); newton_schulz divides by ||U|| + eps, which for a
-    # small update (q/k early in training: ||U|| ~ 1e-4) is a 1e-3 change of scale that NS's
-    # nonlinearity turns into a 1e-5 change of the result. Normalizing first makes that +eps act on a
-    # unit norm (a 1e-7 change) while keeping a zero update zero.
-    whole = whole / torch.linalg.vector_norm(whole).clamp_min(NS_EPS)
-    ortho = newton_schulz(whole.reshape(whole.size(0), -1), steps=ns_steps, dtype=ns_dtype).view(whole.shape)
-    if not is_dtensor(update):
-        return ortho
-    from torch.distributed.tensor import DTensor, Replicate
-
-    mesh = update.device_mesh
-    # Every rank holds the same full result; redistributing Replicate -> Shard keeps this rank's rows.
-    ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return ortho.redistribute(mesh, update.placements)
+    return lr * 0.2 * math.sqrt(max(rows, cols))  # match_rms_adamw
 
 
 def muon_update(
@@ -108,27 +96,9 @@ def muon_update(
     for i, (p, g, buffer) in enumerate(zip(params, grads, momentum_buffers)):
         # One matrix at a time, so the transient Nesterov copy is one matrix, not all of them.
         update = g.lerp(buffer, momentum) if nesterov else buffer
-        ortho = orthogonalize(update, ns_steps=ns_steps, ns_dtype=ns_dtype)
+        ortho = orthogonalize(update, steps=ns_steps, dtype=ns_dtype)  # this rank's rows of NS(whole U)
         rows = p.size(1) if input_dims is not None and input_dims[i] == 0 else p.size(0)  # output units
-        p.add_(ortho, alpha=-adjusted_lr(lr, rows, p.numel() // rows, adjust_lr))
-
-
-def _check_settings(group: dict[str, Any]) -> None:
-    check_nonneg("lr", group["lr"])
-    check_beta("momentum", group["momentum"])
-    if not isinstance(group["nesterov"], bool):
-        raise ValueError(f"invalid nesterov: {group['nesterov']!r}; it must be True or False")
-    check_nonneg("weight_decay", group["weight_decay"])
-    check_nonneg("adam_lr", group["adam_lr"])
-    check_betas("adam_betas", group["adam_betas"])
-    check_nonneg("adam_eps", group["adam_eps"])
-    check_positive_int("ns_steps", group["ns_steps"])
-    if group["ns_dtype"] not in NS_DTYPES:
-        raise ValueError(f"invalid ns_dtype: {group['ns_dtype']!r}; choose one of: {', '.join(NS_DTYPES)}")
-    if group["matrices"] not in MATRICES:
-        raise ValueError(f"invalid matrices: {group['matrices']!r}; choose one of: {', '.join(MATRICES)}")
-    if group["adjust_lr"] not in ADJUST_LR:
-        raise ValueError(f"invalid adjust_lr: {group['adjust_lr']!r}; choose one of: {', '.join(ADJUST_LR)}")
+        local_tensor(p).add_(ortho, alpha=-adjusted_lr(lr, rows, p.numel() // rows, adjust_lr))
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -173,7 +143,6 @@ class Muon(LowmemOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
                         adam_betas=tuple(adam_betas), adam_eps=adam_eps, matrices=matrices)
-        _check_settings(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -181,8 +150,21 @@ class Muon(LowmemOptimizer):
             param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_settings(group)
         group.setdefault("initial_lr", group["lr"])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_beta("momentum", group["momentum"])
+        check_bool("nesterov", group["nesterov"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_nonneg("adam_lr", group["adam_lr"])
+        check_betas("adam_betas", group["adam_betas"])
+        check_nonneg("adam_eps", group["adam_eps"])
+        check_positive_int("ns_steps", group["ns_steps"])
+        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
+        check_choice("matrices", group["matrices"], MATRICES)
+        check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
 
     def _step(self) -> None:
         for group in self.param_groups:

@@ -2,7 +2,7 @@
 
 Given G = U S V^T, return approximately U V^T (every singular value pushed towards 1) without an SVD:
 
-  X = G / (||G||_F + eps)                      (singular values now in [0, 1])
+  X = G / max(||G||_F, eps)                    (singular values now in [0, 1]; a zero G stays zero)
   repeat `steps` times:
       A = X X^T
       X = a X + (b A + c A A) X               (p(s) = a s + b s^3 + c s^5 applied to each singular value)
@@ -10,23 +10,33 @@ Given G = U S V^T, return approximately U V^T (every singular value pushed towar
 The coefficients (a, b, c) = (3.4445, -4.7750, 2.0315) make p rise steeply near 0, so small singular
 values grow fast; the result's singular values land roughly in [0.7, 1.2] rather than exactly at 1,
 which is what Muon uses and what SCALE's "singular-value normalization" ablation means. Working on the
-wide orientation (rows <= cols) keeps A = X X^T the smaller square.
+wide orientation (rows <= cols) keeps A = X X^T the smaller square. The cast to `dtype` comes first and
+the Frobenius normalization is computed there, dividing by max(||G||, eps) -- torch.optim.Muon's
+`_zeropower_via_newtonschulz` exactly (tests/test_scale.py checks bitwise equality in bf16), and
+invariant to the scale of G down to ||G|| = eps (a "+ eps" in the denominator would not be: for a
+small gradient, ||G|| ~ 1e-4, it shrinks the input by 1e-3 in fp32).
 
-Used by lowmem.optim.scale (variant `sgd-singular`) and lowmem.optim.muon. The caller must pass the
-whole matrix: a DTensor shard has to be gathered first (see those modules).
+`orthogonalize` is the entry point of lowmem.optim.muon and lowmem.optim.scale (`sgd-singular`): the
+whole matrix of a maybe-sharded tensor (lowmem.optim.base.full_matrix_op gathers an FSDP2 shard) in,
+this rank's rows of NS out.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lowmem.optim.base import full_matrix_op
+
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+EPS = 1e-7  # torch.optim.Muon's and Keller Jordan's
+
 
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
-    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+    coefficients: tuple[float, float, float] = COEFFICIENTS,
     dtype: torch.dtype = torch.bfloat16,
-    eps: float = 1e-7,
+    eps: float = EPS,
 ) -> torch.Tensor:
     """Approximately orthogonalize the last two dims of `G`; computed in `dtype`, returned in G's dtype.
 
@@ -40,7 +50,7 @@ def newton_schulz(
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp_min(eps)
     for _ in range(steps):
         A = X @ X.mT
         B = torch.addmm(A, A, A, beta=b, alpha=c) if A.dim() == 2 else b * A + c * (A @ A)
@@ -48,3 +58,12 @@ def newton_schulz(
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def orthogonalize(tensor: torch.Tensor, *, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """NS of `tensor` viewed as a matrix [size(0), -1], whole even when `tensor` is an FSDP2 shard;
+    returns this rank's part (plain, shaped like its local tensor)."""
+    return full_matrix_op(tensor, lambda matrix: newton_schulz(matrix, steps=steps, dtype=dtype))
+
+
+__all__ = ["COEFFICIENTS", "newton_schulz", "orthogonalize"]

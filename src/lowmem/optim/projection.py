@@ -71,7 +71,6 @@ FSDP2 (DTensor parameters sharded on dim 0, i.e. rows; replicated mesh dims are 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import warnings
 from typing import Any
@@ -79,7 +78,20 @@ from typing import Any
 import torch
 
 from lowmem.optim.adamw import RELEASED_LOW_RANK_ADAM, AdamBatch
-from lowmem.optim.base import LowmemOptimizer, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor, local_tensor
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    check_betas,
+    check_bool,
+    check_choice,
+    check_grad,
+    check_nonneg,
+    check_positive,
+    check_positive_int,
+    full_matrix_op,
+    is_dtensor,
+    local_tensor,
+    rows_of,
+)
 from lowmem.optim.kinds import projects
 from lowmem.optim.roles import group_role
 
@@ -110,9 +122,8 @@ def projection_side(rows: int, cols: int, proj_type: str) -> str:
         return "right" if rows >= cols else "left"
     if proj_type == "reverse_std":
         return "left" if rows >= cols else "right"
-    if proj_type in ("left", "right"):
-        return proj_type
-    raise ValueError(f"invalid proj_type: {proj_type!r}; choose one of: {', '.join(PROJ_TYPES)}")
+    check_choice("proj_type", proj_type, PROJ_TYPES)
+    return proj_type  # "left" or "right"
 
 
 def projection_shape(rows: int, cols: int, rank: int, side: str) -> tuple[int, int]:
@@ -121,10 +132,6 @@ def projection_shape(rows: int, cols: int, rank: int, side: str) -> tuple[int, i
 
 def project(grad: torch.Tensor, projection: torch.Tensor, side: str) -> torch.Tensor:
     return grad @ projection.T if side == "right" else projection.T @ grad
-
-
-def project_back(low_rank: torch.Tensor, projection: torch.Tensor, side: str) -> torch.Tensor:
-    return low_rank @ projection if side == "right" else projection @ low_rank
 
 
 def add_project_back(base: torch.Tensor, low_rank: torch.Tensor, projection: torch.Tensor, side: str, *,
@@ -249,17 +256,6 @@ def sum_over_shards(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(partial, like.device_mesh, placements, run_check=False).full_tensor()
 
 
-def rows_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The rows of `full` (held whole by every rank) that this rank holds of row-sharded `like`."""
-    if not is_dtensor(like):
-        return full
-    from torch.distributed.tensor import DTensor, Replicate
-
-    mesh = like.device_mesh
-    whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return whole.redistribute(mesh, like.placements).to_local()  # a local slice, no communication
-
-
 def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int, ...],
                row_sharded: bool) -> torch.Tensor:
     """Wrap this rank's state tensor as a DTensor laid out like parameter `like` (plain tensors pass through)."""
@@ -273,35 +269,19 @@ def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int,
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(global_shape), stride=stride)
 
 
-def whole_matrix(grad: torch.Tensor) -> torch.Tensor:
-    """The full gradient as a 2-D matrix: all-gathered (`full_tensor()`) if it is a DTensor shard."""
-    full = grad.full_tensor() if is_dtensor(grad) else grad
-    return full.reshape(full.shape[0], -1)
-
-
 # --------------------------------------------------------------------------- the shared optimizer
-
-
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
-        raise ValueError(f"invalid {name}: {value!r}; it must be a finite number > 0")
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"invalid {name}: {value!r}; choose one of: {', '.join(choices)}")
 
 
 class ProjectedAdam(LowmemOptimizer):
     """Adam on low-rank projections of the hidden matrices, AdamW on everything else.
 
     The skeleton of GaLore, Fira and APOLLO (see the module docstring); a subclass supplies
-    `_apply_update` (how N becomes a weight update) and may replace `_new_projection` (the SVD basis
-    by default) and extend `_check_group`. The constructor arguments the three share are stated
-    once, here; a subclass's `__init__(self, params, *, <its own>, **shared)` is decorated with
-    `shared_arguments`, which gives it the full signature (the registry reads hyperparameters from it).
+    `__init__` (every hyperparameter an explicit keyword argument -- the shared ones below, under these
+    names, then its own -- handed on as `super().__init__(params, defaults)`; lowmem.optim.Method reads
+    the signature), `_apply_update` (how N becomes a weight update), and may replace `_new_projection`
+    (the SVD basis by default) and extend `_check_group`.
 
-    Args:
+    The shared hyperparameters:
         params: parameters or param groups, ideally with roles from `lowmem.optim.param_groups(model)`.
             Role "hidden" matrices are projected; other roles get AdamW (released form) with the same
             lr, betas, eps and weight_decay.
@@ -319,50 +299,24 @@ class ProjectedAdam(LowmemOptimizer):
     """
 
     method_name = "projected adam"
-
-    def __init__(
-        self,
-        params,
-        lr: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        rank: int = 128,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        svd: str = "exact",
-        stagger: bool = False,
-        foreach: bool = True,
-        **own: Any,
-    ) -> None:
-        # **own carries a subclass's own arguments; anything its signature does not list is a typo.
-        unknown = set(own) - set(inspect.signature(type(self).__init__).parameters)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        self._schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                        stagger=stagger, foreach=foreach, **own)
-        super().__init__(params, defaults)
+    _schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
 
     # -- hyperparameters and the fallback warning
 
-    def _check_group(self, settings: dict[str, Any]) -> None:
-        check_nonneg("lr", settings["lr"])
-        check_betas("betas", settings["betas"])
-        check_nonneg("eps", settings["eps"])
-        check_nonneg("weight_decay", settings["weight_decay"])
-        check_positive_int("rank", settings["rank"])
-        check_positive_int("update_proj_gap", settings["update_proj_gap"])
-        check_positive("scale", settings["scale"])
-        check_choice("proj_type", settings["proj_type"], PROJ_TYPES)
-        check_choice("svd", settings["svd"], SVD_METHODS)
-        if not isinstance(settings["stagger"], bool):
-            raise ValueError(f"invalid stagger: {settings['stagger']!r}; it must be True or False")
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_positive_int("rank", group["rank"])
+        check_positive_int("update_proj_gap", group["update_proj_gap"])
+        check_positive("scale", group["scale"])
+        check_choice("proj_type", group["proj_type"], PROJ_TYPES)
+        check_choice("svd", group["svd"], SVD_METHODS)
+        check_bool("stagger", group["stagger"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._schedule_cache = None
@@ -466,10 +420,12 @@ class ProjectedAdam(LowmemOptimizer):
                         position: int, step: int) -> torch.Tensor:
         """The whole projection at a refresh: the SVD basis of p's whole gradient (all-gathered when
         sharded), exact or randomized (seeded by position and step, so every rank finds the same)."""
-        matrix = whole_matrix(p.grad)
         if group["svd"] == "randomized":
-            return randomized_svd_projection(matrix, group["rank"], side, seed=position * 1_000_003 + step)
-        return svd_projection(matrix, group["rank"], side)
+            basis = functools.partial(randomized_svd_projection, rank=group["rank"], side=side,
+                                      seed=position * 1_000_003 + step)
+        else:
+            basis = functools.partial(svd_projection, rank=group["rank"], side=side)
+        return full_matrix_op(p.grad, basis, local_rows=False)
 
     def _apply_update(self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, low_rank: torch.Tensor,
                       direction: torch.Tensor, projection: torch.Tensor, side: str, state: dict[str, Any],
@@ -477,37 +433,10 @@ class ProjectedAdam(LowmemOptimizer):
         raise NotImplementedError
 
 
-_OWN = "own"
-# The public signature of ProjectedAdam.__init__: its named arguments, without **own.
-ProjectedAdam.__init__.__signature__ = inspect.signature(ProjectedAdam.__init__).replace(parameters=[
-    p for p in inspect.signature(ProjectedAdam.__init__).parameters.values() if p.name != _OWN])
-
-
-def shared_arguments(init):
-    """Decorate a ProjectedAdam subclass's `__init__(self, params, *, <own arguments>, **shared)`:
-    its signature becomes ProjectedAdam's arguments (the subclass's defaults where it restates one,
-    such as APOLLO's rank) followed by its own, so `inspect.signature` lists every hyperparameter."""
-    own = inspect.signature(init).parameters
-    base = inspect.signature(ProjectedAdam.__init__).parameters
-    merged = [own["self"], own["params"]]
-    merged += [own[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) if name in own else p
-               for name, p in base.items() if name not in ("self", "params")]
-    merged += [p for name, p in own.items() if name not in base and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    merged = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i > 1 else p for i, p in enumerate(merged)]
-
-    @functools.wraps(init)
-    def wrapper(self, params, **kwargs):
-        return init(self, params, **kwargs)
-
-    wrapper.__signature__ = inspect.Signature(merged)
-    return wrapper
-
-
 __all__ = [
     "NORM_GROWTH_LIMIT",
     "PROJ_TYPES",
     "ProjectedAdam",
-    "shared_arguments",
     "channel_dim",
     "gaussian_projection",
     "low_rank_adam",
@@ -515,7 +444,6 @@ __all__ = [
     "norm_growth_limiter",
     "project",
     "add_project_back",
-    "project_back",
     "projection_side",
     "randomized_svd_projection",
     "svd_projection",

@@ -68,9 +68,19 @@ import torch
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
-from lowmem.optim.base import LowmemOptimizer, check_beta, check_betas, check_grad, check_nonneg, check_positive_int, is_dtensor
-from lowmem.optim.newton_schulz import newton_schulz
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    check_beta,
+    check_betas,
+    check_choice,
+    check_grad,
+    check_nonneg,
+    check_positive_int,
+    is_dtensor,
+    local_tensor,
+)
 from lowmem.optim.kinds import FACTOR_KINDS
+from lowmem.optim.newton_schulz import orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
@@ -146,19 +156,21 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
 
 
 def singular_step_(param: torch.Tensor, direction: torch.Tensor, *, lr: float, ns_steps: int) -> None:
-    """`param -= lr * sqrt(max(rows, cols)) * NS(direction)`; a DTensor is all-gathered (NS needs the matrix)."""
-    whole = direction.full_tensor() if is_dtensor(direction) else direction
-    rows = whole.size(0)
-    cols = whole.numel() // max(1, rows)
-    update = newton_schulz(whole.reshape(rows, cols), steps=ns_steps).view(whole.shape)
-    if is_dtensor(direction):
-        from torch.distributed.tensor import DTensor, Replicate
+    """`param -= lr * sqrt(max(rows, cols)) * NS(direction)`, NS on the whole matrix (gathered if sharded).
 
-        mesh = direction.device_mesh
-        # Every rank holds the same full result; redistributing Replicate -> Shard keeps this rank's rows.
-        update = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
-        update = update.redistribute(mesh, direction.placements)
-    param.add_(update, alpha=-lr * math.sqrt(max(rows, cols)))
+    NS is exactly Muon's (the same lowmem.optim.newton_schulz.orthogonalize Muon calls): cast to bf16,
+    divide by max(||D||_F, 1e-7), five quintic iterations -- torch.optim.Muon's normalization to the
+    bit. That is the paper's variant ("Newton–Schulz, as in Muon"), and no normalization beyond it is
+    right: NS's own Frobenius division puts every singular value in [0, 1], so the iteration cannot
+    diverge however large D is, and max(||D||, eps) makes the update independent of D's scale, as the
+    column, row and sign normalizations are. (lowmem's Muon used to divide by the norm once more, in the
+    input's precision before the cast, to make up for an NS that divided by ||D|| + eps; with max()
+    inside NS that extra division only changed bf16 rounding, so Muon dropped it and both run this.)
+    """
+    rows = direction.size(0)
+    cols = direction.numel() // max(1, rows)
+    update = orthogonalize(direction, steps=ns_steps)  # this rank's rows
+    local_tensor(param).add_(update, alpha=-lr * math.sqrt(max(rows, cols)))
 
 
 def scale_update(
@@ -197,26 +209,7 @@ def scale_update(
         for p, d in zip(params, directions):
             singular_step_(p, d, lr=lr, ns_steps=ns_steps)
     else:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
-
-
-
-def _check_settings(settings: dict[str, Any]) -> None:
-    check_nonneg("lr", settings["lr"])
-    check_beta("momentum", settings["momentum"])
-    check_nonneg("adam_lr", settings["adam_lr"])
-    check_betas("adam_betas", settings["adam_betas"])
-    check_nonneg("adam_eps", settings["adam_eps"])
-    check_nonneg("weight_decay", settings["weight_decay"])
-    if settings["normalization"] not in NORMALIZATIONS:
-        raise ValueError(
-            f"invalid normalization: {settings['normalization']!r}; choose one of: {', '.join(NORMALIZATIONS)}"
-        )
-    if settings["momentum_on"] not in MOMENTUM_PLACEMENTS:
-        raise ValueError(
-            f"invalid momentum_on: {settings['momentum_on']!r}; choose one of: {', '.join(MOMENTUM_PLACEMENTS)}"
-        )
-    check_positive_int("ns_steps", settings["ns_steps"])
+        check_choice("normalization", normalization, NORMALIZATIONS)
 
 
 class SCALE(LowmemOptimizer):
@@ -251,14 +244,24 @@ class SCALE(LowmemOptimizer):
         defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on,
                         ns_steps=ns_steps)
-        _check_settings(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_settings(group)
         group.setdefault("initial_lr", group["lr"])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_beta("momentum", group["momentum"])
+        check_nonneg("adam_lr", group["adam_lr"])
+        check_betas("adam_betas", group["adam_betas"])
+        check_nonneg("adam_eps", group["adam_eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_choice("normalization", group["normalization"], NORMALIZATIONS)
+        check_choice("momentum_on", group["momentum_on"], MOMENTUM_PLACEMENTS)
+        check_positive_int("ns_steps", group["ns_steps"])
 
     def _step(self) -> None:
         for group in self.param_groups:

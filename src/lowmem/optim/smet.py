@@ -28,7 +28,15 @@ import torch
 
 from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch
-from lowmem.optim.base import LowmemOptimizer, check_betas, check_grad, check_nonneg, is_dtensor
+from lowmem.optim.base import (
+    LowmemOptimizer,
+    check_betas,
+    check_choice,
+    check_grad,
+    check_nonneg,
+    check_nonneg_int,
+    is_dtensor,
+)
 from lowmem.optim.roles import group_kind
 from lowmem.optim.state import reset_entries, reset_whole
 
@@ -59,17 +67,18 @@ class SMET(LowmemOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, density_lr: str = "inverse_sqrt",
                  foreach: bool = True) -> None:
-        check_nonneg("lr", lr)
-        check_betas("betas", betas)
-        check_nonneg("eps", eps)
-        check_nonneg("weight_decay", weight_decay)
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-            raise ValueError(f"invalid warmup: {warmup!r}; it must be an integer >= 0 (steps; 0: none)")
-        if density_lr not in DENSITY_LR:
-            raise ValueError(f"invalid density_lr: {density_lr!r}; choose one of: {', '.join(DENSITY_LR)}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup,
                         density_lr=density_lr, foreach=foreach)
         super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_nonneg_int("warmup", group["warmup"], zero_means="no warm-up")
+        check_choice("density_lr", group["density_lr"], DENSITY_LR)
 
     def _step(self) -> None:
         for group in self.param_groups:

@@ -45,7 +45,6 @@ import torch
 import torch.distributed as dist
 
 from lowmem.optim import Method, register
-from lowmem.optim.kinds import ELEMENTWISE_KINDS
 from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -54,9 +53,12 @@ from lowmem.optim.base import (
     check_betas,
     check_grad,
     check_nonneg,
+    check_nonneg_int,
+    check_positive_int,
     local_tensor,
     sharded_groups,
 )
+from lowmem.optim.kinds import ELEMENTWISE_KINDS
 
 
 def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
@@ -65,23 +67,6 @@ def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
     if total_T is None:
         return 1.0
     return eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * min(t, total_T) / (total_T + 1)))
-
-
-def _check_settings(group: dict[str, Any]) -> None:
-    check_nonneg("lr", group["lr"])
-    check_betas("betas", group["betas"])
-    check_nonneg("eps", group["eps"])
-    check_nonneg("weight_decay", group["weight_decay"])
-    for name in ("gamma1", "gamma2", "theta"):
-        check_beta(name, group[name])
-    if not isinstance(group["eta_min"], (int, float)) or not 0.0 <= group["eta_min"] <= 1.0:
-        raise ValueError(f"invalid eta_min: {group['eta_min']!r}; it must be in [0, 1]")
-    gap = group["update_gap"]
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 0:
-        raise ValueError(f"invalid update_gap: {gap!r}; it must be an integer >= 0 (0: never reset)")
-    total = group["total_T"]
-    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
-        raise ValueError(f"invalid total_T: {total!r}; it must be an integer >= 1 (the run's steps) or None")
 
 
 class StableSPAM(LowmemOptimizer):
@@ -116,9 +101,19 @@ class StableSPAM(LowmemOptimizer):
                         gamma2=gamma2, theta=theta, eta_min=eta_min, update_gap=update_gap, total_T=total_T)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _check_settings(self.param_groups[-1])
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_nonneg("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        for name in ("gamma1", "gamma2", "theta"):
+            check_beta(name, group[name])
+        if not isinstance(group["eta_min"], (int, float)) or not 0.0 <= group["eta_min"] <= 1.0:
+            raise ValueError(f"invalid eta_min: {group['eta_min']!r}; it must be in [0, 1]")
+        check_nonneg_int("update_gap", group["update_gap"], zero_means="never reset")
+        if group["total_T"] is not None:  # None: no decay
+            check_positive_int("total_T", group["total_T"])
 
     def _init_state(self, state: dict[str, Any], param: torch.Tensor) -> None:
         local = local_tensor(param)

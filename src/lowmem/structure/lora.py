@@ -60,7 +60,7 @@ class LoRALinear(LowRankLinear):
             return
         import torch.distributed as dist
 
-        from lowmem.optim.projection import rows_of
+        from lowmem.optim.base import rows_of
 
         a, b = self.lora_A.full_tensor(), self.lora_B.full_tensor()
         w0 = self.weight.to_local()

@@ -41,8 +41,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.interventions import BaseIntervention
-from lowmem.optim.base import check_positive_int, is_dtensor
-from lowmem.optim.projection import rows_of
+from lowmem.optim.base import check_choice, check_positive_int, is_dtensor, rows_of
 from lowmem.optim.reset import reset_moments, restart_lr_factor
 from lowmem.optim.state import reset_state
 from lowmem.registry import INTERVENTIONS
@@ -143,8 +142,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: str = "reset") -> int:
     """Refactor every factor pair of `model` (B A = U S V^T; B = U sqrt(S), A = sqrt(S) V^T) and treat
     their optimizer state per `state`; return how many pairs fell back from rotate to reset."""
-    if state not in STATE_MODES:
-        raise ValueError(f"invalid state {state!r}; choose one of: {', '.join(STATE_MODES)}")
+    check_choice("state", state, STATE_MODES)
     modules = factor_modules(model)
     if not modules:
         raise ValueError("refactorization needs a model with factored layers (--structure lowrank/lora/sltrain)")
@@ -187,8 +185,7 @@ class Refactor(BaseIntervention):
 
     def __init__(self, every: int, state: str = "reset") -> None:
         check_positive_int("every", every)
-        if state not in STATE_MODES:
-            raise ValueError(f"invalid state {state!r}; choose one of: {', '.join(STATE_MODES)}")
+        check_choice("state", state, STATE_MODES)
         self.every, self.state = every, state
         self.refactors = self.fallbacks = 0
 

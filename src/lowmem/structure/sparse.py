@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 from lowmem.interventions import BaseIntervention, RunContext
 from lowmem.optim.state import reset_state
 from lowmem.registry import INTERVENTIONS, STRUCTURES
@@ -223,10 +223,8 @@ class SparseStructure(Structure):
             raise ConfigError(f"structure 'sparse': density={density!r} must be in (0, 1], e.g. density=0.5")
         if not isinstance(block, int) or isinstance(block, bool) or block < 1:
             raise ConfigError(f"structure 'sparse': block={block!r} must be an integer >= 1 (1: element masks)")
-        if storage not in STORAGES:
-            raise ConfigError(f"structure 'sparse': storage={storage!r}; choose one of: {', '.join(STORAGES)}")
-        if distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"structure 'sparse': distribution={distribution!r}; choose one of: {', '.join(DISTRIBUTIONS)}")
+        check_choice("structure 'sparse' storage", storage, STORAGES, ConfigError)
+        check_choice("structure 'sparse' distribution", distribution, DISTRIBUTIONS, ConfigError)
         self.density, self.block, self.storage = float(density), block, storage
         self.distribution, self.seed = distribution, int(seed)
         self.layers: list[SparseLinear] = []
