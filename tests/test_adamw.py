@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,24 +96,3 @@ def test_uncorrected_eps_placement_is_the_released_form(foreach, decay):
         adamw_update([target], [g], [torch.zeros_like(g)], [torch.zeros_like(g)], [torch.tensor(0.0)], lr=lr,
                      beta1=b1, beta2=b2, eps=eps, weight_decay=0.0, eps_placement=placement)
     assert (corrected[0] - other).abs().max() > 1e-4
-
-
-def test_state_dict_loads_with_weights_only():
-    torch.manual_seed(0)
-    model = build_model("cpu-tiny", vocab_size=VOCAB)
-    opt = lowmem.optim.build("adamw", model, lr=1e-3)
-    _loss(model, 0).backward()
-    opt.step()
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    assert len(state["state"]) == len(list(model.parameters()))
-
-
-@pytest.mark.distributed
-def test_fsdp2_matches_single_process():
-    from lowmem.testing import fsdp_matches_single, max_relative_difference
-
-    single, sharded = fsdp_matches_single("adamw", {"lr": 1e-3}, steps=20)
-    assert max_relative_difference(single, sharded) <= 1e-6

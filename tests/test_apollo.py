@@ -1,4 +1,4 @@
-"""APOLLO and APOLLO-Mini against the official apollo-torch, checkpoints, FSDP2 and presets.
+"""APOLLO and APOLLO-Mini against the official apollo-torch, the seeds in checkpoints, presets.
 
 The random projection is not injected: lowmem reproduces the released generator semantics (seed of
 parameter i = i, 1-based over all parameters; randn from Generator(device).manual_seed(seed) / sqrt(r);
@@ -167,47 +167,21 @@ def _train(model, optimizer, start: int, stop: int) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("name,hparams", [
-    ("apollo", dict(rank=8, update_proj_gap=4)),
-    ("apollo-mini", dict(update_proj_gap=4, lr=1e-3, stagger=True)),
-])
-def test_checkpoint_weights_only_resume_equals_uninterrupted(name, hparams):
+def test_seeds_are_python_ints_that_a_weights_only_load_keeps_whole():
+    # 63-bit seeds (next_seed's draws): a tensor would be cast to the parameter's dtype by
+    # load_state_dict and rounded. (The resume itself: tests/test_optimizer_contract.py.)
     torch.manual_seed(0)
     model = build_model(TINY)
-    optimizer = lowmem.optim.build(name, model, **hparams)
-    _train(model, optimizer, 0, 5)
+    optimizer = lowmem.optim.build("apollo", model, rank=8, update_proj_gap=4)
+    _train(model, optimizer, 0, 5)  # each refresh (steps 1 and 5) advances a seed by next_seed
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    _train(model, optimizer, 5, 12)  # new random projections at step 9 (and staggered ones)
-
+    torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-    resumed = build_model(TINY)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_optimizer = lowmem.optim.build(name, resumed, **hparams)
-    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
-    seeds = [s["seed"] for s in resumed_optimizer.state.values() if "seed" in s]
-    assert seeds and all(isinstance(s, int) and s >= 2**32 for s in seeds[:3])  # not rounded by a dtype cast
-    _train(resumed, resumed_optimizer, 5, 12)
-    for (key, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), key
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("name,hparams", [
-    ("apollo", dict(rank=8, update_proj_gap=10)),
-    # lr 1e-3: at APOLLO-Mini's lr 0.01 with scale 128 the tiny random-token model is chaotic -- a
-    # difference of 1e-15 between one process and two (reduction order) grows ~4x per step (measured:
-    # 4e-9 after 12 steps, 2e-5 after 20, 0.5 after 30), which no implementation could pass.
-    ("apollo-mini", dict(update_proj_gap=10, lr=1e-3, weight_decay=0.01)),
-])
-def test_fsdp2_two_processes_match_one(name, hparams):
-    from lowmem.testing import fsdp_matches_single, max_relative_difference
-
-    single, sharded = fsdp_matches_single(name, hparams, steps=30)
-    assert max_relative_difference(single, sharded) <= 1e-5
-    worst_fp64 = max(((single[k] - sharded[k]).norm() / single[k].norm()).item() for k in single)
-    assert worst_fp64 <= 1e-10
+    resumed = lowmem.optim.build("apollo", build_model(TINY), rank=8, update_proj_gap=4)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    seeds = [s["seed"] for s in resumed.state.values() if "seed" in s]
+    assert seeds and all(isinstance(s, int) and s >= 2**32 for s in seeds)
+    assert seeds == [s["seed"] for s in optimizer.state.values() if "seed" in s]
 
 
 def test_registered_names_presets_and_defaults():
@@ -220,7 +194,7 @@ def test_registered_names_presets_and_defaults():
     opt = lowmem.optim.build("apollo", model, preset="llama-60m", rank=16)
     hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
     assert (hidden["rank"], hidden["scale_type"], hidden["scale"], hidden["proj"]) == (16, "channel", 1.0, "random")
-    apollo = lowmem.optim.REGISTRY["apollo"]
+    apollo = lowmem.optim.method("apollo")
     sizes = ("llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b")
     # The released scripts/pretrain_c4/llama_*_apollo.sh ranks (see lowmem.optim.apollo).
     assert [apollo.presets[s]["rank"] for s in sizes] == [128, 192, 256, 256, 256]

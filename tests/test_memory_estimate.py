@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lowmem.optim
+import lowmem.registry
 from lowmem.errors import ConfigError
 from lowmem.memory.cli import add_parser
 from lowmem.memory.estimate import activation_bytes, compare, estimate_memory, hparams_for
@@ -72,11 +73,6 @@ def _cached_estimate(preset, name, rank, vocab_size):
     return estimate_memory(preset, name, {"rank": rank} if rank else {}, vocab_size=vocab_size)
 
 
-def _registered(name: str) -> None:
-    if name not in lowmem.optim.available():
-        pytest.skip(f"optimizer {name!r} is not registered yet (its module has not landed)")
-
-
 def _cells():
     for name, row in PAPER_GB.items():
         for preset, gb in zip(SIZES, row):
@@ -94,7 +90,6 @@ def _cells():
 
 @pytest.mark.parametrize("name, preset, rank, vocab_size, paper_gb", list(_cells()))
 def test_paper_memory_cell(name, preset, rank, vocab_size, paper_gb):
-    _registered(name)
     est = _paper_estimate(preset, name, rank, vocab_size)
     assert round(est.paper_gb, 2) == paper_gb, f"{name} at {preset}: {est.paper_gb:.4f} GB"
 
@@ -107,7 +102,6 @@ def test_adam_row_needs_the_t5_vocabulary_at_130m_and_1b():
 def test_apollo_mini_row_is_reproduced_without_its_rank_one_hidden_state():
     # Pins the explanation of the two APOLLO-Mini discrepancies: leave out the hidden matrices' rank-1
     # moments and projection and every cell of the row is reproduced.
-    _registered("apollo-mini")
     for preset, paper_gb in [*zip(SIZES, PAPER_GB["apollo-mini"]), ("llama-7b", PAPER_GB_7B["apollo-mini"])]:
         est = _paper_estimate(preset, "apollo-mini")
         hidden = est.state_elements_by_role["hidden"]
@@ -119,7 +113,6 @@ def test_muon_row_is_one_buffer_per_parameter_while_lowmem_gives_embedding_and_h
     # Pins the explanation of the Muon discrepancies: the table's row is exactly 2 B x (weights + one
     # buffer of every parameter's size); lowmem's Muon has one buffer per hidden matrix and two (AdamW)
     # for every other tensor.
-    _registered("muon")
     for preset, paper_gb in [*zip(SIZES, PAPER_GB["muon"]), ("llama-7b", PAPER_GB_7B["muon"])]:
         est = _paper_estimate(preset, "muon")
         assert round(2 * 2 * est.weight_elements / 1e9, 2) == paper_gb
@@ -229,7 +222,6 @@ def test_bad_input_is_a_config_error_naming_the_fix(kwargs, fragment):
 
 
 def test_compare_passes_each_optimizer_only_the_hparams_it_accepts():
-    _registered("scale")
     ests = compare("llama-60m", ["adamw", "scale"], {"weight_decay": 0.0, "adam_lr": 0.01})
     assert [e.optimizer for e in ests] == ["adamw", "scale"]
     assert ests[0].hparams == {"weight_decay": 0.0}
@@ -239,8 +231,6 @@ def test_compare_passes_each_optimizer_only_the_hparams_it_accepts():
 
 
 def test_shared_rank_reaches_low_rank_methods_but_not_what_a_variant_fixes():
-    for name in ("galore", "apollo-mini"):
-        _registered(name)
     shared = {"rank": 64, "galore.scale": 0.5}
     assert hparams_for("adamw", shared, shared=True) == {}
     assert hparams_for("galore", shared, shared=True) == {"rank": 64, "scale": 0.5}
@@ -260,7 +250,6 @@ def _run_cli(argv: list[str], capsys) -> str:
 
 
 def test_cli_llama_7b_scale_answers_in_seconds(capsys):
-    _registered("scale")
     start = time.perf_counter()
     out = _run_cli(["--model", "llama-7b", "--optimizer", "scale"], capsys)
     elapsed = time.perf_counter() - start
@@ -285,8 +274,6 @@ def test_cli_hparam_parsing_and_errors(capsys):
 
 
 def test_cli_compare_rows_and_ratio_to_adamw(capsys):
-    for name in ("scale", "galore"):
-        _registered(name)
     out = _run_cli(["--model", "llama-1b", "--compare", "adamw,scale,galore", "--rank", "512"], capsys)
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
             ("adamw", "scale", "galore")}
@@ -324,7 +311,7 @@ class _LocalMethod(lowmem.optim.Method):
 def test_a_method_that_cannot_step_on_meta_uses_its_declared_formula_and_says_so(monkeypatch):
     from lowmem.memory import estimate as estimate_module
 
-    monkeypatch.setitem(lowmem.optim.REGISTRY, "meta-unsafe", _LocalMethod("unused:Unused", "test double"))
+    monkeypatch.setitem(lowmem.registry.OPTIMIZERS, "meta-unsafe", _LocalMethod("unused:Unused", "test double"))
     with pytest.raises(RuntimeError, match="'meta-unsafe' cannot step on the meta device"):
         estimate_memory("llama-60m", "meta-unsafe")
 

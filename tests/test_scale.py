@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import io
 import math
 
 import pytest
@@ -111,9 +109,10 @@ def test_matches_reference_over_20_steps(name, hparams):
     model = build_model("cpu-tiny", vocab_size=VOCAB).double()
     base_lr, adam_lr = 1e-2, 3e-3
     opt = lowmem.optim.build(name, model, lr=base_lr, adam_lr=adam_lr, **hparams)
-    settings = dict(lowmem.optim.REGISTRY[name].defaults, **hparams)
+    settings = dict(lowmem.optim.method(name).defaults, **hparams)
     ns = _torch_newton_schulz() if settings.get("normalization") == "singular" else None
     roles = lowmem.optim.named_roles(model)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_state: dict = {}
     for step in range(20):
@@ -128,33 +127,40 @@ def test_matches_reference_over_20_steps(name, hparams):
         opt.zero_grad(set_to_none=True)
         reference_step(ref_params, grads, roles, ref_state, lr=lr, lr_max=base_lr, adam_lr=adam_lr, ns=ns,
                        **settings)
-    moved = 0.0
+    largest_error = moved = 0.0
     for n, p in model.named_parameters():
         ref = ref_params[n]
         err = (p.detach() - ref).norm() / ref.norm()
         assert err < 1e-10, f"{name} {hparams}: {n} ({roles[n]}) differs from the reference by {err:.2e}"
-        moved = max(moved, ((p.detach() - ref).abs().max()).item())
-    assert moved < 1e-8
+        largest_error = max(largest_error, ((p.detach() - ref).abs().max()).item())
+        moved = max(moved, ((p.detach() - initial[n]).norm() / initial[n].norm()).item())
+    assert largest_error < 1e-8
+    # The comparison is not of two barely touched copies: some tensor moved by more than 1% of its norm
+    # (plain SGD, the least: 1.5%; the normalized variants: 100% and more).
+    assert moved > 1e-2
 
 
 @pytest.mark.parametrize("name", ["scale", "sgd-row"])
 def test_bf16_model_matches_fp32_formula_to_bf16_rounding(name):
     # The papers' protocol trains in bf16 (weights and states). The step must agree with the fp32
     # formula to bf16 rounding: within 2 ulps of the weight (2^-6 relative) plus the bf16 rounding of
-    # the update itself (lr * |u| * 2^-8, |u| up to ~5: 2e-5), where a wrong normalization is off by
-    # lr * O(1) = 1e-3.
+    # the update itself (lr * max|u| * 2^-8, u the tensor's normalized update: 1.5e-5 for the hidden
+    # matrices, 4e-5 for the embedding, whose columns over a vocabulary seen in 64 tokens have entries up
+    # to 10 times their RMS), where a wrong normalization is off by lr * O(1) = 1e-3.
     torch.manual_seed(0)
     model = build_model("cpu-tiny", vocab_size=VOCAB).to(torch.bfloat16)
     opt = lowmem.optim.build(name, model, lr=1e-3)
-    settings = dict(lowmem.optim.REGISTRY[name].defaults)
+    settings = dict(lowmem.optim.method(name).defaults)
     roles = lowmem.optim.named_roles(model)
     _loss(model, 0).backward()
     ref = {n: p.detach().float() for n, p in model.named_parameters()}
+    before = {n: w.clone() for n, w in ref.items()}
     grads = {n: p.grad.float() for n, p in model.named_parameters()}
     opt.step()
     reference_step(ref, grads, roles, {}, lr=1e-3, lr_max=1e-3, **settings)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach().float(), ref[n], rtol=2**-6, atol=2e-5, msg=n)
+        largest_update = (before[n] - ref[n]).abs().max().item()  # lr * max|u| (vectors: their Adam step)
+        torch.testing.assert_close(p.detach().float(), ref[n], rtol=2**-6, atol=largest_update * 2**-8, msg=n)
 
 
 def test_reference_comparison_can_fail():
@@ -205,52 +211,8 @@ def test_state_bytes_llama_60m_on_meta(name, expected):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sharded training equals one process.
-
-# The paper's lr 1e-3. At lr 1e-2 the tiny model's training turns chaotic within 20 steps and
-# normalization amplifies the rounding of tiny, cancelling q/k gradients: even one process with the
-# batch split into two accumulated halves then drifts by 1e-5 from the unsplit batch, sharding or not.
-@pytest.mark.distributed
-@pytest.mark.parametrize("name,hparams", [
-    ("scale", {"lr": 1e-3}),  # embedding column RMS (dim 0) all-reduced across shards
-    ("sgd-row", {"lr": 1e-3, "momentum_on": "embedding+head"}),  # every Linear's RMS all-reduced
-    ("sgd-singular", {"lr": 1e-3}),  # whole matrices gathered for Newton-Schulz
-])
-def test_fsdp2_matches_single_process(name, hparams):
-    from lowmem.testing import fsdp_matches_single, max_relative_difference
-
-    single, sharded = fsdp_matches_single(name, hparams, steps=20)
-    assert max_relative_difference(single, sharded) <= 1e-6
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints, hyperparameters, gradients.
-
-def test_state_dict_round_trip_with_weights_only():
-    torch.manual_seed(0)
-    model = build_model("cpu-tiny", vocab_size=VOCAB)
-    opt = lowmem.optim.build("scale", model, lr=1e-2, momentum_on="embedding+head")
-    for step in range(3):
-        _loss(model, step).backward()
-        opt.step()
-        opt.zero_grad()
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-
-    twin = copy.deepcopy(model)
-    twin_opt = lowmem.optim.build("scale", twin, lr=1.0)  # wrong lr on purpose: the state dict restores it
-    twin_opt.load_state_dict(loaded)
-    assert twin_opt.param_groups[0]["lr"] == 1e-2 and twin_opt.param_groups[0]["initial_lr"] == 1e-2
-    for step in range(3, 6):
-        for m, o in ((model, opt), (twin, twin_opt)):
-            _loss(m, step).backward()
-            o.step()
-            o.zero_grad()
-    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
-        assert torch.equal(a, b), n
-
+# Hyperparameters, gradients. (State round trips, weights-only loads, meta steps and FSDP2 = one
+# process: tests/test_optimizer_contract.py, for every registered optimizer.)
 
 @pytest.mark.parametrize("bad", [
     {"lr": -1e-3}, {"momentum": 1.0}, {"momentum": -0.1}, {"weight_decay": -0.1}, {"adam_lr": -1.0},
@@ -374,6 +336,17 @@ def test_newton_schulz_matches_torch_muon_and_orthogonalizes(shape):
     assert s.min() > 0.5 and s.max() < 1.3  # the quintic's band around 1, not exactly 1
     if len(shape) == 2:
         torch.testing.assert_close(X, _torch_newton_schulz()(G).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_singular_normalization_does_not_depend_on_the_gradients_scale(dtype):
+    # NS divides by max(||G||, eps), as torch.optim.Muon: the result is the same for a gradient 2^-20
+    # (norm ~4e-5) or 2^10 times as large. Dividing by ||G|| + eps instead would shrink the small one's
+    # input by 0.3% in fp32, and NS's steep slope near 0 would carry that into the result.
+    G = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    reference = newton_schulz(G, dtype=dtype)
+    for power in (-20, 10):
+        assert torch.equal(newton_schulz(G * 2.0**power, dtype=dtype), reference), power
 
 
 def test_newton_schulz_rejects_vectors():

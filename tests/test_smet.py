@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_sparse import adam_first_update, group_of, one_layer, run_linear
 from torch import nn
 
 import lowmem.optim
@@ -15,9 +16,7 @@ from lowmem.assembly import build_model, build_optimizer
 from lowmem.errors import ConfigError
 from lowmem.interventions import RunContext
 from lowmem.optim.smet import SMET, density_factor
-from lowmem.structure.sparse import SparseLinear, TopologyUpdate, sparse_layers
-
-from test_sparse import adam_first_update, group_of, one_layer, run_linear
+from lowmem.structure.sparse import TopologyUpdate, sparse_layers
 
 BETA1, BETA2 = 0.9, 0.999
 
@@ -177,15 +176,6 @@ def test_state_is_kept_only_for_active_weights_and_resets_per_block(storage):
     assert state["block_step"][0] == 0 and (state["block_step"][1:] == 1).all()
     assert (state["exp_avg"][:4] == 0).all() and (state["exp_avg"][4:] != 0).any()
     assert state["step"].item() == 1  # the tensor's counter stays: the regrown block is told apart by it
-
-
-def test_smet_steps_on_the_meta_device():
-    model = build_model("cpu-micro", vocab_size=64, structure={"name": "sparse", "storage": "compact"}, device="meta")
-    for p in model.parameters():
-        p.grad = torch.empty_like(p)
-    opt = build_optimizer("smet", model, lr=1e-3)
-    opt.step()
-    assert all(s["exp_avg"].is_meta for s in opt.state.values())
 
 
 def test_a_sparse_kind_without_its_layer_is_refused():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_run_overrides
 from torch import nn
 
 from lowmem.assembly import build_model, build_optimizer
@@ -28,8 +29,6 @@ from lowmem.registry import INTERVENTIONS, STRUCTURES
 from lowmem.structure import build_structure
 from lowmem.structure.sparse import SparseLinear, TopologyUpdate, drop_fraction, erk_densities, sparse_layers
 from lowmem.train.loop import train
-
-from conftest import tiny_run_overrides
 
 BETA1, BETA2 = 0.9, 0.999
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_run_overrides
 from torch import nn
 
 from lowmem.assembly import build_model, build_optimizer
@@ -18,19 +19,16 @@ from lowmem.config import load_config
 from lowmem.errors import ConfigError
 from lowmem.memory.estimate import estimate_memory
 from lowmem.memory.measure import optimizer_state_bytes
-from lowmem.models.llama import count_parameters
+from lowmem.optim.reset import MomentumReset, restart_lr_factor
 from lowmem.optim.roles import param_groups
 from lowmem.structure import build_structure
 from lowmem.structure.lora import LoRALinear, LoRAMerge
 from lowmem.structure.lowrank import LowRankLinear, factor_modules
-from lowmem.optim.reset import MomentumReset, restart_lr_factor
 from lowmem.structure.refactor import Refactor, Restarts, balanced_factors, balanced_factors_svd, refactor_model
 from lowmem.structure.sltrain import SLTrainLinear, SparseLowRankFunction
 from lowmem.testing import TINY, _batch, _loss, max_relative_difference, train_steps
 from lowmem.train import checkpoint
 from lowmem.train.loop import train
-
-from conftest import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
