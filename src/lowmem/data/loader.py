@@ -167,10 +167,11 @@ class TokenLoader:
             "source": self.source.identity,
             "tokenizer": self.tokenizer.name,
         }
+        known_names = {"tokenizer": (self.tokenizer.name, *getattr(self.tokenizer, "aliases", ()))}
         different = [
             f"{key}: saved {state.get(key)!r}, now {value!r}"
             for key, value in expected.items()
-            if state.get(key) != value
+            if state.get(key) not in known_names.get(key, (value,))
         ]
         if different:
             raise CheckpointError(

@@ -63,6 +63,7 @@ class Tokenizer:
         eos_id: int,
         vocab_size: int | None = None,
         path: Path | None = None,
+        aliases: tuple[str, ...] = (),
     ) -> None:
         backend.no_truncation()
         backend.no_padding()
@@ -73,6 +74,9 @@ class Tokenizer:
         self.eos_id = int(eos_id)
         self.vocab_size = int(vocab_size if vocab_size is not None else backend.get_vocab_size())
         self.path = path
+        # Other names of this same tokenizer that saved data positions may carry (a cached BPE's
+        # name before its cache key dropped the `tokenizers` version).
+        self.aliases = tuple(aliases)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added), encoded in parallel in Rust."""
@@ -112,6 +116,7 @@ def load_tokenizer(
                 "Pass the source, or name a tokenizer file or a Hugging Face tokenizer instead."
             )
         path = bpe_cache_path(source, vocab_size, cache_dir)
+        tokenizer = None
         if path.is_file():
             try:
                 tokenizer = _tokenizer_from_file(path, name=path.stem)
@@ -119,8 +124,9 @@ def load_tokenizer(
                 logger.warning("Cached tokenizer %s is unreadable (%s); training it again.", path, err)
             else:
                 logger.info("Reusing the cached BPE tokenizer %s", path)
-                return tokenizer
-        return train_bpe(source, vocab_size, path)
+        tokenizer = tokenizer or train_bpe(source, vocab_size, path)
+        tokenizer.aliases = (_bpe_name(source, vocab_size, tokenizers.__version__),)
+        return tokenizer
     if spec.endswith(".json") and os.path.isfile(os.path.expanduser(spec)):
         path = Path(os.path.expanduser(spec))
         return _tokenizer_from_file(path, name=path.stem)
@@ -130,17 +136,19 @@ def load_tokenizer(
 def bpe_cache_path(source: TextSource, vocab_size: int, cache_dir: str | Path | None = None) -> Path:
     """Where `load_tokenizer("bpe", source, vocab_size)` keeps its trained tokenizer."""
     _check_vocab_size(vocab_size)
-    key_material = json.dumps(
-        {
-            "source": source.with_split("train").identity,
-            "vocab_size": int(vocab_size),
-            "recipe": _bpe_recipe(BPE_TRAINING_CHARS),
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return directory / "tokenizers" / f"bpe-{int(vocab_size)}-{key}.json"
+    return directory / "tokenizers" / f"{_bpe_name(source, vocab_size)}.json"
+
+
+def _bpe_name(source: TextSource, vocab_size: int, tokenizers_version: str | None = None) -> str:
+    """bpe-<vocab>-<hash of the source, vocabulary size and recipe>; with `tokenizers_version`, the
+    name the same BPE had when the key held that version (checkpoints written then carry it)."""
+    key = {"source": source.with_split("train").identity, "vocab_size": int(vocab_size),
+           "recipe": _bpe_recipe(BPE_TRAINING_CHARS)}
+    if tokenizers_version is not None:
+        key["tokenizers"] = tokenizers_version
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"bpe-{int(vocab_size)}-{digest}"
 
 
 def train_bpe(
