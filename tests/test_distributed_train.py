@@ -60,7 +60,10 @@ def test_two_processes_follow_one(mode, tiny_corpus, token_cache, tmp_path):
     assert alone.keys() == joined.keys()
     for name in alone:
         assert joined[name].shape == alone[name].shape, name
-        torch.testing.assert_close(joined[name], alone[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Norm-wise: SCALE divides by column norms, so a reduction-order difference in a column of
+        # small norm moves a few entries by ~1e-6 while the tensor as a whole agrees to ~1e-7.
+        error = (joined[name].double() - alone[name].double()).norm() / alone[name].double().norm().clamp_min(1e-12)
+        assert error < 1e-5, (name, float(error))
 
 
 def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):
