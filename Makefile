@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test bench-tests bench clean
+.PHONY: setup run test lint bench-tests clean
 
 $(BIN)/lowmem: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ setup: $(BIN)/lowmem
 run: setup
 	$(BIN)/lowmem train
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # Long tests (full CPU-protocol runs); not part of CI.

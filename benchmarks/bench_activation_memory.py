@@ -42,6 +42,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from lowmem.assembly import autocast as lowmem_autocast
     from lowmem.assembly import build_model, build_optimizer, configure_memory, model_vocab, weight_dtype
     from lowmem.distributed import DistInfo
     from lowmem.memory import TensorMemory, estimate_memory, peak_memory
@@ -69,7 +70,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = build_model(args.model, vocab_size=vocab, device=device, dtype=weight_dtype(args.precision))
     chunk = configure_memory(model, mode, chunked, args.loss_chunk, micro * args.seq_len)
     optimizer = build_optimizer(args.optimizer, model, preset=args.model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-autocast")
+    autocast = lowmem_autocast(args.precision, device)
     gen = torch.Generator().manual_seed(1)
 
     def step() -> None:

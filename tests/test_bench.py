@@ -247,3 +247,20 @@ def test_collect_reads_finished_runs_or_also_running_ones_and_budget_points_skip
     assert points == [(500, {"adamw": 200.0, "galore": 100.0}), (1000, {"adamw": 100.0, "galore": 100.0})]
     table = ranking_table(points)
     assert "| 500 | 200.0 (1.000) | 100.0 (0.500) | galore < adamw |" in table
+
+
+PLUGINS = sorted((Path(__file__).parent / "plugins").glob("*.py"))
+
+
+@pytest.mark.parametrize("plugin", PLUGINS, ids=lambda p: p.stem)
+def test_a_plugin_optimizer_runs_in_a_bench_grid(plugin, tiny_corpus, token_cache, tmp_path):
+    # An optimizer written by the recipe, outside the package, is benchmarked like a built-in one:
+    # the grid is planned against the registry here and each run's process loads the plugin itself.
+    from lowmem.registry import OPTIMIZERS, load_plugins
+
+    load_plugins([plugin])
+    names = [name for name, entry in OPTIMIZERS.items() if entry.target.startswith(f"lowmem_plugin_{plugin.stem}:")]
+    assert names, f"{plugin} registers no optimizer"
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {names[0]: {"lr": [1.0e-3]}}), tmp_path / "out")
+    (run_dir,) = run_grid(grid, workers=1, progress=False, plugins=[str(plugin)])
+    assert json.loads((run_dir / "summary.json").read_text())["optimizer"] == names[0]

@@ -87,3 +87,15 @@ def test_bf16_forward_runs_and_keeps_norms_in_fp32():
     model = build_model("cpu-tiny", vocab_size=64).to(torch.bfloat16)
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    # The norm's statistics in fp32, rounded to bf16 once at the end, not a norm computed in bf16.
+    torch.manual_seed(0)
+    x = (torch.randn(4, model.norm.weight.numel()) * 3 + 1).to(torch.bfloat16)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.rand_like(model.norm.weight) + 0.5)
+        got = model.norm(x)
+        wide = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + model.norm.eps)
+        expected = model.norm.weight * wide.to(torch.bfloat16)
+        narrow = model.norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.norm.eps))
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, narrow)

@@ -150,7 +150,7 @@ def test_bad_grids_exit_2_before_anything_runs(methods, fragment, capsys, tmp_pa
 def test_memory_names_an_unknown_model_before_a_missing_optimizer(capsys):
     code = cli_main(["memory", "--model", "nope"])
     err = capsys.readouterr().err
-    assert code == 2 and "--model 'nope' is not a model preset" in err
+    assert code == 2 and "unknown --model preset 'nope'; choose one of" in err
 
 
 def test_memory_refuses_a_bad_hyperparameter_with_a_message(capsys):

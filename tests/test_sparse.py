@@ -28,7 +28,7 @@ from lowmem.optim.roles import named_roles
 from lowmem.registry import INTERVENTIONS, STRUCTURES
 from lowmem.structure import build_structure
 from lowmem.structure.sparse import SparseLinear, TopologyUpdate, drop_fraction, erk_densities, sparse_layers
-from lowmem.train.loop import train
+from lowmem.train.trainer import train
 
 BETA1, BETA2 = 0.9, 0.999
 

@@ -28,7 +28,7 @@ from lowmem.structure.refactor import Refactor, Restarts, balanced_factors, bala
 from lowmem.structure.sltrain import SLTrainLinear, SparseLowRankFunction
 from lowmem.testing import TINY, _batch, _loss, max_relative_difference, train_steps
 from lowmem.train import checkpoint
-from lowmem.train.loop import train
+from lowmem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")

@@ -113,27 +113,6 @@ def train_config_from_args(args: argparse.Namespace):
     return load_config(config_path, overrides)
 
 
-def load_plugins(plugins: list[str]) -> None:
-    """Import each plugin: a path to a .py file, or a module name."""
-    import importlib
-    import importlib.util
-
-    for plugin in plugins:
-        path = Path(plugin)
-        if plugin.endswith(".py"):
-            if not path.is_file():
-                raise ConfigError(f"--plugin {plugin}: no such file; pass a Python file or an importable module name")
-            spec = importlib.util.spec_from_file_location(f"lowmem_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        else:
-            try:
-                importlib.import_module(plugin)
-            except ModuleNotFoundError as err:
-                raise ConfigError(f"--plugin {plugin}: {err}; pass a Python file or an importable module name") from None
-
-
 def _list(registry) -> None:
     for name, entry in registry.items():
         summary = getattr(entry, "summary", None) or (entry.__doc__ or "").strip().splitlines()[0:1]
@@ -143,7 +122,7 @@ def _list(registry) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from lowmem import registry
 
-    load_plugins(args.plugin)
+    registry.load_plugins(args.plugin)
     listing = {"list_optimizers": registry.OPTIMIZERS, "list_structures": registry.STRUCTURES,
                "list_interventions": registry.INTERVENTIONS}
     for flag, table in listing.items():
@@ -191,19 +170,25 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
     p.add_argument("--threads-per-run", type=int, default=1)
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md and plots from finished runs")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a file or module that registers its own optimizer, structure or intervention; "
+                        "every run of the grid loads it too")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from lowmem.bench.report import collect, report
     from lowmem.bench.run import GridFailed, load_grid, run_grid
+    from lowmem.registry import load_plugins
 
+    load_plugins(args.plugin)  # the grid's methods are checked against the registry while it is planned
     failed: GridFailed | None = None
     if not args.report_only:
         if not args.grid:
             raise ConfigError("lowmem bench needs a grid YAML (e.g. configs/cpu-protocol.yaml) unless --report-only")
         try:
-            run_grid(load_grid(args.grid, args.output), workers=args.workers, threads_per_run=args.threads_per_run)
+            run_grid(load_grid(args.grid, args.output), workers=args.workers, threads_per_run=args.threads_per_run,
+                     plugins=args.plugin)
         except GridFailed as err:  # report the runs that finished, then fail with the list
             failed = err
     if not failed or collect(args.output):

@@ -235,9 +235,11 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: bool = True) -> list[Path]:
+def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: bool = True,
+             plugins: list[str] = ()) -> list[Path]:
     """Run every grid run not yet finished, then the follow-ups their results call for (a Grid's
-    bracketing points and seeds), until none is left; return the run directories of the whole grid."""
+    bracketing points and seeds), until none is left; return the run directories of the whole grid.
+    Each run's process imports `plugins` (files or modules registering the grid's own entries)."""
     failures: dict[str, str] = {}
     bar = None
     if progress:
@@ -256,6 +258,8 @@ def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: b
         env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "MKL_NUM_THREADS": str(threads_per_run)}
         start = time.perf_counter()
         command = [sys.executable, "-m", "lowmem.cli", "train", "--config", str(config_path)]
+        for plugin in plugins:
+            command += ["--plugin", plugin]
         resume = bool(list_checkpoints(out))  # interrupted (SIGTERM saves one): continue it, do not start over
         if resume:
             command += ["--resume", str(out)]

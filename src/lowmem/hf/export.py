@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import lowmem
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 from lowmem.models.hf import WEIGHTS_FILE, hf_config_fields, to_hf_state_dict
 from lowmem.train.trained import TrainedModel, load_trained
 
@@ -168,8 +168,7 @@ def describe_export(out: Path) -> str:
 
 
 def export(path: str | Path, to: str, out_dir: str | Path, tokenizer: str | None = None) -> Path:
-    if to not in FORMATS:
-        raise ConfigError(f"unknown export format {to!r}; choose one of: {', '.join(FORMATS)} (e.g. --to hf DIR)")
+    check_choice("export format (--to)", to, FORMATS, ConfigError)
     return export_hf(path, out_dir, tokenizer)
 
 

@@ -15,8 +15,8 @@ import argparse
 from typing import Any
 
 import lowmem.optim
-from lowmem.errors import ConfigError
 from lowmem.config import PRECISIONS, parse_spec, parse_value
+from lowmem.errors import ConfigError, check_choice
 from lowmem.memory.estimate import GB, MemoryEstimate, compare, estimate_memory, hparams_for
 from lowmem.memory.plan import format_plan, parse_bytes, plan
 from lowmem.models.chunked_loss import CHUNKED_LOSS_MODES, DEFAULT_CHUNK
@@ -166,8 +166,8 @@ def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate)
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    if args.model not in PRESETS:  # the model first: it is what every other setting is read against
-        raise ConfigError(f"--model {args.model!r} is not a model preset; choose one of: {', '.join(PRESETS)}")
+    # The model first: it is what every other setting is read against.
+    check_choice("--model preset", args.model, PRESETS, ConfigError)
     hparams = parse_hparams(args)
     structure = parse_spec(args.structure, "structure") if args.structure else None
     if args.global_batch is not None and args.budget is None:

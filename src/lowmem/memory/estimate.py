@@ -37,11 +37,12 @@ from torch import nn
 import lowmem.optim
 from lowmem.assembly import build_model, build_optimizer
 from lowmem.config import PRECISIONS
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 from lowmem.memory.measure import iter_state_tensors, optimizer_state_bytes
 from lowmem.models.chunked_loss import DEFAULT_CHUNK, loss_chunk_for
 from lowmem.models.llama import CHECKPOINTING_MODES, LlamaConfig, resolve_config
 from lowmem.optim.roles import named_roles
+
 PAPER_BYTES_PER_ELEMENT = 2
 GB = 1e9
 # Steps taken on meta before the state is counted. Every registered method creates all of its state
@@ -104,13 +105,12 @@ class MemoryEstimate:
 
 def _dtypes(precision: str) -> tuple[torch.dtype, int, int]:
     """(weight dtype, activation bytes, residual-stream bytes)."""
-    if precision == "fp32":
-        return torch.float32, 4, 4
-    if precision == "bf16-autocast":
-        return torch.float32, 2, 4  # the residual stream stays fp32: embedding + bf16 branches
-    if precision == "bf16-pure":
-        return torch.bfloat16, 2, 2
-    raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS, ConfigError)
+    return {
+        "fp32": (torch.float32, 4, 4),
+        "bf16-autocast": (torch.float32, 2, 4),  # the residual stream stays fp32: embedding + bf16 branches
+        "bf16-pure": (torch.bfloat16, 2, 2),
+    }[precision]
 
 
 def _config(model: str | LlamaConfig, vocab_size: int | None) -> LlamaConfig:
@@ -131,9 +131,7 @@ def _checkpointing_mode(activation_checkpointing: bool | str) -> str:
         return "block"
     if activation_checkpointing is False or activation_checkpointing is None:
         return "none"
-    if activation_checkpointing not in CHECKPOINTING_MODES:
-        raise ConfigError(f"unknown activation checkpointing mode {activation_checkpointing!r}; choose one of: "
-                          f"{', '.join(CHECKPOINTING_MODES)}")
+    check_choice("activation checkpointing mode", activation_checkpointing, CHECKPOINTING_MODES, ConfigError)
     return activation_checkpointing
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 
 IGNORE_INDEX = -100  # the label of an unscored position (padding): PyTorch's cross-entropy default
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 32000 fp32 logits are 131 MB
@@ -45,8 +45,7 @@ def loss_chunk_for(mode: str, chunk: int, tokens: int, vocab_size: int) -> int:
 
     mode "on" always chunks, "off" never, "auto" when the fp32 logits would reach AUTO_THRESHOLD_BYTES.
     """
-    if mode not in CHUNKED_LOSS_MODES:
-        raise ConfigError(f"unknown chunked_loss mode {mode!r}; choose one of: {', '.join(CHUNKED_LOSS_MODES)}")
+    check_choice("chunked_loss mode", mode, CHUNKED_LOSS_MODES, ConfigError)
     if not isinstance(chunk, int) or chunk < 1:
         raise ConfigError(f"loss_chunk must be a positive number of tokens, got {chunk!r}; e.g. --loss-chunk 1024")
     if mode == "off" or (mode == "auto" and tokens * vocab_size * 4 < AUTO_THRESHOLD_BYTES):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
 from lowmem.models.chunked_loss import IGNORE_INDEX, chunked_head_loss_sum
 
 # What each block keeps for backward (Block.checkpointing; set with Llama.set_activation_checkpointing):
@@ -186,9 +186,7 @@ class Llama(nn.Module):
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """What each block keeps for backward: "none", "block" or "selective" (see CHECKPOINTING_MODES)."""
-        if mode not in CHECKPOINTING_MODES:
-            raise ConfigError(f"unknown activation checkpointing mode {mode!r}; choose one of: "
-                              f"{', '.join(CHECKPOINTING_MODES)}")
+        check_choice("activation checkpointing mode", mode, CHECKPOINTING_MODES, ConfigError)
         for block in self.layers:
             block.checkpointing = mode
 
@@ -253,7 +251,7 @@ def resolve_config(preset_or_config: str | LlamaConfig, vocab_size: int | None =
     elif preset_or_config in PRESETS:
         config = PRESETS[preset_or_config]
     else:
-        raise ConfigError(f"unknown model preset {preset_or_config!r}; choose one of: {', '.join(PRESETS)}")
+        check_choice("model preset", preset_or_config, PRESETS, ConfigError)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     return dataclasses.replace(config, **overrides) if overrides else config

@@ -26,7 +26,7 @@ from lowmem import data as lowmem_data
 from lowmem.assembly import autocast, build_model, configure_memory, model_vocab, weight_dtype
 from lowmem.config import RunConfig
 from lowmem.data.tokenizer import bpe_cache_path
-from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError
+from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError, check_choice
 from lowmem.structure import Structure, build_structure
 from lowmem.train import checkpoint
 from lowmem.train.evaluate import EvalTotals
@@ -133,8 +133,7 @@ def eval_source(spec: str, split: str = "auto", text_field: str = "text") -> low
     """The documents `lowmem eval` reads from `spec`: with `split` "validation" its validation split
     (files named validation/valid/val, else the held-out fraction); "all" every document; "auto" the
     validation files if the source has them, else every document (a .txt the run never saw)."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown --split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_choice("--split", split, SPLITS, ConfigError)
     validation = lowmem_data.open_source(spec, "validation", text_field, require_documents=False)
     held_out = any(shard.held_out is not None for shard in validation.shards)
     if split == "validation" or (split == "auto" and not held_out):
