@@ -173,7 +173,7 @@ def test_a_structured_checkpoint_evaluates_and_exports_merged(tiny_corpus, token
     run = tmp_path / "run"
     overrides = tiny_run_overrides(tiny_corpus, token_cache, run, **{"train.steps": 2, "model": "cpu-micro",
                                                                     "model.structure": {"name": "toy-scaled", "gain": 0.5}})
-    from lowmem.cli import load_plugins
+    from lowmem.registry import load_plugins
 
     load_plugins([str(toy)])
     summary = train(load_config(None, overrides))
