@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Generic, Iterable, Iterator, TypeVar
 
@@ -117,14 +118,32 @@ def load_plugins(plugins: Iterable[str | Path]) -> None:
             sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
-            except BaseException:
+            except BaseException as err:
                 del sys.modules[name]  # a failed plugin is not half-registered for the next try
-                raise
+                if not isinstance(err, Exception):
+                    raise
+                raise ConfigError(_plugin_failure(plugin, path, err)) from None
         else:
             try:
                 importlib.import_module(plugin)
             except ModuleNotFoundError as err:
                 raise ConfigError(f"--plugin {plugin}: {err}; pass a Python file or an importable module name") from None
+            except Exception as err:
+                raise ConfigError(_plugin_failure(plugin, None, err)) from None
+
+
+def _plugin_failure(plugin: str, path: Path | None, err: Exception) -> str:
+    """The plugin's own error, with the line of the plugin that raised it (its deepest frame in the
+    file), so a user fixes their file instead of reading lowmem's traceback."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if path is not None:
+        own = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
+        frames = own or frames
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else plugin
+    if isinstance(err, SyntaxError) and err.lineno:
+        where = f"{err.filename}, line {err.lineno}"
+    return (f"--plugin {plugin} failed while importing ({where}): {type(err).__name__}: {err}. "
+            "Fix the plugin file; nothing was trained")
 
 
 def resolve_target(target: str) -> Any:

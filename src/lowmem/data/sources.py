@@ -322,8 +322,11 @@ def _reader_for(file: str) -> Callable[[str, str], Iterator[str]]:
 def _read_json_lines(path: str, text_field: str) -> Iterator[str]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        # Bytes, decoded per line: a bad byte is then reported by the line a user can open, not by
+        # its offset in the decompressed stream.
+        with opener(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = _decoded_line(raw, path, line_number)
                 if line.isspace() or not line:
                     continue
                 try:
@@ -340,6 +343,23 @@ def _read_json_lines(path: str, text_field: str) -> Iterator[str]:
             f"{path}: cannot be read ({err}). The file may be truncated or not {_format_name(path)}; "
             "re-download or re-create it, or remove it from the corpus."
         ) from err
+
+
+def _decoded_line(raw: bytes, path: str, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, line_number, 0, raw, err) from None
+
+
+def _not_utf8(path: str, line_number: int, extra_lines: int, data: bytes, err: UnicodeDecodeError) -> DataError:
+    """The bad byte by line and column (1-based, in characters of that line)."""
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    column = len(data[line_start:err.start].decode("utf-8")) + 1
+    return DataError(
+        f"{path}, line {line_number + extra_lines}, column {column}: byte 0x{data[err.start]:02x} is not UTF-8 "
+        f"({err.reason}). Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix or delete that line."
+    )
 
 
 def _text_of(record: object, path: str, line_number: int, text_field: str) -> str:
@@ -370,12 +390,14 @@ def _format_name(path: str) -> str:
 def _read_paragraphs(path: str, text_field: str) -> Iterator[str]:
     del text_field  # plain text has no fields
     try:
-        with open(path, encoding="utf-8") as handle:
-            content = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(
-            f"{path}: cannot be read as UTF-8 text ({err}). Convert it to UTF-8 or remove it."
-        ) from err
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err}). Check the file, or remove it from the corpus.") from err
+    try:
+        content = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, 1, data[:err.start].count(b"\n"), data, err) from None
     for paragraph in re.split(r"\n[ \t\r\f\v]*\n", content):
         paragraph = paragraph.strip()
         if paragraph:
