@@ -149,6 +149,18 @@ def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=di
         torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))
 
 
+def _as_saved(loaded: Any, saved: Any) -> Any:
+    """`loaded` (torch's cast of the saved state `saved`) with every tensor whose dtype the cast changed
+    taken again from `saved`: its dtype and values, on the device torch chose (a copy, as the cast's is)."""
+    if isinstance(saved, torch.Tensor):
+        return loaded if loaded.dtype == saved.dtype else saved.to(device=loaded.device, copy=True)
+    if isinstance(saved, dict):
+        return {key: _as_saved(loaded[key], value) for key, value in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_as_saved(item, value) for item, value in zip(loaded, saved))
+    return loaded
+
+
 class LowmemOptimizer(torch.optim.Optimizer):
     """A torch Optimizer with lowmem's two seams for a method:
 
@@ -159,6 +171,9 @@ class LowmemOptimizer(torch.optim.Optimizer):
 
     `_step()` is the update: `step(closure)` evaluates the closure with grad enabled, then runs
     `_step()` under no_grad and returns the closure's loss (None without one).
+
+    And one rule for every method's state: `load_state_dict` gives back each state tensor with the
+    dtype (and values) it was saved with, where torch would cast it to its parameter's dtype.
     """
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -171,6 +186,20 @@ class LowmemOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Refuse a bad hyperparameter of `group` (ValueError naming it, its value and what is accepted)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after which every state tensor has the dtype it was saved with, and its values.
+
+        torch casts each state tensor but `step` to its parameter's dtype: beside bf16 weights a float32
+        counter would stop at 256 (256 + 1 rounds to 256) and int32 counts would round. The devices
+        stay torch's (the parameter's; `step` where it was), DTensors included; only the dtype is
+        taken back from `state_dict` (as given: a load pre-hook that rewrites it is not followed)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, param in zip(saved_ids, params):
+            if index in state_dict["state"] and param in self.state:
+                self.state[param] = _as_saved(self.state[param], state_dict["state"][index])
 
     @torch.no_grad()
     def step(self, closure=None):
