@@ -54,3 +54,84 @@ def test_a_non_utf8_byte_in_text_is_reported_by_line_and_column(tmp_path):
     path.write_bytes(b"first paragraph\n\nsecond\nthird \xff line\n")
     message = _first_document_error(path)
     assert "line 4, column 7" in message and "0xff" in message
+
+
+def test_bench_progress_in_a_log_file_is_plain_lines_not_carriage_return_frames(tiny_corpus, token_cache, tmp_path, capsys):
+    from test_bench import _grid
+
+    from lowmem.bench.run import load_grid, run_grid
+
+    grid = load_grid(_grid(tmp_path, tiny_corpus, token_cache, {"adamw": {"lr": [1.0e-3, 3.0e-3]}}), tmp_path / "out")
+    run_grid(grid, workers=1, progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("grid run")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"], captured.out
+
+
+def test_a_budget_nothing_fits_in_is_an_error_that_names_the_least_needed(capsys):
+    code = cli_main(["memory", "--model", "llama-60m", "--optimizer", "adamw", "--budget", "1KB"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "nothing fits in --budget 1KB" in captured.err and "GB at the least" in captured.err
+    assert "none fits" in captured.out  # the table still shows what each setting would need
+    assert cli_main(["memory", "--model", "llama-60m", "--optimizer", "adamw", "--budget", "24GB"]) == 0
+
+
+def _one_line_corpus(path, characters: int, seed: int = 0):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "review", "great", "product", "service", "price", "the", "and"]
+    text = " ".join(rng.choice(words) + str(rng.randint(0, 999)) for _ in range(characters // 7))[:characters]
+    path.write_text(json.dumps({"text": text}) + "\n")
+    return text
+
+
+def test_bpe_training_on_one_huge_line_stays_within_a_memory_bound(tmp_path):
+    import subprocess
+    import sys
+
+    _one_line_corpus(tmp_path / "huge.jsonl", 8_000_000)
+    script = (
+        "import resource, sys\n"
+        "from lowmem.data import open_source, train_bpe\n"
+        "train_bpe(open_source(sys.argv[1], 'train', require_documents=False), 512, sys.argv[2])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "huge.jsonl"), str(tmp_path / "bpe.json")],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Measured: 964 MiB when the 8 MB line went to the trainer whole, 313 MiB in pieces.
+    assert int(proc.stdout.split()[-1]) < 600
+
+
+def test_bpe_pieces_learn_the_vocabulary_of_the_whole_text(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from lowmem.data import open_source, train_bpe
+    from lowmem.data.loader import PIECE_CHARS
+
+    text = _one_line_corpus(tmp_path / "long.jsonl", 5 * PIECE_CHARS)
+    ours = train_bpe(open_source(str(tmp_path / "long.jsonl"), "train", require_documents=False), 400, tmp_path / "b.json")
+    whole = Backend(models.BPE())
+    whole.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    whole.train_from_iterator([text], trainer=trainers.BpeTrainer(
+        vocab_size=400, min_frequency=2, special_tokens=["<pad>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert ours._backend.get_vocab() == whole.get_vocab()
+
+
+def test_a_bpe_smaller_than_asked_says_so(tmp_path, caplog):
+    import logging
+
+    from lowmem.data import load_tokenizer, open_source
+
+    (tmp_path / "tiny.txt").write_text("a few words only\n\nand a few more words\n")
+    caplog.set_level(logging.WARNING, logger="lowmem.data.tokenizer")
+    tokenizer = load_tokenizer("bpe", open_source(str(tmp_path / "tiny.txt"), "train", require_documents=False),
+                               vocab_size=512, cache_dir=tmp_path / "cache")
+    assert tokenizer.vocab_size < 512
+    assert f"The BPE has {tokenizer.vocab_size} tokens, not the 512 asked" in caplog.text

@@ -40,6 +40,7 @@ from lowmem.bench.report import run_dirs
 from lowmem.config import RunConfig, load_yaml
 from lowmem.errors import ConfigError, LowmemError
 from lowmem.train.checkpoint import list_checkpoints
+from lowmem.train.log import progress_bar
 
 MAX_EXTEND = 3  # bracketing points added per side before a sweep is reported as unbracketed
 
@@ -241,11 +242,9 @@ def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: b
     bracketing points and seeds), until none is left; return the run directories of the whole grid.
     Each run's process imports `plugins` (files or modules registering the grid's own entries)."""
     failures: dict[str, str] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(grid), desc="grid", unit="run")
+    # A bar redrawn in place on a terminal; in a log file one plain line per finished run, not
+    # tqdm's carriage-return frames.
+    bar = progress_bar(total=len(grid), desc="grid", unit="run", enabled=progress)
 
     def results() -> dict[str, float]:
         return {**finished_results(grid.output), **{name: float("nan") for name in failures}}
@@ -276,7 +275,7 @@ def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: b
         elif not (out / "summary.json").exists():  # never planned again: it would loop
             failures[run.name] = f"exit 0 without a summary.json (see {out / 'train.log'})"
         if bar:
-            bar.set_postfix_str(f"{run.name} {time.perf_counter() - start:.0f}s")
+            bar.set_postfix(last=f"{run.name} {time.perf_counter() - start:.0f}s")
 
     # Re-planned whenever a run ends, so a follow-up (a bracketing point, a seed) starts as soon as its
     # method's sweep allows, ahead of the runs of methods listed after it in the grid file.
@@ -289,8 +288,7 @@ def run_grid(grid: Grid, workers: int = 2, threads_per_run: int = 1, progress: b
             todo = [run for run in todo if run.name not in failures and run.name not in running.values()]
             if bar:
                 bar.total = len(done) + len(running) + len(todo)
-                bar.n = len(done)
-                bar.refresh()
+                bar.update(len(done) - bar.n)
             for run in todo[:workers - len(running)]:
                 running[pool.submit(launch, run)] = run.name
                 launched.append(run)

@@ -124,6 +124,7 @@ def load_tokenizer(
                 logger.warning("Cached tokenizer %s is unreadable (%s); training it again.", path, err)
             else:
                 logger.info("Reusing the cached BPE tokenizer %s", path)
+                _warn_if_smaller(tokenizer, vocab_size, source)
         tokenizer = tokenizer or train_bpe(source, vocab_size, path)
         tokenizer.aliases = (_bpe_name(source, vocab_size, tokenizers.__version__),)
         return tokenizer
@@ -188,7 +189,21 @@ def train_bpe(
         seconds,
         path,
     )
-    return Tokenizer(backend, name=path.stem, pad_id=0, eos_id=1, path=path)
+    tokenizer = Tokenizer(backend, name=path.stem, pad_id=0, eos_id=1, path=path)
+    _warn_if_smaller(tokenizer, vocab_size, source)
+    return tokenizer
+
+
+def _warn_if_smaller(tokenizer: Tokenizer, asked: int, source: TextSource) -> None:
+    """Say so when the text had too few repeated pairs for the vocabulary asked: the file is still
+    named for the asked size (it is what the cache is keyed by), the model gets the smaller one."""
+    if tokenizer.vocab_size < asked:
+        logger.warning(
+            "The BPE has %d tokens, not the %d asked: %s has too few pairs seen at least %d times to merge "
+            "more. The model's vocabulary is %d; train on more text, or ask for --vocab-size %d to say so.",
+            tokenizer.vocab_size, asked, source.spec, _BPE_MIN_FREQUENCY, tokenizer.vocab_size,
+            tokenizer.vocab_size,
+        )
 
 
 def _bpe_recipe(max_chars: int) -> dict:
@@ -210,15 +225,21 @@ def _check_vocab_size(vocab_size: int) -> None:
 
 
 def _training_texts(source: TextSource, max_chars: int) -> Iterator[list[str]]:
+    """The first `max_chars` characters of `source`, in batches for the trainer. A long document goes
+    in as the loader's pieces (cut at whitespace, where the pre-tokenizer splits anyway, so the counts
+    and the vocabulary are the same): the trainer pre-tokenizes each string whole, and one 50 MB line
+    took 1.9 GiB that way."""
+    from lowmem.data.loader import _pieces  # the loader imports this module; one cutting rule for both
+
     batch: list[str] = []
     remaining = max_chars
     for text in source.iter_documents():
         text = text[:remaining]
-        batch.append(text)
+        batch.extend(piece for piece, _ in _pieces(text))
         remaining -= len(text)
         if remaining <= 0:
             break
-        if len(batch) == 1000:
+        if len(batch) >= 1000:
             yield batch
             batch = []
     if batch:

@@ -182,6 +182,13 @@ def run_memory(args: argparse.Namespace) -> int:
                     processes=args.processes)
         print(format_plan(rows, model=args.model, optimizer=args.optimizer, budget=budget, seq_len=args.seq_len,
                           precision=args.precision, global_batch=args.global_batch, processes=args.processes))
+        if not any(row.micro_batch for row in rows):
+            least = min(rows, key=lambda row: row.peak)
+            raise ConfigError(
+                f"nothing fits in --budget {args.budget} ({budget / 1e9:.3g} GB): one sequence of {args.seq_len} "
+                f"tokens needs {least.peak / 1e9:.3g} GB at the least ({least.setting}). Raise --budget, shorten "
+                "--seq-len, or compare lighter optimizers with --compare adamw,scale,galore"
+            )
         return 0
     options = dict(vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
                    precision=args.precision, activation_checkpointing=args.activation_checkpointing,
