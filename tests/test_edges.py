@@ -135,3 +135,13 @@ def test_a_bpe_smaller_than_asked_says_so(tmp_path, caplog):
                                vocab_size=512, cache_dir=tmp_path / "cache")
     assert tokenizer.vocab_size < 512
     assert f"The BPE has {tokenizer.vocab_size} tokens, not the 512 asked" in caplog.text
+
+
+def test_memory_takes_opt_like_train_not_as_an_abbreviation_of_optimizer(capsys):
+    # `--opt` once parsed as argparse's abbreviation of --optimizer: "unknown optimizer 'rank=64'".
+    assert cli_main(["memory", "--model", "llama-60m", "--optimizer", "galore", "--opt", "rank=64"]) == 0
+    with_opt = capsys.readouterr().out
+    assert cli_main(["memory", "--model", "llama-60m", "--optimizer", "galore", "--hparam", "rank=64"]) == 0
+    assert capsys.readouterr().out == with_opt
+    assert cli_main(["memory", "--model", "llama-60m", "--optimizer", "galore", "--opt", "rank"]) == 2
+    assert "--opt 'rank' is not KEY=VALUE" in capsys.readouterr().err

@@ -40,12 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--optimizer", help="optimizer name (see --compare for several)")
     parser.add_argument("--compare", metavar="A,B,C",
                         help=f"comma-separated optimizers printed side by side with the ratio to {BASELINE}")
-    parser.add_argument("--rank", type=int, help="projection rank (shorthand for --hparam rank=R; "
+    parser.add_argument("--rank", type=int, help="projection rank (shorthand for --opt rank=R; "
                         "default: the method's published rank for the preset)")
     parser.add_argument("--lr", type=float,
                         help="learning rate (no effect on memory; accepted for symmetry with train)")
-    parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="optimizer hyperparameter override, repeatable; VALUE is read as by --opt "
+    # --opt as in `lowmem train` (argparse would otherwise read it as an abbreviation of --optimizer);
+    # --hparam is its older name.
+    parser.add_argument("--opt", "--hparam", dest="hparam", action="append", default=[], metavar="KEY=VALUE",
+                        help="optimizer hyperparameter override, repeatable; VALUE is read as by train's --opt "
                              "(a number such as 1e-8, true/false, a list [0.9, 0.95], else a word). "
                              "OPTIMIZER.KEY=VALUE applies to that optimizer only; with --compare an "
                              "unscoped KEY goes to the optimizers that accept it, except where a registered "
@@ -84,7 +86,7 @@ def parse_hparams(args: argparse.Namespace) -> dict[str, Any]:
     for item in args.hparam:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--hparam {item!r} is not KEY=VALUE; write e.g. --hparam rank=128")
+            raise ConfigError(f"--opt {item!r} is not KEY=VALUE; write e.g. --opt rank=128")
         hparams[key.strip()] = parse_value(text)  # the parser of --opt and config values
     if args.rank is not None:
         hparams["rank"] = args.rank
