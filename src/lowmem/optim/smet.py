@@ -1,22 +1,34 @@
 """SMET, "Sparse Memory-Efficient Training" (arXiv 2606.00888, ICML 2026): Adam for dynamic sparse
-training, with state only for the active weights and no cold start for regrown ones.
+training, with state only for the active weights and no cold start for regrown ones. The defaults are
+what the released code computes (QiaoXiao7282/SMET, sparselearning/optimizer_dst.py, Adam_block),
+which produced the published numbers; methods.md section 9.
 
 For each sparse layer (kinds `sparse-values` and `masked`, made by lowmem.structure.sparse), with k
-active blocks of B entries, g the gradient of the active entries (compact, k*B), t the tensor's step
-and s_b the local step of block b:
-  s_b += 1; m = beta1 m + (1-beta1) g; v = beta2 v + (1-beta2) g^2      (m, v: k*B; s: k int32)
-  w_b = min(1, s_b / W) if the block was regrown (s_b < t) else 1        (linear warm-up over W steps)
-  lr_l = lr / d_l (density_lr=inverse), lr / sqrt(d_l) (inverse_sqrt, the default: it beat inverse at
-         d = 0.5 and 0.25 on the CPU protocol, docs/results.md) or lr (none); d_l = k B / (in out)
-  W_active -= lr_l w_b (m / (1 - beta1^s_b)) / (sqrt(v / (1 - beta2^s_b)) + eps)   (decay: W *= 1 - lr_l wd)
+active blocks of B entries, g the gradient of the active entries (compact, k*B) and s_b the local
+step of block b (int32, one per block); for every other parameter (embedding, head, norm gains; kind
+dense) the same with one step per tensor:
+  s_b += 1; m = beta1 m + (1-beta1) g; v = beta2 v + (1-beta2) g^2      (m, v: k*B)
+  warmup_form="moment_decay" (default, the release's): m_b *= min(1, s_b / W), in place, so it
+         compounds, for every block and tensor while s_b < W: all of them during training's first W
+         steps, regrown blocks after each topology update (W = `warmup`, the release's op_decay_steps,
+         100; 0 or 1: none)
+  warmup_form="step_ramp" (the paper's text, lowmem's earlier form): the step of a regrown block
+         (s_b < the tensor's step t) is scaled by min(1, s_b / W); m is not changed; dense tensors
+         get plain AdamW
+  lr_l = lr (density_lr="none", the default: the release never scales its lr by density; its scripts
+         set the run's lr per density), lr / d_l (inverse) or lr / sqrt(d_l) (inverse_sqrt);
+         d_l = k B / (in out)
+  W_active -= lr_l (m / (1 - beta1^s_b)) / (sqrt(v / (1 - beta2^s_b)) + eps)   (decay: W *= 1 - lr_l wd)
 A topology update (lowmem.structure.sparse's `topology`) calls `reset_param_state(param, mask)` for
-the regrown blocks: their moments become 0 and s_b = 0, so their first update is lr_l g / |g| / W
-(at most lr_l / W) instead of plain Adam's (1-beta1)/sqrt(1-beta2) ~ 3.16 lr. Block slots keep
-their place in the layer's index across an update, so the compact state is never permuted.
-Every other parameter (embedding, head, norm gains; kind dense) gets plain AdamW
-(lowmem.optim.adamw's core). With compact storage the parameter itself is compact, so its gradient
-is; with dense (masked) storage the gradient autograd gives is dense and SMET reads its active
-entries.
+the regrown blocks: their moments become 0 and s_b = 1 under moment_decay (the release's: their first
+update uses s = 2, bias corrections 0.19 and 0.002, decay 2/W) or 0 under step_ramp. Block slots keep
+their place in the layer's index across an update, so the compact state is never permuted. Weight
+decay is decoupled here; the release adds wd * w to the gradient (its scripts use wd = 0). Its int16
+step counter saturates at 32765, lowmem's int32 one does not (the same values below that).
+With compact storage the parameter itself is compact, so its gradient is; with dense (masked) storage
+the gradient autograd gives is dense and SMET reads its active entries. A checkpoint written before
+`warmup_form` existed resumes with the step ramp it ran with (the group settings, density_lr
+included, come back from the checkpoint).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, register
-from lowmem.optim.adamw import AdamBatch
+from lowmem.optim.adamw import AdamBatch, init_adam_state
 from lowmem.optim.base import (
     LowmemOptimizer,
     check_betas,
@@ -42,6 +54,7 @@ from lowmem.optim.state import reset_entries, reset_whole
 
 SPARSE_KINDS = ("masked", "sparse-values")
 DENSITY_LR = ("inverse", "inverse_sqrt", "none")
+WARMUP_FORMS = ("moment_decay", "step_ramp")
 
 
 def sparse_layout(param: torch.Tensor) -> Any:
@@ -62,14 +75,20 @@ def density_factor(rule: str, density: float) -> float:
 
 
 class SMET(LowmemOptimizer):
-    """SMET over role/kind groups (see the module docstring); `warmup` is W, `density_lr` the rule."""
+    """SMET over role/kind groups (see the module docstring); `warmup` is W, `warmup_form` how it acts,
+    `density_lr` the lr rule of the sparse layers."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, warmup: int = 100, density_lr: str = "inverse_sqrt",
-                 foreach: bool = True) -> None:
+                 weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
+                 density_lr: str = "none", foreach: bool = True) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup,
-                        density_lr=density_lr, foreach=foreach)
+                        warmup_form=warmup_form, density_lr=density_lr, foreach=foreach)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("warmup_form", "step_ramp")  # a checkpoint from before the key ran the ramp
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -79,6 +98,7 @@ class SMET(LowmemOptimizer):
         check_nonneg("weight_decay", group["weight_decay"])
         check_nonneg_int("warmup", group["warmup"], zero_means="no warm-up")
         check_choice("density_lr", group["density_lr"], DENSITY_LR)
+        check_choice("warmup_form", group["warmup_form"], WARMUP_FORMS)
 
     def _step(self) -> None:
         for group in self.param_groups:
@@ -89,13 +109,37 @@ class SMET(LowmemOptimizer):
                         check_grad(p)
                         self._sparse_step(p, group, beta1, beta2)
                 continue
+            decay = group["warmup"] if group["warmup_form"] == "moment_decay" else 0
             batch = AdamBatch()
             for p in group["params"]:
-                if p.grad is not None:
-                    check_grad(p)
-                    batch.add(p, self.state[p])
+                if p.grad is None:
+                    continue
+                check_grad(p)
+                state = self.state[p]
+                if decay > 1 and (float(state["step"]) if state else 0.0) + 1 < decay:
+                    self._decayed_dense_step(p, state, group, beta1, beta2)
+                else:
+                    batch.add(p, state)
             batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], foreach=group["foreach"])
+
+    def _decayed_dense_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float,
+                            beta2: float) -> None:
+        """AdamW (lowmem.optim.adamw's corrected form) with the stored first moment decayed by t / W after
+        its update: a dense tensor's first W - 1 steps under moment_decay (from step W on the factor is 1,
+        and the tensor goes through the AdamW batch)."""
+        if not state:
+            init_adam_state(state, p)
+        m, v, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
+        state["step"] += 1
+        t = state["step"].item()
+        lr = group["lr"]
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m.mul_(t / group["warmup"])
+        p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"]), value=-lr / (1 - beta1**t))
 
     def _sparse_step(self, p: torch.Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
         if is_dtensor(p):
@@ -122,8 +166,11 @@ class SMET(LowmemOptimizer):
         s = local.to(compute)
         lr = group["lr"] * density_factor(group["density_lr"], layout.density)
         scale = lr / (1 - torch.pow(beta1, s))
-        if group["warmup"]:
-            scale = scale * torch.where(s < t, (s / group["warmup"]).clamp(max=1.0), torch.ones_like(s))
+        warmup = group["warmup"]
+        if group["warmup_form"] == "moment_decay" and warmup > 1:
+            m.view(k, block).mul_((s / warmup).clamp(max=1.0).unsqueeze(1).to(m.dtype))
+        elif group["warmup_form"] == "step_ramp" and warmup:
+            scale = scale * torch.where(s < t, (s / warmup).clamp(max=1.0), torch.ones_like(s))
         bias2_sqrt = (1 - torch.pow(beta2, s)).sqrt()
         denom = (v.view(k, block).sqrt() / bias2_sqrt.unsqueeze(1).to(v.dtype)).add_(group["eps"])
         update = (m.view(k, block) / denom).mul_(scale.unsqueeze(1).to(v.dtype))
@@ -135,8 +182,9 @@ class SMET(LowmemOptimizer):
             p.view(-1, block).index_add_(0, index, update, alpha=-1)
 
     def reset_param_state(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """lowmem.optim.state's contract: zero the moments and local steps of the blocks `mask` touches
-        (shaped like the parameter; None: everything, tensor step included)."""
+        """lowmem.optim.state's contract: zero the moments of the blocks `mask` touches (shaped like the
+        parameter) and restart their local steps (at 1 under moment_decay, the release's, else 0);
+        mask None: everything, every step to 0."""
         state = self.state.get(param)
         if not state:
             return
@@ -155,13 +203,18 @@ class SMET(LowmemOptimizer):
         blocks = mask.any(1)
         for key in ("exp_avg", "exp_avg_sq"):
             state[key].view(-1, block).masked_fill_(blocks.unsqueeze(1), 0)
-        state["block_step"].masked_fill_(blocks, 0)
+        restart = 1 if self._group_of(param)["warmup_form"] == "moment_decay" else 0
+        state["block_step"].masked_fill_(blocks, restart)
+
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        return next(group for group in self.param_groups if any(p is param for p in group["params"]))
 
 
-# The paper's runs at d = 0.5 (LLaMA 130M / 350M / 1B on C4, the GaLore recipe).
+# The released scripts at d = 0.5 (LLaMA 130M / 350M / 1B on C4): one lr for every parameter. Their 1B
+# density sweep (1e-3 / 2e-3 / 5e-3 at d = 0.5 / 0.3 / 0.1) and 5% warmup: configs/smet-paper-1b.yaml.
 register("smet", Method(
     "lowmem.optim.smet:SMET",
-    "SMET: Adam over the active weights of a sparse model, per-block local steps, warm-up of regrown blocks",
+    "SMET: Adam over the active weights of a sparse model, per-block local steps, decayed first moment of new blocks",
     presets={"llama-130m": {"lr": 2e-3}, "llama-350m": {"lr": 2e-3}, "llama-1b": {"lr": 1e-3}},
     kinds=("dense",) + SPARSE_KINDS,
 ))

@@ -10,18 +10,29 @@ Structure `sparse` (density d, block B, storage, distribution):
   round(d_l n) of them are active, drawn uniformly at random (seeded), keeping the dense init's
   values; the rest are 0. d_l = d in every layer, or ERK (d_l proportional to (in+out)/(in*out),
   scaled so the hidden matrices hold d of their weights, capped at 1).
-  storage `dense` (the released code's layout): W is a dense Parameter holding zeros (kind
-  `masked`); backward masks its gradient to the active blocks.
+  storage `dense`: W is a dense Parameter holding zeros outside the active blocks (kind `masked`)
+  with a dense gradient that backward masks to them: 16 B per dense element at d = 0.5, B = 1, fp32
+  with SMET (weight, gradient, compact m and v, int32 block index and step). Not the released
+  code's layout, which keeps a dense weight without a gradient (requires_grad=False) and gathers the
+  active entries' gradient into a compact vector in a hook: ~13 B per element there (15 counting the
+  hook's own int32 element index, rebuilt at each topology update).
   storage `compact`: only the k*B active values are a Parameter (kind `sparse-values`) beside the
   int32 block index; the dense W of a layer is built while that layer computes (forward, and again
   in backward) and freed after, so its gradient is compact too (accumulated over micro-batches).
-Intervention `topology` (every ΔT, drop p0 -> p_end, grow random | gradient):
+  Under bf16 autocast both compute the layer's matmuls in bf16 (as an nn.Linear would) and return
+  gradients in the parameter's dtype.
+  From trained dense weights (`apply(model, pretrained=True)`, --init-from): the k_l blocks of largest
+  L1 norm (the pruning score) are the active ones, keeping their values.
+Intervention `topology` (every ΔT, drop p0 -> p_end, grow random | gradient), as SMET's released code
+(QiaoXiao7282/SMET, sparselearning/core_dst.py) prunes and grows:
   at steps t = ΔT, 2ΔT, ... < T (SET: right after update t, so a grown block's first step has a
   gradient; RigL: before update t, with that step's gradient, which the grown blocks then use): p(t) = p_end + (p0 - p_end)(1 + cos(pi t/T))/2;
-  per layer drop round(p k) active blocks of smallest L2 norm and grow as many inactive ones (never
-  the ones just dropped: they were active), uniformly at random (SET) or by the largest L2 norm of
-  the dense gradient (RigL; that gradient is kept, summed over micro-batches and ranks, only in the
-  backward of that one step); grown weights start at 0. A grown block takes a dropped block's slot
+  per layer of n active blocks keep the max(1, floor(n (1 - p))) of largest L1 norm (sum of |w| over
+  the block), drop the rest, and grow as many inactive ones (never the ones just dropped: they were
+  active), uniformly at random (SET; the release's only growth) or by the largest L2 norm of the dense
+  gradient (RigL, a lowmem option; that gradient is kept, summed over micro-batches and ranks, only in
+  the backward of that one step); grown weights start at 0. A checkpoint written before this form
+  (squared-L2 scores, round(p n) dropped) resumes with it. A grown block takes a dropped block's slot
   in the index, so compact tensors keep their length (and the optimizer its parameters). Rank 0
   decides; the decision is broadcast; then the optimizer is told with
   `lowmem.optim.state.reset_state(masks=...)` (AdamW zeroes those moments and keeps its tensor step:
@@ -47,26 +58,41 @@ from lowmem.structure import Structure, hidden_linears
 STORAGES = ("dense", "compact")
 DISTRIBUTIONS = ("uniform", "erk")
 GROWTH = ("random", "gradient")
+# How an update picks the blocks to drop: as SMET's release does (L1 scores, n - max(1, floor(n (1 - p)))
+# dropped), or as lowmem did before (squared L2, round(p n)), which only a checkpoint written then selects.
+SELECTIONS = ("released", "lowmem-v1")
 INDEX_DTYPE = torch.int32
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """y = x W^T for a sparse layer; the gradient of its parameter is masked (dense) or compact."""
+    """y = x W^T for a sparse layer; the gradient of its parameter is masked (dense) or compact.
+
+    Under autocast the forward's matmul runs in the autocast dtype; backward runs outside autocast, so
+    it casts to that dtype itself (an nn.Linear's backward computes in it too) and returns each
+    gradient in its input's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, param: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
-        ctx.layer = layer
-        ctx.save_for_backward(x, param)
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.layer, ctx.compute, ctx.x_dtype = layer, compute, x.dtype
+        # Saved in the dtype backward computes in (what autocast saves for an nn.Linear).
+        ctx.save_for_backward(x.to(compute) if compute is not None else x, param)
         return nn.functional.linear(x, layer.dense_from(param))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, param = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
-        weight = layer.dense_from(param)
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        del weight
-        grad_w = grad_out.reshape(-1, layer.out_features).t() @ x.reshape(-1, layer.in_features)
+        compute = ctx.compute if ctx.compute is not None else param.dtype
+        grad_out = grad_out.to(compute)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = layer.dense_from(param).to(compute)
+            grad_x = (grad_out @ weight).to(ctx.x_dtype)
+            del weight
+        grad_w = grad_out.reshape(-1, layer.out_features).t() @ x.to(compute).reshape(-1, layer.in_features)
+        grad_w = grad_w.to(param.dtype)
         if layer.capture:
             layer.dense_grad = grad_w.clone() if layer.dense_grad is None else layer.dense_grad.add_(grad_w)
         index = layer.block_index.long()
@@ -88,7 +114,7 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, density: float, block_size: int, storage: str,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, from_dense: bool = False) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ConfigError("structure 'sparse' converts bias-free Linear layers only (lowmem's LLaMA has none)")
@@ -102,12 +128,15 @@ class SparseLinear(nn.Module):
         self.block_size, self.storage = block_size, storage
         self.n_blocks = numel // block_size
         n_active = min(self.n_blocks, max(1, round(density * self.n_blocks)))
-        chosen = torch.randperm(self.n_blocks, generator=generator)[:n_active].sort().values
+        source = linear.weight.detach()
+        if from_dense:  # the trained weight's largest blocks (L1, the pruning score)
+            chosen = source.reshape(self.n_blocks, block_size).abs().sum(1).topk(n_active).indices.sort().values.cpu()
+        else:
+            chosen = torch.randperm(self.n_blocks, generator=generator)[:n_active].sort().values
         device = linear.weight.device
         self.register_buffer("block_index", chosen.to(INDEX_DTYPE).to(device))
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
-        source = linear.weight.detach()
         if storage == "dense":
             weight = source.clone().view(self.n_blocks, block_size).mul_(self.block_mask().unsqueeze(1).to(source.dtype))
             self.weight = nn.Parameter(weight.view(self.out_features, self.in_features))
@@ -216,6 +245,7 @@ class SparseStructure(Structure):
     """`sparse`: density, block, storage (dense | compact), distribution (uniform | erk), seed."""
 
     name = "sparse"
+    starts_from_dense = True
 
     def __init__(self, density: float = 0.5, block: int = 1, storage: str = "dense", distribution: str = "uniform",
                  seed: int = 0) -> None:
@@ -228,25 +258,38 @@ class SparseStructure(Structure):
         self.density, self.block, self.storage = float(density), block, storage
         self.distribution, self.seed = distribution, int(seed)
         self.layers: list[SparseLinear] = []
+        self.kept: list[float] = []  # the share of each matrix's L1 mass a start from dense weights kept
 
     def _layer(self, linear: nn.Linear, density: float) -> SparseLinear:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + len(self.layers))
-        layer = SparseLinear(linear, density, self.block, self.storage, generator)
+        layer = SparseLinear(linear, density, self.block, self.storage, generator, from_dense=self.from_dense)
         self.layers.append(layer)
         return layer
 
     def convert(self, linear: nn.Linear, path: str) -> nn.Module:
         return self._layer(linear, self.density)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, pretrained: bool = False) -> nn.Module:
         targets = list(hidden_linears(model))
         if not targets:
             raise ConfigError(f"structure 'sparse' found no hidden nn.Linear in {type(model).__name__} to replace")
+        self.begin(model, pretrained)
+        self.kept = []
         shapes = [(lin.out_features, lin.in_features) for *_, lin in targets]
         densities = erk_densities(shapes, self.density) if self.distribution == "erk" else [self.density] * len(shapes)
         for (parent, attribute, _, linear), density in zip(targets, densities):
-            setattr(parent, attribute, self._layer(linear, density))
+            layer = self._layer(linear, density)
+            if self.from_dense:
+                total = linear.weight.detach().float().abs().sum().item()
+                self.kept.append(layer.dense_weight().float().abs().sum().item() / total if total else 1.0)
+            setattr(parent, attribute, layer)
+        self.end()
         return model
+
+    def dense_start(self) -> str:
+        mean = sum(self.kept) / max(1, len(self.kept))
+        return (f"each hidden matrix keeps its largest blocks by L1 norm at the structure's density; they hold "
+                f"{mean:.1%} of its L1 mass on average over {len(self.kept)} matrices")
 
     def state_dict(self) -> dict[str, Any]:
         # Masks and indices are buffers (in the model's state dict); what else a resume needs is
@@ -293,6 +336,7 @@ class TopologyUpdate(BaseIntervention):
             raise ConfigError("intervention 'topology': grow=gradient needs every >= 2 (the dense gradient is "
                               "kept from the step before an update on); use every=2 or more")
         self.every, self.drop, self.drop_end, self.grow, self.seed = every, float(drop), float(drop_end), grow, int(seed)
+        self.selection = "released"
         self.total_steps = 0
         self.rank, self.world_size = 0, 1
         self.updates = 0
@@ -319,7 +363,11 @@ class TopologyUpdate(BaseIntervention):
     @torch.no_grad()
     def decide(self, step: int, index: int, layer: SparseLinear, n_move: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots to drop, blocks to grow) for one layer: computed here, by rank 0."""
-        scores = layer.active_blocks().float().pow(2).sum(1)
+        values = layer.active_blocks()
+        if self.selection == "released":
+            scores = (values if values.dtype == torch.float64 else values.float()).abs().sum(1)
+        else:
+            scores = values.float().pow(2).sum(1)
         slots = torch.topk(scores, n_move, largest=False, sorted=True).indices
         active = layer.block_mask()
         if self.grow == "random":
@@ -336,6 +384,12 @@ class TopologyUpdate(BaseIntervention):
             blocks = torch.topk(gscores, n_move, largest=True, sorted=True).indices
         return slots.to(layer.block_index.device), blocks.to(layer.block_index.device)
 
+    def n_dropped(self, n_active: int, p: float) -> int:
+        """How many of a layer's `n_active` blocks an update at drop fraction `p` replaces."""
+        if self.selection == "released":
+            return n_active - max(1, math.floor(n_active * (1 - p)))
+        return round(p * n_active)
+
     @torch.no_grad()
     def update(self, step: int, model: nn.Module, optimizer: Optimizer) -> int:
         """One topology update of every sparse layer; returns the number of blocks moved."""
@@ -347,7 +401,7 @@ class TopologyUpdate(BaseIntervention):
         masks: dict[torch.Tensor, torch.Tensor] = {}
         moved = 0
         for index, layer in enumerate(layers):
-            n_move = min(round(p * layer.n_active), layer.n_blocks - layer.n_active)
+            n_move = min(self.n_dropped(layer.n_active, p), layer.n_blocks - layer.n_active)
             if self.grow == "gradient" and distributed and layer.dense_grad is not None:
                 # Each rank kept its own part; the gradient the update ranks by is their mean (as DDP's).
                 dist.all_reduce(layer.dense_grad)
@@ -374,11 +428,14 @@ class TopologyUpdate(BaseIntervention):
 
     def state_dict(self) -> dict[str, Any]:
         return {"every": self.every, "drop": self.drop, "drop_end": self.drop_end, "grow": self.grow,
-                "seed": self.seed, "total_steps": self.total_steps, "updates": self.updates,
+                "seed": self.seed, "selection": self.selection, "total_steps": self.total_steps, "updates": self.updates,
                 "last_update": self.last_update,
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 3)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A run goes on selecting blocks as it started (a checkpoint without the key predates the release's form).
+        self.selection = state.get("selection", "lowmem-v1")
+        check_choice("the checkpoint's topology selection", self.selection, SELECTIONS, ConfigError)
         self.updates, self.last_update = int(state["updates"]), int(state["last_update"])
         self.history = [(int(s), float(p), int(n)) for s, p, n in state["history"].tolist()]
 
