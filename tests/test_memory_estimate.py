@@ -17,6 +17,7 @@ import lowmem.registry
 from lowmem.errors import ConfigError
 from lowmem.memory.cli import add_parser
 from lowmem.memory.estimate import activation_bytes, compare, estimate_memory, hparams_for
+from lowmem.memory.plan import plan
 from lowmem.models.llama import build_model, resolve_config
 
 SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
@@ -324,3 +325,21 @@ def test_a_method_that_cannot_step_on_meta_uses_its_declared_formula_and_says_so
     assert est.optimizer_state_elements == est.weight_elements
     assert est.optimizer_states == 2 * est.weight_elements
     assert est.notes
+
+
+def test_gradient_release_counts_the_largest_gradient_and_7b_scale_fits_16_gb():
+    common = dict(batch_size=1, seq_len=256, activation_checkpointing="block", chunked_loss="on")
+    held = estimate_memory("llama-7b", "scale", **common)
+    released = estimate_memory("llama-7b", "scale", gradient_release=True, **common)
+    config = resolve_config("llama-7b")
+    head = config.vocab_size * config.hidden_size * 2  # the largest matrix, in bf16
+    assert released.gradients == head and held.gradients == held.weights
+    assert released.peak == held.peak - held.gradients + head
+    assert released.peak <= 16e9 < 27e9 < held.peak
+
+
+def test_the_planner_with_gradient_release_never_accumulates():
+    rows = plan("llama-60m", "scale", budget="80GB", seq_len=256, global_batch=512, gradient_release=True)
+    assert all(row.global_micro_batch in (None, 512) and row.accumulation in (None, 1) for row in rows)
+    held = plan("llama-60m", "scale", budget="2GB", seq_len=256, global_batch=512)
+    assert any(row.accumulation and row.accumulation > 1 for row in held)

@@ -72,6 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="with --budget: the micro-batch dividing N and the gradient accumulation reaching it")
     parser.add_argument("--processes", type=int, default=1,
                         help="with --global-batch: data-parallel processes sharing it (default 1)")
+    parser.add_argument("--gradient-release", action="store_true",
+                        help="count the gradients as lowmem train --gradient-release holds them: each is freed by "
+                             "its own update in backward, so at most the largest one is alive")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size (required for the cpu-* presets)")
     parser.add_argument("--structure", metavar="NAME:KEY=VALUE,...",
                         help="weight structure of the hidden matrices, as in train, e.g. lowrank:rank=128,alpha=32, "
@@ -125,7 +128,8 @@ def format_breakdown(est: MemoryEstimate) -> str:
         "",
         f"{'':<22}{'elements':>16}{'bytes':>14}",
         f"{'weights':<22}{est.weight_elements:>16,}{_gb(est.weights):>14}",
-        f"{'gradients':<22}{est.trainable_elements:>16,}{_gb(est.gradients):>14}",
+        f"{'gradients':<22}{est.trainable_elements:>16,}{_gb(est.gradients):>14}"
+        + ("  (released in backward: the largest one)" if est.gradient_release else ""),
         f"{'optimizer states':<22}{est.optimizer_state_elements:>16,}{_gb(est.optimizer_states):>14}",
         f"{'activations':<22}{'':>16}{_gb(est.activations):>14}",
         *([f"{'structure indices':<22}{'':>16}{_gb(est.index_bytes):>14}"] if est.index_bytes else []),
@@ -181,7 +185,7 @@ def run_memory(args: argparse.Namespace) -> int:
         rows = plan(args.model, args.optimizer, hparams_for(args.optimizer, hparams), budget=budget,
                     vocab_size=args.vocab_size, seq_len=args.seq_len, precision=args.precision,
                     structure=structure, loss_chunk=args.loss_chunk, global_batch=args.global_batch,
-                    processes=args.processes)
+                    processes=args.processes, gradient_release=args.gradient_release)
         print(format_plan(rows, model=args.model, optimizer=args.optimizer, budget=budget, seq_len=args.seq_len,
                           precision=args.precision, global_batch=args.global_batch, processes=args.processes))
         if not any(row.micro_batch for row in rows):
@@ -194,7 +198,8 @@ def run_memory(args: argparse.Namespace) -> int:
         return 0
     options = dict(vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
                    precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                   chunked_loss=args.chunked_loss, loss_chunk=args.loss_chunk, structure=structure)
+                   chunked_loss=args.chunked_loss, loss_chunk=args.loss_chunk, structure=structure,
+                   gradient_release=args.gradient_release)
     if args.compare:
         names = [name.strip() for name in args.compare.split(",") if name.strip()]
         if not names:

@@ -79,6 +79,9 @@ class MemoryEstimate:
     index_bytes: int = 0
     structure: dict[str, Any] | None = None
     trainable_weight_elements: int | None = None  # None: every weight is trained
+    # Each parameter's update runs as soon as its gradient is complete and the gradient is freed
+    # (--gradient-release): `gradients` is then the high-water mark, the largest one gradient.
+    gradient_release: bool = False
 
     @property
     def trainable_elements(self) -> int:
@@ -305,6 +308,7 @@ def estimate_memory(
     structure: dict[str, Any] | None = None,
     chunked_loss: str = "auto",
     loss_chunk: int = DEFAULT_CHUNK,
+    gradient_release: bool = False,
 ) -> MemoryEstimate:
     """Predict the memory of training `model` with `optimizer` (see the module docstring).
 
@@ -312,8 +316,10 @@ def estimate_memory(
     or a LlamaConfig; `structure` a structure spec ({"name": "lowrank", "rank": 128}) applied to its
     hidden matrices, as in training; `hparams` override the optimizer's defaults.
     `activation_checkpointing` is none | block | selective (True: block); `chunked_loss` on | off |
-    auto with `loss_chunk` tokens per chunk, decided as the trainer decides it. Raises ConfigError for an unknown preset, optimizer,
-    hyperparameter, precision or mode.
+    auto with `loss_chunk` tokens per chunk, decided as the trainer decides it. With
+    `gradient_release` each parameter's gradient is freed by its own update in backward, so the
+    gradients held at once are at most the largest one. Raises ConfigError for an unknown preset,
+    optimizer, hyperparameter, precision or mode.
     """
     mode = _checkpointing_mode(activation_checkpointing)
     hparams = dict(hparams or {})
@@ -349,7 +355,7 @@ def estimate_memory(
     elements, bookkeeping, by_role, state_bytes = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
-    trainable_bytes = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
+    gradient_bytes = [p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad]
     index_bytes = sum(b.numel() * b.element_size() for m in meta.modules() if getattr(m, "param_kinds", None)
                       for b in m.buffers(recurse=False))
     return MemoryEstimate(
@@ -366,7 +372,8 @@ def estimate_memory(
         bookkeeping_elements=bookkeeping,
         state_elements_by_role=by_role,
         weights=weight_bytes,
-        gradients=trainable_bytes,  # frozen weights (LoRA's W0) get none
+        # Frozen weights (LoRA's W0) get none.
+        gradients=max(gradient_bytes, default=0) if gradient_release else sum(gradient_bytes),
         optimizer_states=state_bytes,
         activations=activation_bytes(config, batch_size, seq_len, precision, mode, chunk),
         activation_peak=activation_peak_bytes(config, batch_size, seq_len, precision, mode, chunk),
@@ -375,6 +382,7 @@ def estimate_memory(
         index_bytes=index_bytes,
         structure=dict(structure) if structure else None,
         trainable_weight_elements=sum(p.numel() for p in meta.parameters() if p.requires_grad),
+        gradient_release=gradient_release,
     )
 
 

@@ -13,8 +13,10 @@ The peak is a different quantity from the sums above: on CUDA it is
 `torch.cuda.max_memory_allocated()` (every tensor the caching allocator handed out, activations and
 temporaries included, since the last `reset_peak_memory()`); on CPU it is the process's peak
 resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`): the Python interpreter, torch's libraries
-and every buffer included, and it cannot be reset, so comparing two methods on CPU takes one
-process per method.
+and every buffer included. `reset_peak_memory()` restarts it from the current resident size on
+Linux (/proc/self/clear_refs), which the trainer does once the run is assembled, so a run's peak is
+its training's, not its model loading's; the interpreter and libraries stay in it, so comparing two
+methods on CPU still takes one process per method.
 """
 
 from __future__ import annotations
@@ -73,9 +75,16 @@ def _cuda_in_use() -> bool:
 
 
 def reset_peak_memory() -> None:
-    """Restart the CUDA peak; the CPU peak RSS cannot be reset (one process per measurement)."""
+    """Restart the peak from what is in use now: the CUDA peak when this process uses CUDA, else the
+    peak RSS (Linux; elsewhere, or where /proc refuses it, the CPU peak stays the process's)."""
     if _cuda_in_use():
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one (proc(5))
+    except OSError:
+        pass
 
 
 def peak_memory() -> dict[str, int | str]:

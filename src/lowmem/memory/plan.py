@@ -78,15 +78,18 @@ def _largest_fitting(fits) -> int:
 def plan(model: str, optimizer: str, hparams: dict[str, Any] | None = None, *, budget: int | float | str,
          vocab_size: int | None = None, seq_len: int = 256, precision: str = "bf16-pure",
          structure: dict[str, Any] | None = None, loss_chunk: int = DEFAULT_CHUNK,
-         global_batch: int | None = None, processes: int = 1) -> list[PlanRow]:
-    """The six rows described in the module docstring, plain loss first within each checkpointing mode."""
+         global_batch: int | None = None, processes: int = 1, gradient_release: bool = False) -> list[PlanRow]:
+    """The six rows described in the module docstring, plain loss first within each checkpointing mode.
+    With `gradient_release` the gradients count as their high-water mark, and a global batch needs one
+    micro-batch per process (an update inside backward cannot accumulate micro-batches)."""
     budget_bytes = parse_bytes(budget)
     if global_batch is not None and (not isinstance(global_batch, int) or global_batch < 1):
         raise ConfigError(f"--global-batch must be a positive number of sequences, got {global_batch!r}")
     if processes < 1:
         raise ConfigError(f"processes must be >= 1, got {processes}")
     base = estimate_memory(model, optimizer, hparams, vocab_size=vocab_size, batch_size=1, seq_len=seq_len,
-                           precision=precision, structure=structure, chunked_loss="off")
+                           precision=precision, structure=structure, chunked_loss="off",
+                           gradient_release=gradient_release)
     config = _config(model, vocab_size)
     fixed = base.weights + base.gradients + base.optimizer_states
     rows = []
@@ -103,7 +106,8 @@ def plan(model: str, optimizer: str, hparams: dict[str, Any] | None = None, *, b
                 if remainder:
                     raise ConfigError(f"--global-batch {global_batch} is not divisible by {processes} processes; "
                                       f"choose a multiple of {processes}")
-                divisors = [d for d in range(1, min(best, per_process) + 1) if per_process % d == 0]
+                divisors = [d for d in range(1, min(best, per_process) + 1) if per_process % d == 0
+                            and (not gradient_release or d == per_process)]
                 if divisors:
                     micro = divisors[-1]
                     accumulation = per_process // micro
