@@ -1,0 +1,61 @@
+"""Exact resume in bf16-pure, for every registered optimizer and every structure: a run saves at step
+RESUME_AT, a fresh Trainer resumes from that checkpoint, and its losses equal the uninterrupted run's
+bit for bit (tests/test_checkpoint.py's in-process harness, with bf16 weights and state).
+
+bf16 is where a resume can lose what fp32 keeps: torch's load casts state to the parameter's dtype, so
+a float32 counter or EMA and an int32 count would come back bf16 (LowmemOptimizer.load_state_dict
+keeps them as saved; tests/test_state_dtype.py checks the rule tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_run_overrides
+from test_checkpoint import RESUME_AT, STEPS, TEST_HPARAMS, _losses
+from test_optimizer_contract import NAMES
+from test_precision_matrix import STRUCTURE_CONFIGS
+
+import lowmem.optim
+from lowmem.assembly import build_model
+from lowmem.config import load_config
+from lowmem.testing import TINY
+from lowmem.train import checkpoint
+from lowmem.train.trainer import train
+
+# The optimizer each structure runs with: the first of these that trains its kinds (SMET for sparse).
+STRUCTURE_OPTIMIZERS = ("smet", "adamw")
+
+
+def _optimizer_for(structure: dict) -> str:
+    model = build_model(TINY, structure=structure, device="meta")
+    kinds = {group.get("kind", "dense") for group in lowmem.optim.param_groups(model)}
+    return next(name for name in STRUCTURE_OPTIMIZERS if kinds <= set(lowmem.optim.method(name).kinds))
+
+
+STRUCTURED = {label: (structure, _optimizer_for(structure)) for label, structure in STRUCTURE_CONFIGS.items()
+              if structure is not None}
+
+
+def _resumes_bitwise(tmp_path, tiny_corpus, token_cache, name: str, **extra) -> None:
+    run_dir = tmp_path / "run"
+    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{
+        "train.steps": STEPS, "train.precision": "bf16-pure", "optim.name": name,
+        "optim.hparams": TEST_HPARAMS.get(name, {}), "optim.lr": None,
+        "train.checkpoint_every": RESUME_AT, "train.keep_checkpoints": 5}, **extra))
+    whole = train(config)
+    uninterrupted = _losses(run_dir)
+    assert sorted(uninterrupted) == list(range(1, STEPS + 1))
+    resumed = train(config, resume=checkpoint.step_dir(run_dir, RESUME_AT))
+    assert _losses(run_dir) == uninterrupted  # bitwise: floats compared exactly
+    assert resumed["val_perplexity"] == whole["val_perplexity"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_resumes_bitwise_in_bf16_pure(name, tiny_corpus, token_cache, tmp_path):
+    _resumes_bitwise(tmp_path, tiny_corpus, token_cache, name)
+
+
+@pytest.mark.parametrize("label", sorted(STRUCTURED))
+def test_every_structure_resumes_bitwise_in_bf16_pure(label, tiny_corpus, token_cache, tmp_path):
+    structure, name = STRUCTURED[label]
+    _resumes_bitwise(tmp_path, tiny_corpus, token_cache, name, **{"model.structure": structure})
