@@ -59,3 +59,20 @@ def test_every_optimizer_resumes_bitwise_in_bf16_pure(name, tiny_corpus, token_c
 def test_every_structure_resumes_bitwise_in_bf16_pure(label, tiny_corpus, token_cache, tmp_path):
     structure, name = STRUCTURED[label]
     _resumes_bitwise(tmp_path, tiny_corpus, token_cache, name, **{"model.structure": structure})
+
+
+@pytest.mark.distributed
+def test_an_fsdp2_run_resumes_bitwise_in_bf16_pure(tiny_corpus, token_cache, tmp_path):
+    """Two gloo processes: the state saved as local shards is loaded for DTensor parameters, where the
+    dtype rule meets FSDP2 (the shaped tensors become DTensors again; the counters stay float32)."""
+    from test_distributed_train import _config, _run
+
+    common = {"train.distributed": "fsdp2", "train.precision": "bf16-pure", "optim.name": "stable-spam",
+              "optim.hparams": {"update_gap": 2}, "optim.lr": None}
+    whole = _config(tmp_path, "whole", tiny_corpus, token_cache, **common)
+    split = _config(tmp_path, "split", tiny_corpus, token_cache, **common,
+                    **{"train.checkpoint_every": 3, "train.keep_checkpoints": 5})
+    _run(whole, 2)
+    _run(split, 2)
+    _run(split, 2, "--resume", str(checkpoint.step_dir(tmp_path / "split", 3)))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")

@@ -28,8 +28,10 @@ a large stale step; here the reset takes effect on its own step, which is a firs
 moments (tests/test_stable_spam.py shows the two diverge exactly there, and agree before).
 
 State per tensor, all tensors so a resume resets on the same steps: `step` (k, float32 scalar; reset
-here and by lowmem.optim.reset, which restarts every bias correction above), `global_step` (T),
-`exp_avg`, `exp_avg_sq`, and the scalars `max_abs_avg` (M), `norm_avg` (N), `norm_sq_avg` (V).
+here and by lowmem.optim.reset, which restarts every bias correction above), `global_step` (T,
+float32), `exp_avg`, `exp_avg_sq`, and the scalars `max_abs_avg` (M), `norm_avg` (N), `norm_sq_avg` (V),
+in at least float32 (a bf16 T would stop at 256; LowmemOptimizer.load_state_dict keeps these dtypes
+across a resume, where torch would cast them to the weights' bf16).
 
 FSDP2 (DTensor shards): max|g| and ||g||^2 are reductions over the whole tensor, so each rank reduces
 its shard and two all-reduces per step (a max, then a sum; each one flat tensor holding one float per
