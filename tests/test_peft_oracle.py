@@ -29,7 +29,8 @@ def _peft_key(name: str) -> str:
 
 def _twins() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    ours = build_model(CONFIG, structure={"name": "lora", "rank": RANK, "alpha": ALPHA}).double()
+    # lora_dropout 0 on both sides (lowmem's default is ReLoRA's 0.1): the masks would be different draws
+    ours = build_model(CONFIG, structure={"name": "lora", "rank": RANK, "alpha": ALPHA, "dropout": 0.0}).double()
     with torch.no_grad():  # B = 0 at the start in both; give it values so the update path is tested from step 0
         for name, p in ours.named_parameters():
             if name.endswith("lora_B"):

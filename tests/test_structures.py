@@ -17,6 +17,7 @@ from torch import nn
 from lowmem.assembly import build_model, build_optimizer
 from lowmem.config import load_config
 from lowmem.errors import ConfigError
+from lowmem.interventions import RunContext
 from lowmem.memory.estimate import estimate_memory
 from lowmem.memory.measure import optimizer_state_bytes
 from lowmem.optim.reset import MomentumReset, restart_lr_factor
@@ -58,7 +59,7 @@ def test_lora_counts_frozen_and_trainable_weights():
 @pytest.mark.parametrize("name,expected", [
     ("lowrank", (0.26, 0.56, 1.11, 3.66)),
     ("sltrain", (0.26, 0.58, 1.17, 3.87)),
-    ("lora", (0.31, 0.73, 1.72, 6.07)),
+    ("lora", (0.31, 0.60, 1.36, 3.92)),  # ReLoRA's r 128, alpha 32 at every size
 ])
 def test_memory_in_the_papers_convention(name, expected):
     got = tuple(round(estimate_memory(size, "adamw", structure={"name": name}).paper_gb, 2) for size in SIZES)
@@ -128,6 +129,7 @@ def test_forward_equals_the_dense_weight_and_merge_exports_a_dense_model(name):
         for module in factor_modules(model):
             module.lora_B.normal_(0, 0.05)
     ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    model.eval()  # LoRA's dropout acts in training only
     layer = model.layers[0].mlp.up_proj
     x = torch.randn(3, 5, TINY.hidden_size, dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t())
@@ -204,17 +206,49 @@ def test_every_optimizer_trains_a_lowrank_model_or_refuses_it_clearly():
         train_steps(model, optimizer, 2)
         assert not torch.equal(model.layers[0].self_attn.q_proj.lora_A, before)
         trained.append(name)
-    assert {"adamw", "stable-spam", "scale", "galore", "fira", "apollo", "adam-mini"} <= set(trained)
-    assert "muon" in refused
+    assert {"adamw", "stable-spam", "scale", "sgd", "sgd-column", "sgd-row", "sgd-sign", "sgd-singular",
+            "adam-mini"} <= set(trained)
+    assert {"muon", "muon-all", "galore", "fira", "apollo", "apollo-mini"} <= set(refused)
 
 
-def test_projection_methods_give_factors_their_adam_path():
-    torch.manual_seed(0)
+def test_the_kinds_table_is_what_every_method_registers():
+    """lowmem.optim.kinds documents each built-in method's treatment of structured kinds; its table and
+    the registrations are one thing (a method added without a row, or a row that drifted, fails here)."""
+    import lowmem.optim
+    from lowmem.optim.kinds import METHOD_KINDS
+
+    built_in = [name for name in lowmem.optim.available()
+                if lowmem.optim.method(name).target.startswith("lowmem.optim.")]
+    assert set(built_in) == set(METHOD_KINDS)
+    for name in built_in:
+        assert set(lowmem.optim.method(name).kinds) == set(METHOD_KINDS[name]), name
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "apollo", "apollo-mini"])
+def test_projection_methods_refuse_factors_and_say_why(name):
+    """A rank-r factor projected at rank >= r is a lossless rotation (Fira = GaLore there): refused, with
+    adamw named, instead of silently running AdamW under the method's name."""
+    from lowmem.optim.kinds import refusal
+
     model = build_model(TINY, structure={"name": "lowrank", "rank": 8})
-    optimizer = build_optimizer("galore", model, hparams={"rank": 4})
-    train_steps(model, optimizer, 1)
-    state = optimizer.state[model.layers[0].self_attn.q_proj.lora_A]
-    assert "projection" not in state and state["exp_avg"].shape == (8, TINY.hidden_size)
+    with pytest.raises(ConfigError, match=f"optimizer {name!r} cannot train 'factor-a'.*adamw"):
+        build_optimizer(name, model)
+    assert "lossless rotation" in refusal(name, "factor-a") and "adamw" in refusal(name, "factor-b")
+    assert refusal("muon", "factor-a") == "" and refusal(name, "sparse-values") == ""
+    dense = build_optimizer(name, build_model(TINY), hparams={"rank": 4} if name != "apollo-mini" else None)
+    assert dense.param_groups  # the dense model still trains
+
+
+def test_sgd_column_normalizes_each_factor_along_its_input_dimension_as_scale_does():
+    torch.manual_seed(0)
+    model = build_model(TINY, structure={"name": "lowrank", "rank": 8}).double()
+    optimizer = build_optimizer("sgd-column", model, lr=1e-2)
+    layer = model.layers[0].mlp.up_proj
+    before_a, before_b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    train_steps(model, optimizer, 1, lr_schedule=False)
+    for after, before in ((layer.lora_A, before_a), (layer.lora_B, before_b)):
+        rms = (after.detach() - before).pow(2).mean(dim=1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 1e-2))
 
 
 def test_scale_normalizes_each_factor_along_its_input_dimension():
@@ -287,6 +321,39 @@ def test_refactor_resets_only_the_factors_state_by_default():
     assert torch.equal(optimizer.state[model.lm_head.weight]["exp_avg"], head)
 
 
+def test_refactor_skips_a_zero_or_rank_deficient_pair_warns_and_counts_it():
+    """A lora-merge and a refactor on the same step: B = 0, so refactoring would set A' = B' = 0 and the
+    pair would never train again. The pair is skipped (factors and state as they were) and counted."""
+    torch.manual_seed(0)
+    model = build_model(TINY, structure={"name": "lora", "rank": 8, "dropout": 0.0})
+    optimizer = build_optimizer("adamw", model, lr=1e-3)
+    merge = LoRAMerge(every=2, ramp_steps=0, prune="reset")
+    refactor = Refactor(every=3)
+    with pytest.warns(UserWarning, match="skipped 14 of 14 factor pairs"):
+        train_steps(model, optimizer, 3, interventions=[merge, refactor])  # both act after step 3
+    assert merge.merges == 1 and refactor.skipped == 14
+    layer = model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0
+    with pytest.warns(UserWarning, match="skipped 14 of 14 factor pairs"):
+        count = refactor_model(model, optimizer)
+    assert count.skipped == 14 and torch.equal(layer.lora_A, a) and torch.equal(layer.lora_B, b)
+    with pytest.warns(UserWarning, match="skipped"):
+        refactor.after_step(6, model, optimizer)
+    assert refactor.state_dict()["skipped"] == 28 and refactor.refactors == 2  # after steps 3 and 6
+    train_steps(model, optimizer, 1)
+    assert torch.count_nonzero(layer.lora_B) > 0  # the pair trains on
+    deficient = LowRankLinear(20, 24, 4, 8.0).double()
+    with torch.no_grad():
+        deficient.lora_B[:, 1] = 0
+        deficient.lora_A[1] = 0
+    before = deficient.lora_A.detach().clone()
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        assert refactor_model(nn.ModuleList([deficient])).skipped == 1
+    assert torch.equal(deficient.lora_A, before)
+    assert refactor_model(nn.ModuleList([LowRankLinear(20, 24, 4, 8.0)])).skipped == 0  # full rank: refactored
+
+
 def test_restarts_refactor_reset_every_moment_and_dip_the_lr_like_the_reference():
     factors = [restart_lr_factor(step, 50, 10, 0.001) for step in range(48, 62)]
     assert factors[:2] == [1.0, 1.0]  # steps 48, 49
@@ -310,11 +377,12 @@ def test_restarts_refactor_reset_every_moment_and_dip_the_lr_like_the_reference(
 
 # ---- ReLoRA -------------------------------------------------------------------------------------
 
-def test_lora_merge_changes_w0_reinitializes_the_factors_resets_only_their_state_and_training_continues():
+def test_lora_merge_changes_w0_reinitializes_the_factors_prunes_only_their_state_and_training_continues():
     torch.manual_seed(0)
     model = build_model(TINY, structure={"name": "lora", "rank": 8})
     optimizer = build_optimizer("adamw", model, lr=3e-3)
     merge = LoRAMerge(every=5, ramp_steps=2)
+    merge.setup(RunContext(total_steps=20, warmup_ratio=0.0))
     losses = []
 
     def step_losses(n: int, first: int) -> None:
@@ -334,24 +402,28 @@ def test_lora_merge_changes_w0_reinitializes_the_factors_resets_only_their_state
     def snapshot() -> None:
         saved.update(w0=layer.weight.detach().clone(), a=layer.lora_A.detach().clone())
 
-    step_losses(4, 1)
+    step_losses(5, 1)
+    assert merge.merges == 0  # the first cycle is every + 1 steps, as released
     snapshot()
-    step_losses(1, 5)  # step 5 merges
+    assert merge.lr_factor(6) == 0.0  # the step before the merge runs at lr 0
+    step_losses(1, 6)  # step 6 merges
     assert merge.merges == 1
     assert not torch.equal(layer.weight, saved["w0"])  # W0 absorbed the update
     assert torch.count_nonzero(layer.lora_B) == 0 and not torch.equal(layer.lora_A, saved["a"])
     state_a = optimizer.state[layer.lora_A]
-    assert float(state_a["step"]) == 0 and torch.count_nonzero(state_a["exp_avg"]) == 0
-    assert float(optimizer.state[model.lm_head.weight]["step"]) == 5  # others keep theirs
-    assert merge.lr_factor(6) == pytest.approx(1 / 3) and merge.lr_factor(8) == 1.0
-    step_losses(10, 6)
-    assert merge.merges == 3
+    assert float(state_a["step"]) == 6 and torch.count_nonzero(state_a["exp_avg"]) <= 0.01 * state_a["exp_avg"].numel()
+    assert float(optimizer.state[model.lm_head.weight]["step"]) == 6
+    assert merge.lr_factor(7) == pytest.approx(0.5 * RunContext(20, warmup_ratio=0.0).base_lr_factor(8)
+                                               / RunContext(20, warmup_ratio=0.0).base_lr_factor(7))
+    assert merge.lr_factor(8) == 1.0
+    step_losses(10, 7)
+    assert merge.merges == 3  # after steps 6, 11, 16
     assert sum(losses[-3:]) < sum(losses[:3])  # training continues to lower loss
 
 
 def test_a_merge_keeps_the_model_function():
     torch.manual_seed(0)
-    model = build_model(TINY, structure={"name": "lora", "rank": 8})
+    model = build_model(TINY, structure={"name": "lora", "rank": 8}).eval()
     with torch.no_grad():
         for module in factor_modules(model):
             module.lora_B.normal_(0, 0.05)
@@ -378,7 +450,7 @@ def test_exact_resume_across_refactor_and_merge_steps(structure, interventions, 
     first = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "split", **common,
                                                      **{"train.checkpoint_every": 4, "train.keep_checkpoints": 5}))
     train(first)
-    step4 = checkpoint.step_dir(tmp_path / "split", 4)  # after the step-3 intervention, before the step-6 one
+    step4 = checkpoint.step_dir(tmp_path / "split", 4)  # between interventions (3 and 6; ReLoRA's merges: 4 and 7)
     body = torch.load(step4 / "rank-0.pt", weights_only=True)
     assert any(k.endswith("lora_A") for k in body["model"]) and body["structure"]["rank"] == 8
     if structure["name"] == "sltrain":
@@ -413,14 +485,18 @@ def test_fsdp2_on_two_processes_matches_one(structure):
 
 @pytest.mark.distributed
 def test_relora_merges_under_fsdp2_and_two_processes_match_one():
-    from lowmem.testing import fsdp_matches_single
+    from lowmem.testing import fsdp_matches_single_many
 
-    # merges after steps 5, 10, 15: W0 moves, A is redrawn (rank 0's draw, broadcast), B restarts at 0
-    single, sharded = fsdp_matches_single("adamw", {"lr": 3e-3}, steps=17, structure={"name": "lora", "rank": 8},
-                                          interventions=[{"name": "lora-merge", "every": 5, "ramp_steps": 0}])
-    assert set(single) == set(sharded) and any(k.endswith("lora_A") for k in single)
-    difference = max_relative_difference(single, sharded)
-    assert difference <= 1e-5, difference
+    # merges after steps 6, 11, 16: W0 moves, A is redrawn (rank 0's draw, broadcast), B restarts at 0, the
+    # moments are pruned, at random with masks drawn at the whole shape on every rank or by magnitude over
+    # the whole tensor (no dropout: its masks would differ between one process and two)
+    cases = [dict(name="adamw", hparams={"lr": 3e-3}, steps=17, structure={"name": "lora", "rank": 8, "dropout": 0.0},
+                  interventions=[{"name": "lora-merge", "every": 5, "ramp_steps": 0, "prune": prune}])
+             for prune in ("random", "magnitude")]
+    for single, sharded in fsdp_matches_single_many(cases):
+        assert set(single) == set(sharded) and any(k.endswith("lora_A") for k in single)
+        difference = max_relative_difference(single, sharded)
+        assert difference <= 1e-5, difference
 
 
 @pytest.mark.distributed

@@ -7,7 +7,8 @@ from `state_dict()` (tensors and plain numbers only), which checkpoints keep und
 `name`, so after a resume interventions land on the same steps as in an uninterrupted run.
 
 Step numbering: `step` is the number of the optimizer step concerned (1-based).
-  setup(context)                      once, before training: the run's length, rank and world size
+  setup(context)                      once, before training: the run's length, rank, world size and
+                                      its base lr schedule (`context.base_lr_factor(step)`)
   lr_factor(step)                     multiplies the scheduled lr of optimizer step `step`
   before_step(step, model, optimizer) after backward, before optimizer step `step`: gradients are alive
   after_step(step, model, optimizer)  right after optimizer step `step`, before the next forward pass
@@ -19,6 +20,7 @@ entry {"name": ..., key: value, ...} (on the command line `--intervention name:k
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,13 +31,40 @@ from lowmem.errors import ConfigError
 from lowmem.registry import INTERVENTIONS
 
 
+def schedule_factor(step: int, total: int, warmup_ratio: float = 0.1, min_ratio: float = 0.1) -> float:
+    """The papers' learning-rate schedule for optimizer step `step` (0-based) of `total`: linear warmup
+    over W = round(warmup_ratio * total) steps, (step + 1) / W, then cosine to `min_ratio`:
+    min + (1 - min) (1 + cos(pi (step - W) / (total - W))) / 2. A pure function of the step, so a
+    resumed run continues it exactly. Defined here, below every user (the trainer's schedule and the
+    interventions whose lr follows it)."""
+    warmup = round(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """What an intervention may need to know about the run it is part of."""
+    """What an intervention may need to know about the run it is part of: its length, rank and world
+    size, and the base schedule the trainer multiplies every intervention's lr factor into (ReLoRA's
+    restarts ramp to the scheduled value at the end of their ramp, so they need to see it)."""
 
     total_steps: int
     rank: int = 0
     world_size: int = 1
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1
+
+    @property
+    def warmup_steps(self) -> int:
+        """The schedule's first warmup, in optimizer steps."""
+        return round(self.warmup_ratio * self.total_steps)
+
+    def base_lr_factor(self, step: int) -> float:
+        """The schedule's factor for optimizer step `step` (1-based), before any intervention's."""
+        return schedule_factor(step - 1, self.total_steps, self.warmup_ratio, self.min_lr_ratio)
 
 
 @runtime_checkable

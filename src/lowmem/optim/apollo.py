@@ -37,7 +37,7 @@ import torch
 
 from lowmem.optim import Method, register
 from lowmem.optim.base import check_choice, check_nonneg_int, local_tensor
-from lowmem.optim.kinds import FACTOR_KINDS
+from lowmem.optim.kinds import METHOD_KINDS
 from lowmem.optim.projection import (
     RATIO_EPS,
     ProjectedAdam,
@@ -121,12 +121,12 @@ register("apollo", Method(
     "lowmem.optim.apollo:Apollo",
     "APOLLO: channel-wise Adam scaling estimated in a random rank-r space, applied to the raw gradient",
     presets={size: {"rank": rank} for size, rank in _RANKS.items()},
-    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
+    kinds=METHOD_KINDS["apollo"],  # factors refused (lowmem.optim.kinds says why)
 ))
 
 register("apollo-mini", Method(
     "lowmem.optim.apollo:Apollo",
     "APOLLO-Mini: tensor-wise Adam scaling from a rank-1 random projection (SGD-like memory)",
     defaults={"rank": 1, "scale_type": "tensor", "scale": 128.0},
-    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
+    kinds=METHOD_KINDS["apollo-mini"],  # factors refused (lowmem.optim.kinds says why)
 ))

@@ -36,7 +36,7 @@ import torch
 
 from lowmem.optim import Method, register
 from lowmem.optim.base import check_choice
-from lowmem.optim.kinds import FACTOR_KINDS
+from lowmem.optim.kinds import METHOD_KINDS
 from lowmem.optim.projection import (
     RATIO_EPS,
     ProjectedAdam,
@@ -109,7 +109,7 @@ register("galore", Method(
     "GaLore: Adam on the SVD projection of each hidden matrix's gradient (rank r, refreshed every gap)",
     # GaLore's README/scripts: rank 128/256/256/512, gap 200, scale 0.25, lr 0.01 (60M-1B).
     presets={size: {"rank": rank} for size, rank in _RANKS.items()},
-    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
+    kinds=METHOD_KINDS["galore"],  # factors refused (lowmem.optim.kinds says why)
 ))
 
 register("fira", Method(
@@ -122,5 +122,5 @@ register("fira", Method(
         "llama-1b": {"rank": 512, "scale": 0.0625},
         "llama-7b": {"rank": 64, "scale": 0.0625, "update_proj_gap": 500, "lr": 0.005},
     },
-    kinds=FACTOR_KINDS,  # factors are not projected: AdamW path (lowmem.optim.kinds)
+    kinds=METHOD_KINDS["fira"],  # factors refused (lowmem.optim.kinds says why)
 ))

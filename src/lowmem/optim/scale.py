@@ -312,8 +312,9 @@ _TARGET = "lowmem.optim.scale:SCALE"
 register("scale", Method(_TARGET, "SCALE: column-normalized SGD, EMA momentum on the head only, AdamW on 1-D gains",
                          presets=_PRESETS, kinds=FACTOR_KINDS))
 register("sgd", Method(_TARGET, "plain SGD on matrices (no normalization, no momentum), AdamW on 1-D gains",
-                       presets=_PRESETS, defaults={"normalization": "none", "momentum_on": "none"}))
+                       presets=_PRESETS, defaults={"normalization": "none", "momentum_on": "none"}, kinds=FACTOR_KINDS))
 for _norm, _what in (("column", "column-wise RMS"), ("row", "row-wise RMS (over the output dim)"),
                      ("sign", "sign"), ("singular", "singular-value (Newton–Schulz)")):
     register(f"sgd-{_norm}", Method(_TARGET, f"SGD with {_what} normalization, no momentum; AdamW on 1-D gains",
-                                    presets=_PRESETS, defaults={"normalization": _norm, "momentum_on": "none"}))
+                                    presets=_PRESETS, defaults={"normalization": _norm, "momentum_on": "none"},
+                                    kinds=FACTOR_KINDS))

@@ -49,6 +49,7 @@ from lowmem.optim.base import (
     check_nonneg_int,
     is_dtensor,
 )
+from lowmem.optim.kinds import METHOD_KINDS
 from lowmem.optim.roles import group_kind
 from lowmem.optim.state import reset_entries, reset_whole
 
@@ -216,5 +217,5 @@ register("smet", Method(
     "lowmem.optim.smet:SMET",
     "SMET: Adam over the active weights of a sparse model, per-block local steps, decayed first moment of new blocks",
     presets={"llama-130m": {"lr": 2e-3}, "llama-350m": {"lr": 2e-3}, "llama-1b": {"lr": 1e-3}},
-    kinds=("dense",) + SPARSE_KINDS,
+    kinds=METHOD_KINDS["smet"],
 ))

@@ -16,6 +16,9 @@ replaces the factors' values (and may rotate their moments into the new bases). 
   replace_parameter(optimizer, old, new, remap=None)
       `new` takes `old`'s place in its group; its state is `remap(old_state)` if given, else empty
       (the optimizer rebuilds it on the next step, as for a new parameter).
+  prune_moments(optimizer, params, mode, ratio, generator)
+      ReLoRA's form of a reset: zero a fraction of the entries of each Adam moment of `params` (at
+      random, or the smallest in magnitude), keep the rest and the step counters.
 
 State that is not a moment (projection bases, seeds, norm EMAs) is left to the optimizer. A masked
 reset of a state tensor that is not shaped like its parameter (GaLore's projected moments) is
@@ -29,7 +32,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, check_choice
+from lowmem.optim.base import is_dtensor, rows_of
 
 # Moment tensors an Adam-family or momentum optimizer keeps per parameter.
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -93,6 +97,56 @@ def reset_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = No
             reset_entries(state, param, mask)
         count += 1
     return count
+
+
+PRUNE_MODES = ("random", "magnitude")
+ADAM_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@torch.no_grad()
+def prune_moments(optimizer: Optimizer, params: Iterable[torch.Tensor], mode: str, ratio: float,
+                  generator: torch.Generator) -> float:
+    """Zero a fraction `ratio` of the entries of each Adam moment (exp_avg, exp_avg_sq) of `params`, each
+    tensor on its own, and keep the other entries and every step counter (bias correction goes on);
+    return the fraction of those moments' entries that are 0 afterwards.
+
+      random     keep an entry where U > ratio, U ~ U[0, 1) drawn from `generator` for each tensor in
+                 turn (the first and second moments get independent masks)
+      magnitude  keep an entry where |x| > quantile(|x| in fp32, ratio) (torch.quantile, linear
+                 interpolation) of its own tensor
+
+    ReLoRA's `optimizer_reset` (Guitaricet/relora, peft_pretraining/training_utils.py). A sharded
+    moment (an FSDP2 DTensor) is pruned as the whole tensor would be: the draw is made at the whole
+    shape on every rank from the same generator state and each rank keeps its rows; the quantile is
+    taken over the gathered tensor. Parameters without state are skipped; a parameter whose state holds
+    no Adam moment is refused (ConfigError): there is nothing to prune. The fraction returned counts
+    this rank's entries."""
+    check_choice("moment pruning", mode, PRUNE_MODES, ConfigError)
+    zeros = total = 0
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        keys = [key for key in ADAM_MOMENT_KEYS if isinstance(state.get(key), torch.Tensor)]
+        if not keys:
+            raise ConfigError(
+                f"{type(optimizer).__name__} keeps no Adam moments ({', '.join(ADAM_MOMENT_KEYS)}) to prune "
+                f"(its state holds {sorted(state)}); use lora-merge:prune=reset, or an Adam-family optimizer"
+            )
+        for key in keys:
+            value = state[key]
+            local = value.to_local() if is_dtensor(value) else value
+            if mode == "random":
+                draw = torch.rand(tuple(value.shape), generator=generator, dtype=torch.float32)
+                keep = rows_of(draw.to(local.device), value) > ratio
+            else:
+                whole = value.full_tensor() if is_dtensor(value) else value
+                threshold = torch.quantile(whole.abs().flatten().to(torch.float32), ratio).to(value.dtype)
+                keep = local.abs() > threshold
+            local.mul_(keep.to(local.dtype))
+            zeros += int((local == 0).sum())
+            total += local.numel()
+    return zeros / total if total else 0.0
 
 
 def replace_parameter(optimizer: Optimizer, old: torch.Tensor, new: torch.Tensor,

@@ -11,8 +11,14 @@ The embedding, the head and the norms stay dense (only role-`hidden` Linears are
 
 Rank and alpha default to the papers' scripts for the model size (`PAPER_PRESETS`: rank
 128/256/256/512, alpha 32/16/16/8 at llama-60m/130m/350m/1b, from SLTrain's and the benchmark's
-scripts); any other model needs `rank=` (alpha then defaults to 32, the 60M value). Shared by LoRA and
-SLTrain (lowmem.structure.lora, lowmem.structure.sltrain), which add a frozen base or a sparse part.
+scripts; LoRA has its own table); any other model needs `rank=` (alpha then defaults to 32, the 60M
+value). Shared by LoRA and SLTrain (lowmem.structure.lora, lowmem.structure.sltrain), which add a
+frozen base or a sparse part.
+
+From trained dense weights (`apply(model, pretrained=True)`, a run's --init-from): the best rank-r
+approximation of each W (Eckart–Young), W_r = U_r S_r V_r^T from its SVD, split evenly between the
+factors: B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T, so scale * B A = W_r; the log gives
+the mean relative error ||W - W_r|| / ||W|| over the layers.
 """
 
 from __future__ import annotations
@@ -98,6 +104,19 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
 
 
+@torch.no_grad()
+def truncated_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, relative error) with scale * B A the best rank-`rank` approximation of `weight` (out x in):
+    the truncated SVD, sqrt(S) on each side. Computed in at least fp32; returned in `weight`'s dtype."""
+    work = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    root = (s[:rank] / scale).sqrt()
+    lora_b, lora_a = u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+    total = s.square().sum()
+    error = (s[rank:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    return lora_a.to(weight.dtype), lora_b.to(weight.dtype), error
+
+
 def factor_modules(model: nn.Module) -> list[nn.Module]:
     """Every module of `model` that holds a factor pair (lora_A, lora_B): Low-Rank, LoRA, SLTrain layers."""
     return [m for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.Tensor)
@@ -107,6 +126,9 @@ def factor_modules(model: nn.Module) -> list[nn.Module]:
 class RankedStructure(Structure):
     """A structure with a rank and an alpha, defaulting to the papers' values for the model size."""
 
+    presets: dict[str, tuple[int, float]] = PAPER_PRESETS
+    starts_from_dense = True
+
     def __init__(self, rank: int | None = None, alpha: float | None = None) -> None:
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise ConfigError(f"structure {self.name!r}: rank must be an integer >= 1, got {rank!r}; e.g. rank=128")
@@ -115,24 +137,40 @@ class RankedStructure(Structure):
         self.requested = (rank, alpha)
         self.rank: int | None = rank
         self.alpha: float | None = float(alpha) if alpha is not None else None
+        self.start_errors: list[float] = []  # relative error of each layer's start from dense weights
 
     def resolve(self, model: nn.Module) -> None:
         rank, alpha = self.requested
         preset = paper_preset(model)
-        if preset is not None:
-            paper_rank, paper_alpha = PAPER_PRESETS[preset]
+        if preset is not None and preset in self.presets:
+            paper_rank, paper_alpha = self.presets[preset]
             rank = paper_rank if rank is None else rank
             alpha = paper_alpha if alpha is None else alpha
         elif rank is None:
             raise ConfigError(
-                f"structure {self.name!r} has published ranks only for {', '.join(PAPER_PRESETS)}; this model is "
+                f"structure {self.name!r} has published ranks only for {', '.join(self.presets)}; this model is "
                 f"none of them: give the rank, e.g. --structure {self.name}:rank=32"
             )
         self.rank, self.alpha = rank, float(alpha if alpha is not None else DEFAULT_ALPHA)
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, pretrained: bool = False) -> nn.Module:
         self.resolve(model)
-        return super().apply(model)
+        self.start_errors = []
+        return super().apply(model, pretrained)
+
+    def dense_start(self) -> str:
+        mean = sum(self.start_errors) / max(1, len(self.start_errors))
+        return (f"each hidden matrix replaced by its best rank-{self.rank} approximation (truncated SVD); "
+                f"relative error ||W - W_r|| / ||W|| {mean:.4f} on average over {len(self.start_errors)} matrices")
+
+    def start_factors(self, module: LowRankLinear, weight: torch.Tensor) -> torch.Tensor:
+        """Set `module`'s factors to the truncated SVD of `weight`; return the residual W - scale B A."""
+        lora_a, lora_b, error = truncated_factors(weight, self.rank, module.scale)
+        with torch.no_grad():
+            module.lora_A.copy_(lora_a)
+            module.lora_B.copy_(lora_b)
+        self.start_errors.append(error)
+        return weight - module.product().detach()
 
     def check_linear(self, linear: nn.Linear, path: str) -> None:
         if linear.bias is not None:
@@ -161,11 +199,14 @@ class LowRank(RankedStructure):
 
     def convert(self, linear: nn.Linear, path: str) -> nn.Module:
         self.check_linear(linear, path)
-        return LowRankLinear(linear.in_features, linear.out_features, self.rank, self.alpha,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+        module = LowRankLinear(linear.in_features, linear.out_features, self.rank, self.alpha,
+                               device=linear.weight.device, dtype=linear.weight.dtype)
+        if self.from_dense:
+            self.start_factors(module, linear.weight.detach())
+        return module
 
 
 STRUCTURES.register("lowrank", LowRank)
 
 __all__ = ["DEFAULT_ALPHA", "LowRank", "LowRankLinear", "PAPER_PRESETS", "RankedStructure", "factor_modules",
-           "kaiming_uniform_", "paper_preset"]
+           "kaiming_uniform_", "paper_preset", "truncated_factors"]

@@ -19,6 +19,13 @@ G = R_b^-1 U_m sqrt(S). What happens to the factors' optimizer state is an optio
 The default is the paper's because defaults compute what produced the published numbers; the CPU
 comparison of both is in docs/results.md ("Low-rank structures (issue 11)").
 
+A pair whose product is zero or rank-deficient (S_max = 0, or its smallest singular value at or below
+eps * max(out, in) * S_max) is skipped: A, B and their state unchanged. Refactoring it would zero the
+rows of A' and columns of B' of every zero singular value together, and a direction with both zero
+gets no gradient again (dL/dA' = s B'^T d x^T, dL/dB' = s d (A' x)^T): B = 0 after a ReLoRA merge on
+the same step would freeze the pair for good. Skipped pairs are counted in the interventions' state
+and each call that skips some warns once.
+
 `restarts` (`--intervention restarts:every=200`) is the paper's combination: on the same step a
 refactorization and a momentum reset of every parameter (lowmem.optim.reset.reset_moments), with the
 reference's learning-rate dip: the last update before the restart at lr_floor (0.1%) of the
@@ -34,7 +41,8 @@ back to a reset for that pair.
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -54,18 +62,36 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def balanced_factors(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A', B', S) with B' A' = B A, B' = U sqrt(S), A' = sqrt(S) V^T (QR of B and A^T, then an r x r SVD).
-
-    Computed in at least fp32; returned in that precision (the caller casts)."""
+def _thin_svd(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Q_a, R_a, Q_b, R_b, U_m, S, V_m^T): B = Q_b R_b, A^T = Q_a R_a, R_b R_a^T = U_m S V_m^T, in at
+    least fp32, so B A = (Q_b U_m) S (Q_a V_m)^T."""
     dtype = _work_dtype(lora_A)
     a, b = lora_A.to(dtype), lora_B.to(dtype)
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.t())
     u_m, s, vh_m = torch.linalg.svd(r_b @ r_a.t())
+    return q_a, r_a, q_b, r_b, u_m, s, vh_m
+
+
+def _balanced(q_a, q_b, u_m, s, vh_m) -> tuple[torch.Tensor, torch.Tensor]:
     root = s.sqrt()
-    new_b = (q_b @ u_m) * root
-    new_a = root.unsqueeze(1) * (vh_m @ q_a.t())
+    return root.unsqueeze(1) * (vh_m @ q_a.t()), (q_b @ u_m) * root
+
+
+def is_deficient(s: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether singular values `s` of a product B A are all zero or include one at or below
+    eps * max(out, in) * S_max: refactoring would leave a direction that never trains again."""
+    largest = s.max()
+    tolerance = torch.finfo(s.dtype).eps * max(out_features, in_features) * largest
+    return bool(largest == 0 or s.min() <= tolerance)
+
+
+def balanced_factors(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A', B', S) with B' A' = B A, B' = U sqrt(S), A' = sqrt(S) V^T (QR of B and A^T, then an r x r SVD).
+
+    Computed in at least fp32; returned in that precision (the caller casts)."""
+    q_a, _, q_b, _, u_m, s, vh_m = _thin_svd(lora_A, lora_B)
+    new_a, new_b = _balanced(q_a, q_b, u_m, s, vh_m)
     return new_a, new_b, s
 
 
@@ -79,27 +105,22 @@ def balanced_factors_svd(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[to
     return root.unsqueeze(1) * vh, u * root, s
 
 
-def _rotation(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(A', B', G, G^-1) with B' = B G and A' = G^-1 A, or None when R_a or R_b is singular."""
-    dtype = _work_dtype(lora_A)
-    a, b = lora_A.to(dtype), lora_B.to(dtype)
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.t())
-    tiny = torch.finfo(dtype).eps * 1e3
+def _rotation(thin: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(G, G^-1) with B' = B G and A' = G^-1 A for the decomposition `thin` (`_thin_svd`), or None
+    when R_a or R_b is singular."""
+    q_a, r_a, q_b, r_b, u_m, s, vh_m = thin
+    tiny = torch.finfo(s.dtype).eps * 1e3
     for r in (r_a, r_b):
         d = r.diagonal().abs()
-        if d.min() <= tiny * d.max().clamp_min(torch.finfo(dtype).tiny):
+        if d.min() <= tiny * d.max().clamp_min(torch.finfo(s.dtype).tiny):
             return None
-    u_m, s, vh_m = torch.linalg.svd(r_b @ r_a.t())
     root = s.sqrt()
     if root.min() <= tiny * root.max():
         return None
     g = torch.linalg.solve_triangular(r_b, u_m * root, upper=True)  # R_b^-1 U_m sqrt(S)
     # G^-1 = sqrt(S)^-1 U_m^T R_b, and A' = G^-1 A equals sqrt(S) V_m^T Q_a^T.
     g_inv = (u_m.t() @ r_b) / root.unsqueeze(1)
-    new_b = (q_b @ u_m) * root
-    new_a = root.unsqueeze(1) * (vh_m @ q_a.t())
-    return new_a, new_b, g, g_inv
+    return g, g_inv
 
 
 MOMENTS = (("exp_avg", False), ("exp_avg_sq", True))
@@ -138,36 +159,54 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+class RefactorCount(NamedTuple):
+    """What one `refactor_model` call did besides refactoring."""
+
+    fallbacks: int  # pairs that fell back from rotate to reset (a singular R_a or R_b)
+    skipped: int  # pairs left as they were (a zero or rank-deficient product)
+
+
 @torch.no_grad()
-def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: str = "reset") -> int:
+def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: str = "reset") -> RefactorCount:
     """Refactor every factor pair of `model` (B A = U S V^T; B = U sqrt(S), A = sqrt(S) V^T) and treat
-    their optimizer state per `state`; return how many pairs fell back from rotate to reset."""
+    their optimizer state per `state`; pairs whose product is zero or rank-deficient are skipped (see
+    the module docstring). Returns (fallbacks from rotate to reset, skipped pairs)."""
     check_choice("state", state, STATE_MODES)
     modules = factor_modules(model)
     if not modules:
         raise ValueError("refactorization needs a model with factored layers (--structure lowrank/lora/sltrain)")
-    fallbacks = 0
+    fallbacks = skipped = 0
     for module in modules:
         a, b = module.lora_A, module.lora_B
+        thin = _thin_svd(_whole(a), _whole(b))
+        if is_deficient(thin[5], b.shape[0], a.shape[1]):  # a DTensor's shape is the whole one
+            skipped += 1
+            continue
+        new_a, new_b = _balanced(thin[0], thin[2], *thin[4:])
         rotate = state == "rotate" and optimizer is not None and all(
             _rotatable(optimizer.state.get(p) or {}, p) for p in (a, b))
-        whole_a, whole_b = _whole(a), _whole(b)
-        rotation = _rotation(whole_a, whole_b) if rotate else None
+        rotation = _rotation(thin) if rotate else None
         if rotation is not None:
-            new_a, new_b, g, g_inv = rotation
+            g, g_inv = rotation
             # dL/dB' = dL/dB G^-T, dL/dA' = G^T dL/dA.
             if optimizer.state.get(b):
                 _rotate_state(optimizer.state[b], None, g_inv.t())
             if optimizer.state.get(a):
                 _rotate_state(optimizer.state[a], g.t(), None)
         else:
-            new_a, new_b, _ = balanced_factors(whole_a, whole_b)
             fallbacks += int(state == "rotate" and optimizer is not None)
             if optimizer is not None:
                 reset_state(optimizer, params=[a, b])
         _write(a, new_a)
         _write(b, new_b)
-    return fallbacks
+    if skipped:
+        warnings.warn(
+            f"refactorization skipped {skipped} of {len(modules)} factor pairs whose product B A is zero or "
+            "rank-deficient (after a lora-merge on the same step B = 0, say); they keep their factors and "
+            "optimizer state, since refactoring them would stop those directions from training",
+            stacklevel=3,  # the caller of refactor_model (no_grad's wrapper is in between)
+        )
+    return RefactorCount(fallbacks, skipped)
 
 
 def _check_ramp(lr_ramp_steps: int, lr_floor: float, every: int) -> None:
@@ -187,21 +226,25 @@ class Refactor(BaseIntervention):
         check_positive_int("every", every)
         check_choice("state", state, STATE_MODES)
         self.every, self.state = every, state
-        self.refactors = self.fallbacks = 0
+        self.refactors = self.fallbacks = self.skipped = 0
 
     def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
         if step % self.every == 0:
-            self.fallbacks += refactor_model(model, optimizer, self.state)
+            count = refactor_model(model, optimizer, self.state)
+            self.fallbacks += count.fallbacks
+            self.skipped += count.skipped
             self.refactors += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "state": self.state, "refactors": self.refactors, "fallbacks": self.fallbacks}
+        return {"every": self.every, "state": self.state, "refactors": self.refactors, "fallbacks": self.fallbacks,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["every"] != self.every or state["state"] != self.state:
             raise ValueError(f"the checkpoint refactored every {state['every']} steps with state={state['state']}; "
                              f"resume with every={state['every']},state={state['state']}")
         self.refactors, self.fallbacks = state["refactors"], state["fallbacks"]
+        self.skipped = state.get("skipped", 0)
 
 
 class Restarts(BaseIntervention):
@@ -214,11 +257,11 @@ class Restarts(BaseIntervention):
         check_positive_int("every", every)
         _check_ramp(lr_ramp_steps, lr_floor, every)
         self.every, self.lr_ramp_steps, self.lr_floor = every, lr_ramp_steps, float(lr_floor)
-        self.restarts = 0
+        self.restarts = self.skipped = 0
 
     def after_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
         if step % self.every == 0:
-            refactor_model(model, None)
+            self.skipped += refactor_model(model, None).skipped
             reset_moments(optimizer)
             self.restarts += 1
 
@@ -226,15 +269,17 @@ class Restarts(BaseIntervention):
         return restart_lr_factor(step, self.every, self.lr_ramp_steps, self.lr_floor)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "restarts": self.restarts}
+        return {"every": self.every, "restarts": self.restarts, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["every"] != self.every:
             raise ValueError(f"the checkpoint restarted every {state['every']} steps; resume with every={state['every']}")
         self.restarts = state["restarts"]
+        self.skipped = state.get("skipped", 0)
 
 
 INTERVENTIONS.register("refactor", Refactor)
 INTERVENTIONS.register("restarts", Restarts)
 
-__all__ = ["Refactor", "Restarts", "STATE_MODES", "balanced_factors", "balanced_factors_svd", "refactor_model"]
+__all__ = ["RefactorCount", "Refactor", "Restarts", "STATE_MODES", "balanced_factors", "balanced_factors_svd",
+           "is_deficient", "refactor_model"]

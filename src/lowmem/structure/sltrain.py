@@ -9,6 +9,10 @@ Han et al., "SLTrain: a sparse plus low-rank approach for parameter and memory e
      (delta = density, 0.03 in the scripts), values U(+-1/sqrt(in)) (kind sparse-values)
 Only S's nonzero values (a 1-D parameter) and their flat row-major positions (a sorted buffer,
 int32 when in * out < 2^31, else int64) are stored and trained; the support never changes.
+From trained dense weights (`apply(model, pretrained=True)`, --init-from): the low-rank part is W's
+truncated SVD (lowmem.structure.lowrank), and S takes the int(delta * in * out) largest-magnitude
+entries of the residual W - scale B A, at their positions (the support, fixed from then on) and
+values: the best approximation of that form given the SVD.
 
 Memory: `SparseLowRankFunction` materializes W for one layer in forward (y = x W^T), frees it, and in
 backward rebuilds it for the input gradient, frees it, then forms the dense weight gradient G = gy^T x
@@ -131,8 +135,19 @@ class SLTrain(RankedStructure):
 
     def convert(self, linear: nn.Linear, path: str) -> nn.Module:
         self.check_linear(linear, path)
-        return SLTrainLinear(linear.in_features, linear.out_features, self.rank, self.alpha, self.density,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+        module = SLTrainLinear(linear.in_features, linear.out_features, self.rank, self.alpha, self.density,
+                               device=linear.weight.device, dtype=linear.weight.dtype)
+        if self.from_dense:
+            residual = self.start_factors(module, linear.weight.detach()).reshape(-1)
+            support = residual.abs().topk(module.sparse_values.numel()).indices.sort().values
+            with torch.no_grad():
+                module.sparse_index.copy_(support.to(module.sparse_index.dtype))
+                module.sparse_values.copy_(residual[support])
+        return module
+
+    def dense_start(self) -> str:
+        return (super().dense_start() + f"; the sparse part holds the residual's {self.density:g} largest-magnitude "
+                "entries (its fixed support)")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "density": self.density}
