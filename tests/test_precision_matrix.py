@@ -79,7 +79,13 @@ def test_two_steps_in_every_precision(label, name, precision):
         optimizer.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
     assert all(params[key].dtype == before.dtype for key, before in trained.items())
-    moved = [key for key, before in trained.items() if not torch.equal(params[key].detach(), before)]
-    # Every trained matrix moved (a bf16 norm weight of 1.0 may not: its spacing there is 2^-7).
-    matrices = [key for key, before in trained.items() if before.dim() >= 2]
-    assert set(matrices) <= set(moved), sorted(set(matrices) - set(moved))
+    # Matrices only: a bf16 norm weight of 1.0 has a spacing of 2^-7 there, more than a step of lr 1e-3.
+    matrices = {key for key, before in trained.items() if before.dim() >= 2}
+    moved = {key for key in matrices if not torch.equal(params[key].detach(), trained[key])}
+    if precision == "bf16-pure":
+        # bf16 weights drop an update under half their spacing (2^-9 to 2^-8 of the weight): SGD's second update of
+        # LoRA's A (its gradient goes through B, which one step of lr 1e-2 moved from 0 to ~1e-5) is
+        # ~1e-8 relative in fp32, and nothing in bf16. Most matrices move.
+        assert len(moved) > len(matrices) / 2, sorted(matrices - moved)
+    else:
+        assert moved == matrices, sorted(matrices - moved)
