@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lowmem.assembly import build_model, build_optimizer
+from lowmem.distributed import barrier
 from lowmem.interventions import RunContext, build_interventions
 from lowmem.models import LlamaConfig
 from lowmem.optim.base import is_dtensor
@@ -126,7 +127,7 @@ def end_workers(rank: int, world_size: int, directory: str, timeout: float = 600
     every group destroyed, then every rank out, then (`exit_process`) leave without running the
     static destructors that race gloo's threads. `directory` is shared by the ranks (the rendezvous
     file's)."""
-    dist.barrier()
+    barrier()
     _wait_for_all(directory, "collectives-done", rank, world_size, timeout)
     dist.destroy_process_group()
     gc.collect()

@@ -137,7 +137,10 @@ def sharded_groups(param: torch.Tensor) -> tuple:
 
 
 def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=dist.ReduceOp.SUM) -> None:
-    """Complete per-tensor partial reductions in place: one flat all-reduce per distinct sharding."""
+    """Complete per-tensor partial reductions in place: one flat all-reduce per distinct sharding
+    (through lowmem.distributed.all_reduce, which runs it on the collective's device)."""
+    from lowmem.distributed import all_reduce
+
     by_groups: dict[tuple, list[torch.Tensor]] = {}
     for partial, pgs in zip(partials, groups):
         if pgs:

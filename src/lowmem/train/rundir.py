@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.config import RunConfig, results_affecting_differences, save_config
-from lowmem.distributed import DistInfo, any_rank
+from lowmem.distributed import DistInfo, any_rank, broadcast_object
 from lowmem.errors import CheckpointError, ConfigError
 from lowmem.train import checkpoint
 
@@ -51,12 +51,7 @@ def _claim_default_dir(config: RunConfig) -> str:
 
 
 def _default_dir_for_all_ranks(config: RunConfig, info: DistInfo) -> str:
-    name = [_claim_default_dir(config) if info.is_main else None]
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(name, src=0)
-    return name[0]
+    return broadcast_object(_claim_default_dir(config) if info.is_main else None, info)
 
 
 def latest_run_dir(root: str | Path | None = None) -> Path:
