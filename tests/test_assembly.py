@@ -306,3 +306,26 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
     fake = tmp_path / "x.py"
     fake.write_text("def f():\n    from lowmem.train.loop import train\n")
     assert "lowmem.train.loop" in _imports(fake)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_model_reaches_its_device_and_dtype_in_one_move(dtype, monkeypatch):
+    """No fp32 model is moved and then cast (on a GPU that spike can exceed the training peak): one
+    `to(device, dtype)` of the model built on the CPU, whose weights are the CPU run's, bit for bit."""
+    torch.manual_seed(0)
+    reference = build_model("cpu-tiny", vocab_size=64, structure={"name": "lowrank", "rank": 4})
+    if dtype is not None:
+        reference = reference.to(dtype)
+    moves = []
+    real_to = nn.Module.to
+
+    def recorded_to(module, *args, **kwargs):
+        moves.append((type(module).__name__, args, kwargs))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", recorded_to)
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=64, structure={"name": "lowrank", "rank": 4}, device="cpu", dtype=dtype)
+    assert moves == [("Llama", (), {"device": "cpu", "dtype": dtype})]
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name

@@ -65,6 +65,45 @@ def test_two_processes_follow_one(mode, tiny_corpus, token_cache, tmp_path):
         assert error < 1e-5, (name, float(error))
 
 
+def test_fsdp2_under_bf16_autocast_gathers_bf16_and_follows_one_process(tiny_corpus, token_cache, tmp_path):
+    """FSDP2 with a MixedPrecisionPolicy (weights gathered in bf16, gradients reduced in fp32) under
+    bf16 autocast: the losses follow the one-process autocast run to bf16's precision."""
+    single = _config(tmp_path, "single", tiny_corpus, token_cache, **{"train.precision": "bf16-autocast"})
+    double = _config(tmp_path, "fsdp2", tiny_corpus, token_cache,
+                     **{"train.precision": "bf16-autocast", "train.distributed": "fsdp2"})
+    _run(single, 1)
+    _run(double, 2)
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp2")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-2), step
+
+
+def test_fsdp2_weights_are_gathered_in_bf16_only_under_autocast():
+    """wrap_model's policy, seen by a layer's forward in a one-process gloo group: the weight it
+    computes with is bf16 under bf16 autocast (the all-gather moved bf16), fp32 otherwise."""
+    code = (
+        "import tempfile, torch, torch.distributed as dist\n"
+        "from lowmem.assembly import autocast\n"
+        "from lowmem.distributed import DistInfo, wrap_model\n"
+        "from lowmem.models import build_model\n"
+        "from lowmem.testing import TINY\n"
+        "dist.init_process_group('gloo', init_method='file://' + tempfile.mktemp(), rank=0, world_size=1)\n"
+        "for precision in ('fp32', 'bf16-autocast'):\n"
+        "    model = wrap_model(build_model(TINY), DistInfo(launched=True), 'fsdp2', precision)\n"
+        "    seen = []\n"
+        "    model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))\n"
+        "    with autocast(precision, 'cpu'):\n"
+        "        model(torch.zeros(1, 4, dtype=torch.long))\n"
+        "    print(precision, seen[0])\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["fp32 torch.float32", "bf16-autocast torch.bfloat16"]
+
+
 def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):
     whole = _config(tmp_path, "whole", tiny_corpus, token_cache, **{"train.distributed": "fsdp2", "optim.name": "adamw"})
     split = _config(tmp_path, "split", tiny_corpus, token_cache, **{

@@ -60,8 +60,30 @@ def test_eval_gives_the_runs_own_perplexity(trained_run, tiny_corpus, tmp_path):
     # A step directory evaluates the same as its run directory.
     step_dir = checkpoint.list_checkpoints(trained_run)[-1]
     assert main(["eval", str(step_dir), "--data", str(tiny_corpus), "--tokens", str(config.train.eval_tokens),
-                 "--output", str(out), "--no-progress"]) == 0
+                 "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert abs(json.loads(out.read_text())["perplexity"] / summary["val_perplexity"] - 1) <= 1e-6
+
+
+def test_eval_runs_on_the_device_asked_for(trained_run, tiny_corpus, capsys, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        _fails(capsys, ["eval", str(trained_run), "--data", str(tiny_corpus), "--device", "cuda"],
+               "no CUDA device is available", "--device cpu")
+    trained = load_trained(trained_run, device="cpu")
+    assert {p.device.type for p in trained.model.parameters()} == {"cpu"}
+    # The device reaches the model and every batch ("meta" stands for a device that is not the CPU;
+    # its losses hold no values to report, which is where this evaluation stops).
+    on_meta = load_trained(trained_run, device=torch.device("meta"))
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+    from lowmem.train.trained import evaluate_source
+
+    seen = []
+    on_meta.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].device.type, kwargs["labels"].device.type)), with_kwargs=True)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        evaluate_source(on_meta, str(tiny_corpus), tokens=100)
+    assert seen and set(seen) == {("meta", "meta")}
 
 
 def yaml_config(run: Path) -> dict:

@@ -313,3 +313,42 @@ def test_read_errors_reach_the_caller_through_the_prefetch_thread(tmp_path, corp
     loader = TokenLoader(open_source(str(tmp_path)), tokenizer, 8, 1)
     with pytest.raises(DataError, match=r"train-0\.jsonl, line 2: not valid JSON"):
         next(loader)
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_steps_read_ahead_give_the_same_batches_and_save_the_position_of_the_next_step(corpus, mode):
+    """A GPU run reads each step's batches one step ahead (DeviceBatches, forced on here on the CPU);
+    the batches are the same, and a checkpoint holds the position of the first batch not handed out,
+    so a resume neither skips nor repeats the step read ahead."""
+    from lowmem.data.loader import DeviceBatches
+
+    source, tokenizer = corpus
+
+    def loader():
+        return TokenLoader(source, tokenizer, 10, 3, mode=mode, seed=3)
+
+    plain, ahead = DeviceBatches(loader(), 2, "cpu"), DeviceBatches(loader(), 2, "cpu", ahead=True)
+    assert not plain.ahead
+    plain.read_ahead()  # the CPU default reads nothing ahead: the loader stands where the steps are
+    assert plain.state_dict() == plain.loader.state_dict()
+    saved = None
+    for step in range(1, 9):
+        expected, got = next(plain), next(ahead)
+        ahead.read_ahead()  # what the trainer does while the step computes
+        ahead.read_ahead()  # once only
+        for left, right in zip(expected, got, strict=True):
+            assert_same_batch(left, right)
+        assert ahead.state_dict() == plain.state_dict() != ahead.loader.state_dict()
+        if step == 4:
+            saved = ahead.state_dict()
+    resumed = DeviceBatches(loader(), 2, "cpu", ahead=True)
+    next(resumed)
+    resumed.read_ahead()
+    resumed.load_state_dict(saved)  # drops what it had read ahead
+    again = DeviceBatches(loader(), 2, "cpu")
+    again.load_state_dict(saved)
+    for _ in range(4):
+        for left, right in zip(next(again), next(resumed), strict=True):
+            assert_same_batch(left, right)
+        resumed.read_ahead()
+    resumed.close()

@@ -19,6 +19,7 @@ from lowmem.memory.measure import (
     optimizer_state_bytes,
     parameter_bytes,
     peak_memory,
+    reset_peak_memory,
     snapshot,
     tensor_bytes,
 )
@@ -78,6 +79,22 @@ def test_peak_memory_on_cpu_is_the_peak_rss_and_sees_a_large_allocation():
     # ru_maxrss of a process holding the 64 MiB tensor (torch itself takes hundreds of MB)
     assert after["peak_bytes"] >= big.numel()
     del big
+
+
+def test_reset_restarts_the_cpu_peak_from_what_is_resident_now():
+    """The trainer resets the peak once the run is assembled, so model loading is not its peak."""
+    import sys
+
+    if sys.platform != "linux" or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        pytest.skip("the CPU peak is reset through Linux's /proc/self/clear_refs")
+    big = torch.ones(256 * 2**20, dtype=torch.uint8)  # 256 MiB resident, then freed
+    high = peak_memory()["peak_bytes"]
+    del big
+    reset_peak_memory()
+    after = peak_memory()["peak_bytes"]
+    if after == high:
+        pytest.skip("this kernel refuses to reset the peak RSS (/proc/self/clear_refs)")
+    assert after <= high - 128 * 2**20
 
 
 def test_snapshot_has_the_keys_the_trainer_records():

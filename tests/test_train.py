@@ -47,6 +47,11 @@ def test_short_run_writes_its_run_directory_and_lowers_perplexity(tiny_corpus, t
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 31))
     assert {"loss", "lr", "tokens", "tokens_per_second", "optimizer_state_bytes"} <= set(train_records[0])
+    # tokens/s leaves out the first steps (CUDA set-up, allocator growth, first SVDs) and says so
+    assert [r["tokens_per_second"] for r in train_records[:3]] == [None] * 3
+    assert all(r["tokens_per_second"] > 0 for r in train_records[3:])
+    assert on_disk["tokens_per_second_steps"] == [4, 30] and on_disk["warmup_steps_excluded"] == 3
+    assert on_disk["wall_seconds"] > 0
     assert [r["step"] for r in records if "val_perplexity" in r] == [0, 15, 30]
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 30
 
@@ -153,3 +158,72 @@ def test_stable_spam_beta1_decay_spans_the_run():
             "print(optimizer_hparams('stable-spam', {}, None, steps=123))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "{'total_T': 123}"
+
+
+def test_tokens_per_second_is_the_steady_rate_and_the_table_says_which_steps():
+    from lowmem.train.log import summary_table
+    from lowmem.train.trainer import Throughput
+
+    rate = Throughput(warmup=2)
+    for step, seconds in zip(range(11, 16), [5.0, 3.0, 1.0, 1.0, 2.0]):  # a resumed process: steps 11-15
+        rate.add(step, seconds, 100)
+    assert rate.summary() == {"tokens_per_second": 300 / 4.0, "tokens_per_second_steps": [13, 15],
+                              "warmup_steps_excluded": 2, "wall_seconds": 12.0}
+    few = Throughput(warmup=3)
+    few.add(1, 2.0, 100)
+    few.add(2, 2.0, 100)
+    assert few.take_window_rate() is None  # nothing but warm-up yet
+    assert few.summary() == {"tokens_per_second": 50.0, "tokens_per_second_steps": [1, 2],
+                             "warmup_steps_excluded": 0, "wall_seconds": 4.0}
+    summary = {"model": "m", "optimizer": "o", "data": "d", "val_perplexity": 2.0, "initial_val_perplexity": 9.0,
+               "tokens": 500, "wall_seconds": 12.0, **rate.summary()}
+    assert "tokens/s (steady, steps 13-15)" in summary_table(summary)
+    assert "tokens/s (steps 1-2) " in summary_table({**summary, **few.summary()})
+
+
+def test_a_step_waits_for_the_host_once_whatever_its_micro_batches(monkeypatch):
+    """The loss and the target count stay on the device until one sync at the step's end (a sync
+    per micro-batch stalls a GPU)."""
+    import torch
+
+    from lowmem.distributed import DistInfo
+    from lowmem.testing import TINY
+    from lowmem.train.step import train_step
+
+    syncs = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            syncs.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class BackwardOnly:  # the update's own syncs (an optimizer's) are not the step's
+        def backward(self, loss, last):
+            loss.backward()
+
+        def apply(self, model, before_update):
+            pass
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (4, 3, 17))
+    micro = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in tokens]
+    syncs.clear()
+    result = train_step(model, BackwardOnly(), micro, info=DistInfo())
+    assert result.updated and result.targets == 4 * 3 * 16
+    assert syncs == ["tolist"]
+
+
+def test_the_memory_peak_restarts_once_the_run_is_assembled(tiny_corpus, token_cache, tmp_path, monkeypatch):
+    """So the reported peak is the training's, not the model loading's or the resume's."""
+    import lowmem.train.trainer as trainer_module
+
+    events = []
+    real_step = trainer_module.train_step
+    monkeypatch.setattr(trainer_module, "reset_peak_memory", lambda: events.append("reset"))
+    monkeypatch.setattr(trainer_module, "train_step", lambda *a, **k: events.append("step") or real_step(*a, **k))
+    train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "run", **{"train.steps": 2})))
+    assert events == ["reset", "step", "step"]

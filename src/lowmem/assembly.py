@@ -6,8 +6,9 @@
     run.optimizer   # built over run.core's role/kind groups, with the run's hyperparameters
     run.interventions, run.structure
 
-The order is torchtitan's: build the preset on the target device, apply the structure (it rewrites
-the hidden matrices before anything else sees them), cast for the precision, wrap for DDP/FSDP2,
+The order is torchtitan's: build the preset, apply the structure (it rewrites the hidden matrices
+before anything else sees them), move to the device in the precision's dtype (one move), wrap for
+DDP/FSDP2 (FSDP2 under bf16 autocast: gathered in bf16, reduced in fp32),
 then build the optimizer over the wrapped parameters and the interventions for the run. The
 trainer, `lowmem memory` (on the meta device), `lowmem.testing`, the benchmarks and the bench
 runner's runs all come through here, so a structure or a method that works in one works in all.
@@ -56,8 +57,11 @@ def build_model(preset: str | LlamaConfig, vocab_size: int | None = None, struct
                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                 init_from: str | None = None) -> nn.Module:
     """The model of a run, unwrapped: the preset (or config), its weights replaced by a Hugging Face
-    LlamaForCausalLM checkpoint if `init_from` names one, the structure applied, cast to `dtype`."""
-    # Initialized on the CPU (or meta) and then moved, so a GPU run starts from the same weights as a CPU run.
+    LlamaForCausalLM checkpoint if `init_from` names one, the structure applied, then put on `device`
+    in `dtype` in one move."""
+    # Initialized on the CPU (or meta), so a GPU run starts from the same weights as a CPU run; then one
+    # `to(device, dtype)`, which converts each tensor on the host before its copy, so the device never
+    # holds an fp32 copy of a bf16 model (a load spike above the training peak at 1B/7B).
     on_meta = device is not None and torch.device(device).type == "meta"
     model = build_preset(preset, vocab_size=vocab_size, device="meta" if on_meta else None)
     if init_from and not on_meta:
@@ -66,10 +70,8 @@ def build_model(preset: str | LlamaConfig, vocab_size: int | None = None, struct
     structure = structure if isinstance(structure, Structure) or structure is None else build_structure(structure)
     if structure is not None:
         structure.apply(model)
-    if device is not None and not on_meta:
-        model.to(device)
-    if dtype is not None:
-        model.to(dtype)
+    if (device is not None and not on_meta) or dtype is not None:
+        model.to(device=None if on_meta else device, dtype=dtype)
     return model
 
 
@@ -147,7 +149,7 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
         )
     configure_memory(core, config.train.activation_checkpointing, config.train.chunked_loss,
                      config.train.loss_chunk, config.train.micro_batch_size * config.data.seq_len)
-    model = wrap_model(core, info, config.train.distributed)
+    model = wrap_model(core, info, config.train.distributed, config.train.precision)
     core = unwrap(model)
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)
     optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.models import count_targets
+from lowmem.train.step import target_count
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,17 @@ class EvalResult:
 
 
 class EvalTotals:
-    """Running sums of an evaluation (float64): token loss, scored tokens, per-batch mean losses, batches."""
+    """Running sums of an evaluation (float64): token loss, scored tokens, per-batch mean losses,
+    batches; kept on the device of the losses added, so adding a batch never waits for it."""
 
-    def __init__(self) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64)
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
 
-    def add(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> int:
-        """Add one batch: its summed token loss (the model's) and its labels; return its scored tokens."""
-        loss = loss_sum.double().item()
-        count = count_targets(labels)
-        self.sums += torch.tensor([loss, count, loss / max(count, 1), 1], dtype=torch.float64)
-        return count
+    def add(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch: its summed token loss (the model's) and its labels."""
+        loss = loss_sum.detach().double().to(self.sums.device)
+        count = target_count(labels.to(self.sums.device)).double()
+        self.sums += torch.stack([loss, count, loss / count.clamp_min(1), torch.ones_like(loss)])
 
     def all_reduce(self, info: DistInfo) -> None:
         all_reduce_sum(self.sums, info)
@@ -72,7 +72,7 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
              autocast: AbstractContextManager, info: DistInfo) -> EvalResult:
     was_training = model.training
     model.eval()
-    totals = EvalTotals()
+    totals = EvalTotals(device)
     # Every rank runs the same number of forward passes (FSDP2 gathers weights collectively), so a
     # rank with no batch left repeats its first one and discards the result.
     per_rank = math.ceil(len(batches) / info.world_size)

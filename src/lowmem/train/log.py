@@ -133,6 +133,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _rate_label(summary: dict[str, Any]) -> str:
+    """What the summary's tokens/s covers: the steps after the warm-up ones, or every step."""
+    steps = summary.get("tokens_per_second_steps")
+    if not steps:  # a summary written before the warm-up steps were left out
+        return "tokens/s"
+    first, last = steps
+    return f"tokens/s ({'steady, ' if summary.get('warmup_steps_excluded') else ''}steps {first}-{last})"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     memory = summary.get("memory", {})
     rows = [
@@ -142,8 +151,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         rows.append(("legacy perplexity (papers' code)", f"{summary['val_legacy_perplexity']:.2f}"))
     rows += [
         ("tokens trained", f"{summary['tokens']:,}"),
-        ("tokens/s", f"{summary['tokens_per_second']:,.0f}"),
-        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        (_rate_label(summary), f"{summary['tokens_per_second']:,.0f}"),
+        ("wall time (training steps)", f"{summary['wall_seconds']:.1f} s"),
     ]
     if "parameter_bytes" in memory:
         rows.append(("weights", format_bytes(memory["parameter_bytes"])))

@@ -7,7 +7,9 @@ Runs this rank's micro-batches (forward with the labels, which returns the summe
 or chunked as the model is set; backward; gradient accumulation), each micro-batch's summed token
 loss scaled by world_size / (non-pad targets of the whole global batch), so the gradient is the
 token-weighted mean over the global batch whatever the accumulation and the number of ranks (DDP and
-FSDP average over ranks, hence the factor world_size). If the loss is finite, the update is applied;
+FSDP average over ranks, hence the factor world_size). The target count, the scale and the loss sum
+stay on the device (float64 sums, as the host's were: the same bits on CPU), and the step waits for
+the device once, at its end, to read its loss. If the loss is finite, the update is applied;
 otherwise nothing is (`StepResult.updated` False).
 
 Where the update happens is the `Update` passed in, not a branch here: `AfterBackward` is
@@ -30,7 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.models import count_targets
+from lowmem.models import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -72,27 +74,49 @@ class AfterBackward:
 
 def train_step(model: nn.Module, update: Update | Optimizer, micro_batches: list[dict[str, torch.Tensor]], *,
                info: DistInfo, autocast: contextlib.AbstractContextManager | None = None,
-               before_update: Callable[[], None] | None = None, distributed: str = "ddp") -> StepResult:
-    """One optimizer step over `micro_batches` (this rank's); `update` is an `Update`, or an optimizer
-    (`AfterBackward(optimizer)`). `model` is what the run calls: a DDP wrapper's forward syncs gradients."""
+               before_update: Callable[[], None] | None = None, distributed: str = "ddp",
+               while_computing: Callable[[], None] | None = None) -> StepResult:
+    """One optimizer step over `micro_batches` (this rank's, on any device: moved to `info.device`);
+    `update` is an `Update`, or an optimizer (`AfterBackward(optimizer)`). `model` is what the run
+    calls: a DDP wrapper's forward syncs gradients. `while_computing()` runs once every forward and
+    backward is launched, before the step waits for its loss: on a GPU, still computing then, what
+    it does (the next step's batch copies) overlaps the step."""
     update = AfterBackward(update) if isinstance(update, Optimizer) else update
     autocast = autocast or contextlib.nullcontext()
-    local_targets = sum(count_targets(mb["labels"]) for mb in micro_batches)
-    global_targets = int(all_reduce_sum(torch.tensor([local_targets], dtype=torch.int64), info).item())
-    scale = info.world_size / max(global_targets, 1)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for i, mb in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
+    batches = [{key: mb[key].to(info.device) for key in ("input_ids", "labels")} for mb in micro_batches]
+    # Counts and sums stay on the device until the step's one host sync at its end.
+    targets = all_reduce_sum(sum(target_count(mb["labels"]) for mb in batches), info)
+    scale = torch.full((), info.world_size, dtype=torch.float64, device=info.device) / targets.clamp_min(1).double()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    for i, mb in enumerate(batches):
+        last = i == len(batches) - 1
         sync = contextlib.nullcontext()
         if info.enabled and distributed == "ddp" and not last:
             sync = model.no_sync()  # all-reduce once, after the last micro-batch
         with sync:
             with autocast:
-                micro_loss = model(mb["input_ids"].to(info.device), labels=mb["labels"].to(info.device))
-            update.backward(micro_loss * scale, last)
-        loss_sum += micro_loss.detach().double().cpu()
-    loss = all_reduce_sum(loss_sum, info).item() / max(global_targets, 1)
+                micro_loss = model(mb["input_ids"], labels=mb["labels"])
+            update.backward(scaled(micro_loss, scale), last)
+        loss_sum += micro_loss.detach().double()
+    if while_computing is not None:
+        while_computing()
+    loss_total, global_targets = torch.stack([all_reduce_sum(loss_sum, info), targets.double()]).tolist()
+    loss = loss_total / max(global_targets, 1)
     if not math.isfinite(loss):
-        return StepResult(loss, global_targets, updated=False)
+        return StepResult(loss, int(global_targets), updated=False)
     update.apply(model, before_update)
-    return StepResult(loss, global_targets, updated=True)
+    return StepResult(loss, int(global_targets), updated=True)
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """`count_targets` kept on the labels' device (a 0-dim int64 tensor): counting on the host
+    would wait for the device."""
+    return labels.ne(IGNORE_INDEX).sum()
+
+
+def scaled(loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`loss * scale` for a float64 0-dim `scale`, computed as `loss * float(scale)` would be: in the
+    precision torch multiplies a Python number in (fp32 for fp32/bf16/fp16 losses, fp64 for fp64),
+    in the loss's dtype, so results are bitwise those of the host-side scale it replaces."""
+    compute = torch.promote_types(loss.dtype, torch.float32)
+    return (loss.to(compute) * scale.to(compute)).to(loss.dtype)

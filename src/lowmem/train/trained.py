@@ -26,7 +26,9 @@ from lowmem import data as lowmem_data
 from lowmem.assembly import autocast, build_model, configure_memory, model_vocab, weight_dtype
 from lowmem.config import RunConfig
 from lowmem.data.tokenizer import bpe_cache_path
+from lowmem.distributed import pick_device
 from lowmem.errors import CheckpointError, ConfigError, DataError, LowmemError, check_choice
+from lowmem.models import count_targets
 from lowmem.structure import Structure, build_structure
 from lowmem.train import checkpoint
 from lowmem.train.evaluate import EvalTotals
@@ -37,7 +39,7 @@ SPLITS = ("auto", "validation", "all")
 
 @dataclass
 class TrainedModel:
-    model: nn.Module  # as trained (structured modules kept), on the CPU, in eval mode
+    model: nn.Module  # as trained (structured modules kept), on the device it was loaded to, in eval mode
     config: RunConfig
     tokenizer: lowmem_data.Tokenizer
     checkpoint: Path  # the step directory read
@@ -98,8 +100,9 @@ def run_tokenizer(config: RunConfig, override: str | None = None, where: Path | 
         raise CheckpointError(f"the tokenizer of {where or 'the run'} ({d.tokenizer!r}) cannot be loaded: {err} Or {fix}") from None
 
 
-def load_trained(path: str | Path, tokenizer: str | None = None) -> TrainedModel:
-    """The model, config and tokenizer of the checkpoint at `path` (a run directory: its newest)."""
+def load_trained(path: str | Path, tokenizer: str | None = None, device: str | torch.device = "cpu") -> TrainedModel:
+    """The model, config and tokenizer of the checkpoint at `path` (a run directory: its newest), the
+    model on `device` ("auto": a GPU if there is one; see lowmem.distributed.pick_device)."""
     step_dir = find_checkpoint(path)
     ranks = sorted(step_dir.glob("rank-*.pt"))
     body = checkpoint.load(step_dir, 0, world_size=len(ranks))
@@ -107,7 +110,8 @@ def load_trained(path: str | Path, tokenizer: str | None = None) -> TrainedModel
     tok = run_tokenizer(config, tokenizer, step_dir)
     structure = build_structure(config.structure)
     model = build_model(config.model, vocab_size=model_vocab(config.model, tok.vocab_size), structure=structure,
-                        device="cpu", dtype=weight_dtype(config.train.precision))
+                        device=pick_device(device) if isinstance(device, str) else device,
+                        dtype=weight_dtype(config.train.precision))
     if len(ranks) > 1 and config.train.distributed == "fsdp2":  # each rank saved its dim-0 shards
         parts = [body["model"]] + [checkpoint.load(step_dir, r, world_size=len(ranks))["model"] for r in range(1, len(ranks))]
         body["model"] = checkpoint.gather_sharded_model_state(model, parts)
@@ -171,17 +175,19 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
         raise ConfigError(f"--tokens must be a positive integer (or left out for the whole source), got {tokens!r}")
     source = eval_source(data, split, text_field or d.text_field)
     batches = lowmem_data.iter_validation_batches(source, trained.tokenizer, seq_len, batch_size, tokens, mode=seq_mode)
-    model, context = trained.model.eval(), autocast(t.precision, "cpu")
-    totals = EvalTotals()
+    model = trained.model.eval()
+    device = next(model.parameters()).device
+    context, totals = autocast(t.precision, device), EvalTotals(device)
     bar = progress_bar(total=tokens, desc="eval", unit="tok", enabled=progress)
-    for batch in batches:
+    for index, batch in enumerate(batches, start=1):
+        labels = batch["labels"].to(device)
         with context:
-            loss = model(batch["input_ids"], labels=batch["labels"])
-        count = totals.add(loss, batch["labels"])
+            loss = model(batch["input_ids"].to(device), labels=labels)
+        totals.add(loss, labels)
         if bar is not None:
-            if totals.batches % 50 == 0:
+            if index % 50 == 0:
                 bar.set_postfix(loss=f"{totals.mean_loss:.4f}")
-            bar.update(count)
+            bar.update(count_targets(batch["labels"]))  # the host's labels: no wait for the device
     if bar is not None:
         bar.close()
     if not totals.tokens:
@@ -228,11 +234,13 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--legacy-perplexity", action="store_true", help="also print the papers' legacy figure")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (auto: a GPU if there is one, else the CPU)")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    trained = load_trained(args.checkpoint, args.tokenizer)
+    trained = load_trained(args.checkpoint, args.tokenizer, device=args.device)
     result = evaluate_source(trained, args.data, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                              seq_mode=args.seq_mode, split=args.split, text_field=args.text_field,
                              progress=not args.no_progress)

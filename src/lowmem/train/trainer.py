@@ -17,7 +17,10 @@ sequence:
     return trainer.finish()    # final checkpoint, evaluation, summary.json, loss.png
 
 One optimizer step is lowmem.train.step.train_step, with the update applied where `Trainer.update`
-says (after backward). SIGTERM/SIGINT, at any time of the run, finish the current step, save and
+says (after backward); its batches come from lowmem.data.loader.DeviceBatches (on a GPU, pinned and
+copied one step ahead while the step computes). tokens/s, in the log and the summary, leaves out
+each process's first WARMUP_STEPS steps and the summary names the steps it covers (the wall time
+counts them all); the memory peak restarts once the run is assembled. SIGTERM/SIGINT, at any time of the run, finish the current step, save and
 exit cleanly (after the last step the run simply finishes: its checkpoint is written before the
 final evaluation); a second signal stops at once. A non-finite loss stops the run (or is skipped, up
 to K); non-finite weights are never checkpointed.
@@ -37,8 +40,10 @@ import torch
 from lowmem import data as lowmem_data
 from lowmem.assembly import Run, assemble, autocast
 from lowmem.config import RunConfig
+from lowmem.data.loader import DeviceBatches
 from lowmem.distributed import DistInfo, any_rank, init_distributed, shutdown
 from lowmem.errors import ConfigError, LowmemError
+from lowmem.memory.measure import reset_peak_memory
 from lowmem.models import count_parameters
 from lowmem.optim.base import local_tensor
 from lowmem.train import checkpoint
@@ -97,24 +102,50 @@ class Progress:
         self.initial_eval = EvalResult(**state["initial_eval"]) if state.get("initial_eval") else None
 
 
+# A process's first training steps are left out of tokens/s: they pay one-time costs (CUDA and
+# cuBLAS set-up, the allocator growing, a projection method's first SVDs) that differ by method.
+WARMUP_STEPS = 3
+
+
 @dataclass
 class Throughput:
-    """Seconds and tokens of training steps only (not evaluation or checkpoint writing): the whole
-    run's, and the window since the last logged step's."""
+    """Seconds and tokens of this process's training steps only (not evaluation or checkpoint
+    writing): all of them (`seconds`: the wall time), and the steady state after the first `warmup`,
+    whole and in the window since the last logged step."""
 
+    warmup: int = WARMUP_STEPS
+    steps: int = 0
     seconds: float = 0.0
+    tokens: int = 0
+    first_step: int = 0  # the first step this process timed, and the last
+    last_step: int = 0
+    steady_seconds: float = 0.0
+    steady_tokens: int = 0
     window_seconds: float = 0.0
     window_tokens: int = 0
 
-    def add(self, seconds: float, tokens: int) -> None:
-        self.seconds, self.window_seconds, self.window_tokens = (
-            self.seconds + seconds, self.window_seconds + seconds, self.window_tokens + tokens)
+    def add(self, step: int, seconds: float, tokens: int) -> None:
+        self.steps, self.seconds, self.tokens, self.last_step = self.steps + 1, self.seconds + seconds, self.tokens + tokens, step
+        self.first_step = self.first_step or step
+        if self.steps > self.warmup:
+            self.steady_seconds, self.steady_tokens = self.steady_seconds + seconds, self.steady_tokens + tokens
+            self.window_seconds, self.window_tokens = self.window_seconds + seconds, self.window_tokens + tokens
 
-    def take_window_rate(self) -> float:
-        """Tokens per second over the window, which starts again."""
-        rate = self.window_tokens / max(self.window_seconds, 1e-9)
+    def take_window_rate(self) -> float | None:
+        """Tokens per second over the window's steady steps (None: warm-up steps only), which starts again."""
+        rate = self.window_tokens / self.window_seconds if self.window_seconds > 0 else None
         self.window_seconds, self.window_tokens = 0.0, 0
         return rate
+
+    def summary(self) -> dict[str, Any]:
+        """tokens/s of the steady steps, the steps it covers ([first, last]) and how many warm-up steps
+        it leaves out (0, every step, when there were no more than `warmup`); the wall time of every step."""
+        if self.steady_seconds > 0:
+            rate, first, left_out = self.steady_tokens / self.steady_seconds, self.first_step + self.warmup, self.warmup
+        else:
+            rate, first, left_out = self.tokens / max(self.seconds, 1e-9), self.first_step, 0
+        return {"tokens_per_second": rate, "tokens_per_second_steps": [first, self.last_step],
+                "warmup_steps_excluded": left_out, "wall_seconds": self.seconds}
 
 
 def micro_batches_per_step(config: RunConfig, info: DistInfo) -> int:
@@ -186,17 +217,18 @@ class Trainer:
         self.update = AfterBackward(self.run.optimizer, t.clip_grad_norm)
         self.progress, self.throughput, self.gradient_bytes = Progress(), Throughput(), 0
         self.metrics: MetricsLog | None = None
-        self.bar, self.last_checkpoint, self._batches = None, None, None
+        self.bar, self.last_checkpoint = None, None
         # Last: the loader starts a prefetch thread, which close() stops.
         self.loader = lowmem_data.TokenLoader(source, tokenizer, d.seq_len, t.micro_batch_size, mode=d.seq_mode,
                                               seed=t.seed, rank=info.rank, world_size=info.world_size)
+        self.batches = DeviceBatches(self.loader, self.accumulation, info.device)
         self.components = self._components()
 
     def _components(self) -> dict[str, checkpoint.Stateful]:
         """What a checkpoint holds, by name (lowmem.train.checkpoint.components_state)."""
         components: dict[str, checkpoint.Stateful] = {
             "progress": self.progress, "model": checkpoint.ModelComponent(self.run.model),
-            "optimizer": checkpoint.OptimizerComponent(self.run.optimizer), "loader": self.loader,
+            "optimizer": checkpoint.OptimizerComponent(self.run.optimizer), "loader": self.batches,
             "interventions": checkpoint.NamedComponents(self.run.interventions), "rng": checkpoint.RngComponent(),
         }
         if self.run.structure is not None:
@@ -245,16 +277,17 @@ class Trainer:
             # A bar redrawn in place on a terminal; one plain line per log interval in a log file.
             self.bar = progress_bar(total=t.steps, initial=self.progress.step, desc=self.config.optim.name, unit="step")
         self.run.model.train()
-        self._batches = iter(self.loader)
+        # The peak from here on is the training's, not the model's loading or the resume's.
+        reset_peak_memory()
 
     def step(self) -> StepResult:
         """One optimizer step, its interventions' hooks, and its log line at the log interval."""
         t, run = self.config.train, self.run
         started, step = time.perf_counter(), self.progress.step + 1
         factor = self._set_lr(step)
-        result = train_step(run.model, self.update, [next(self._batches) for _ in range(self.accumulation)],
-                            info=self.info, autocast=self.autocast, before_update=self._before_update,
-                            distributed=t.distributed)
+        result = train_step(run.model, self.update, next(self.batches), info=self.info, autocast=self.autocast,
+                            before_update=self._before_update, distributed=t.distributed,
+                            while_computing=self.batches.read_ahead)
         if not result.updated:
             self._skip_nonfinite(result.loss, step)
         log_now = step % t.log_every == 0 or step == t.steps
@@ -265,7 +298,7 @@ class Trainer:
         self.progress.step, self.progress.tokens = step, self.progress.tokens + result.targets
         for intervention in run.interventions:
             intervention.after_step(step, run.core, run.optimizer)
-        self.throughput.add(time.perf_counter() - started, result.targets)
+        self.throughput.add(step, time.perf_counter() - started, result.targets)
         if log_now:
             self._log_step(result, factor * run.optimizer.param_groups[0]["initial_lr"], memory)
         if self.bar:
@@ -376,7 +409,8 @@ class Trainer:
         if self.metrics:
             self.metrics.write(record)
         if self.bar:
-            self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:,.0f}")
+            rate = record["tokens_per_second"]
+            self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s="warm-up" if rate is None else f"{rate:,.0f}")
 
     def _evaluate_and_log(self) -> EvalResult:
         result = evaluate(self.run.model, self.val_batches, self.info.device, self.autocast, self.info)
@@ -399,8 +433,7 @@ class Trainer:
             "val_loss": final.loss, "val_perplexity": final.perplexity,
             "val_legacy_perplexity": final.legacy_perplexity if config.train.legacy_perplexity else None,
             "val_tokens": final.tokens, "initial_val_perplexity": progress.initial_eval.perplexity,
-            "tokens_per_second": progress.tokens / max(self.throughput.seconds, 1e-9),
-            "wall_seconds": self.throughput.seconds,
+            **self.throughput.summary(),
             "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint),
             "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes,
                        **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
