@@ -285,7 +285,7 @@ def environment(p: Protocol) -> Result:
              "'cuda': torch.version.cuda, 'cuda_available': cuda, "
              "'device': torch.cuda.get_device_name(0) if cuda else platform.processor() or 'cpu', "
              "'device_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None, "
-             "'nccl': '.'.join(map(str, torch.cuda.nccl.version())) if cuda else None, "
+             "'nccl': str(torch.cuda.nccl.version()) if cuda else None, "
              "'tokenizers': tokenizers.__version__, 'cpus': __import__('os').cpu_count()})); "
              f"print({IMPORTED_FROM!r} + lowmem.__file__, file=sys.stderr)")
     log = p.output / "environment.log"
