@@ -356,6 +356,10 @@ class TopologyUpdate(BaseIntervention):
             for layer in sparse_layers(model):
                 layer.capture, layer.dense_grad = True, None
 
+    def reads_gradients(self) -> bool:
+        """Only RigL reads the step's gradients before the update; SET acts after it."""
+        return self.grow == "gradient"
+
     def before_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
         if self.grow == "gradient" and self.is_update(step):
             self.update(step, model, optimizer)
