@@ -14,6 +14,13 @@ Step numbering: `step` is the number of the optimizer step concerned (1-based).
   after_step(step, model, optimizer)  right after optimizer step `step`, before the next forward pass
 `model` is the unwrapped model (no DDP wrapper; FSDP2 shards are DTensors).
 
+With the update inside backward (`--gradient-release`) there is no moment when the step's gradients
+are all alive before the update: each parameter's update runs, and its gradient is freed, as soon as
+backward completes it. `before_step` then runs after backward, the update already applied and the
+gradients gone; an intervention whose `before_step` reads gradients or must precede the update says
+so with `reads_gradients()` (by default: whether its class defines its own `before_step`), and such a
+run is refused before it starts.
+
 Registered in lowmem.registry.INTERVENTIONS by the module that defines each; built from a config
 entry {"name": ..., key: value, ...} (on the command line `--intervention name:key=value,...`).
 """
@@ -79,6 +86,8 @@ class Intervention(Protocol):
 
     def lr_factor(self, step: int) -> float: ...
 
+    def reads_gradients(self) -> bool: ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -100,6 +109,11 @@ class BaseIntervention:
 
     def lr_factor(self, step: int) -> float:
         return 1.0
+
+    def reads_gradients(self) -> bool:
+        """Whether `before_step` needs the step's gradients before the update (this run's settings may
+        decide it); an intervention that defines `before_step` is taken to, unless it says otherwise."""
+        return type(self).before_step is not BaseIntervention.before_step
 
     def state_dict(self) -> dict[str, Any]:
         return {}

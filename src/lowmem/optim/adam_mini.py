@@ -125,6 +125,10 @@ class AdamMini(LowmemOptimizer):
         weight_decay: decoupled, `W *= 1 - lr * weight_decay` before the update.
     """
 
+    # A block is rows of one tensor, so its second moment needs that tensor's gradient only (the one
+    # all-reduce of partial sums batches tensors together only under FSDP2).
+    updates_per_parameter = True
+
     def __init__(
         self,
         params,

@@ -153,6 +153,8 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
 class AdamW(LowmemOptimizer):
     """AdamW over ordinary params or role groups (roles are accepted and ignored: every tensor is Adam's)."""
 
+    updates_per_parameter = True  # Adam is per tensor (lowmem.optim.base.LowmemOptimizer)
+
     def __init__(
         self,
         params,

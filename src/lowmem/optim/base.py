@@ -148,7 +148,7 @@ def all_reduce_partials(partials: list[torch.Tensor], groups: list[tuple], op=di
     for pgs, tensors in by_groups.items():
         flat = torch.cat([t.reshape(-1) for t in tensors])
         for pg in pgs:
-            dist.all_reduce(flat, op=op, group=pg)
+            all_reduce(flat, op=op, group=pg)
         torch._foreach_copy_([t.view(-1) for t in tensors], list(flat.split([t.numel() for t in tensors])))
 
 
@@ -177,7 +177,16 @@ class LowmemOptimizer(torch.optim.Optimizer):
 
     And one rule for every method's state: `load_state_dict` gives back each state tensor with the
     dtype (and values) it was saved with, where torch would cast it to its parameter's dtype.
+
+    A method whose `_step()` updates each parameter from that parameter's gradient and state alone,
+    skipping parameters without a gradient, declares `updates_per_parameter = True`: the update inside
+    backward (`--gradient-release`, lowmem.train.step.InBackward) then runs it one parameter at a time
+    with `step_parameter`, the method's own `_step()` while that parameter's gradient is the only one
+    present, and the weights come out bit for bit as `step()`'s. A method that couples parameters in
+    its update (a norm over all gradients, a step counted per call) leaves it False and is refused there.
     """
+
+    updates_per_parameter: bool = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # torch's checks of params; the defaults merged in
@@ -212,6 +221,16 @@ class LowmemOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._step()
         return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """`param`'s update as `step()` makes it, while `param.grad` is the only gradient present (the
+        caller's guarantee: the update inside backward frees each gradient once it is applied): `_step()`
+        passes over every parameter without a gradient. Only for `updates_per_parameter` methods."""
+        if not self.updates_per_parameter:
+            raise RuntimeError(f"{type(self).__name__} does not declare updates_per_parameter: its update of one "
+                               "parameter may depend on the others' gradients")
+        self._step()
 
     def _step(self) -> None:
         raise NotImplementedError

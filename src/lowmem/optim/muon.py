@@ -125,6 +125,8 @@ class Muon(LowmemOptimizer):
             then keep one momentum buffer each instead of Adam's two moments; see `muon-all`).
     """
 
+    updates_per_parameter = True  # Newton–Schulz orthogonalizes one matrix; momentum and Adam are per tensor
+
     def __init__(
         self,
         params,

@@ -299,6 +299,9 @@ class ProjectedAdam(LowmemOptimizer):
     """
 
     method_name = "projected adam"
+    # A projection is refreshed from its own matrix's gradient on its own step count; the schedule
+    # (positions, stagger offsets) depends on the groups, not on which gradients are present.
+    updates_per_parameter = True
     _schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
 
     # -- hyperparameters and the fallback warning

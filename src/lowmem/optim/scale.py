@@ -228,6 +228,10 @@ class SCALE(LowmemOptimizer):
         ns_steps: Newton–Schulz iterations of the "singular" normalization.
     """
 
+    # Every normalization is of one matrix (its columns, rows, signs or singular values), momentum and
+    # Adam are per tensor: the update of a parameter needs its own gradient only.
+    updates_per_parameter = True
+
     def __init__(
         self,
         params,

@@ -79,6 +79,8 @@ class SMET(LowmemOptimizer):
     """SMET over role/kind groups (see the module docstring); `warmup` is W, `warmup_form` how it acts,
     `density_lr` the lr rule of the sparse layers."""
 
+    updates_per_parameter = True  # block steps and moments are per tensor; dense tensors get AdamW
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
                  density_lr: str = "none", foreach: bool = True) -> None:

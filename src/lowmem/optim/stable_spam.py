@@ -85,6 +85,10 @@ class StableSPAM(LowmemOptimizer):
         total_T: steps over which the cosine factor decays from 1 to eta_min (the run length); None: no decay.
     """
 
+    # Even the global step T is counted per tensor (`global_step` in its state), so a tensor's update
+    # needs its own gradient only.
+    updates_per_parameter = True
+
     def __init__(
         self,
         params,
