@@ -1,9 +1,10 @@
 """The `lowmem` command: train, eval, export, tokenizer, memory, bench.
 
 `lowmem train` with no arguments is the main job: a CPU-tier LLaMA trained for a few minutes on text
-gathered from the Python installation's own documentation, ending with a table of validation
-perplexity, tokens/s and memory. Errors caused by input (LowmemError) print their message, which
-names the fix, and exit with status 2; no traceback.
+gathered from the Python installation's own documentation, with SCALE and each update inside backward
+(--gradient-release), ending with a table of validation perplexity, tokens/s and memory, and the
+estimated memory of the same model under AdamW, SCALE and SCALE with gradient release. Errors caused
+by input (LowmemError) print their message, which names the fix, and exit with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--loss-chunk": ("train.loss_chunk", int, "tokens per chunk of the chunked loss (default 1024)"),
 }
 
+# `lowmem train` with no arguments: the config's defaults (cpu-tiny on the built-in text, 400 steps of
+# 16 x 128 tokens, one micro-batch per step) trained with SCALE at its default lr 1e-3, each update
+# inside backward. Only here: as a config default, release would refuse every accumulating run.
+MAIN_JOB = {"optim.name": "scale", "train.gradient_release": True}
+# The command that compares the methods' perplexity (docs/results.md, "The full CPU grid").
+COMPARE_COMMAND = "lowmem bench configs/grid/cpu-1m.yaml --output runs/grid-1m --workers 2"
+
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain a model", description=__doc__,
@@ -68,6 +76,9 @@ def add_train_parser(subparsers) -> None:
                    help="periodic intervention, e.g. momentum-reset:every=200,lr_ramp_steps=10")
     p.add_argument("--legacy-perplexity", action="store_true", default=None,
                    help="also report the papers' legacy perplexity figure")
+    p.add_argument("--gradient-release", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply each parameter's update inside backward and free its gradient (one micro-batch "
+                        "per step, one process, no clipping): the same weights, gradients held one at a time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: the newest run under runs/")
@@ -96,6 +107,8 @@ def train_config_from_args(args: argparse.Namespace):
         overrides["optim.interventions"] = [parse_spec(s, "intervention") for s in args.intervention]
     if args.legacy_perplexity:
         overrides["train.legacy_perplexity"] = True
+    if args.gradient_release is not None:
+        overrides["train.gradient_release"] = args.gradient_release
     if args.no_progress:
         overrides["train.progress"] = False
     config_path = args.config
@@ -110,7 +123,49 @@ def train_config_from_args(args: argparse.Namespace):
                 config_path = candidate / "config.yaml"
                 overrides.setdefault("train.output_dir", str(candidate))
                 break
+    if config_path is None and args.resume is None and not overrides:
+        overrides = dict(MAIN_JOB)
     return load_config(config_path, overrides)
+
+
+def is_main_job(config) -> bool:
+    """Whether `config` computes what the main job does (settings that only watch a run aside)."""
+    from lowmem.config import load_config, results_affecting_differences
+
+    return not results_affecting_differences(load_config(None, MAIN_JOB).to_dict(), config.to_dict())
+
+
+def main_job_story(config, summary: dict[str, Any]) -> str:
+    """The main job's ending: its perplexity beside the estimated memory of the same model and batch
+    under AdamW, SCALE and SCALE with gradient release, what this run measured, and the command that
+    compares perplexity across methods."""
+    from lowmem.memory import estimate_memory
+    from lowmem.train.log import format_bytes
+
+    t = config.train
+    rows = []
+    for label, name, hparams, release in (("AdamW", "adamw", {}, False),
+                                          ("SCALE", config.optim.name, config.optim.hparams, False),
+                                          ("SCALE, gradient release", config.optim.name, config.optim.hparams, True)):
+        est = estimate_memory(config.model, name, hparams, vocab_size=summary["vocab_size"],
+                              batch_size=t.micro_batch_size, seq_len=config.data.seq_len, precision=t.precision,
+                              structure=config.structure, activation_checkpointing=t.activation_checkpointing,
+                              chunked_loss=t.chunked_loss, loss_chunk=t.loss_chunk, gradient_release=release)
+        rows.append((label, est.weights, est.gradients, est.optimizer_states, est.activation_peak, est.peak))
+    memory = summary["memory"]
+    lines = [f"SCALE with each update inside backward: validation perplexity {summary['val_perplexity']:.2f} "
+             f"after {summary['tokens']:,} tokens.",
+             f"Memory of {config.model} at {t.micro_batch_size} x {config.data.seq_len} tokens, {t.precision} "
+             "(estimated, lowmem memory):",
+             f"  {'':<24}{'weights':>11}{'gradients':>11}{'optimizer':>11}{'activations':>13}{'peak':>11}"]
+    lines += [f"  {label:<24}" + "".join(f"{format_bytes(n):>{w}}" for n, w in zip(figures, (11, 11, 11, 13, 11)))
+              for label, *figures in rows]
+    if memory.get("gradient_release"):
+        lines.append(f"Measured here: gradients held at once {format_bytes(memory['gradient_high_water_bytes'])} "
+                     f"(estimate {format_bytes(memory['estimate_gradient_bytes'])}); every gradient at once would "
+                     f"be {format_bytes(rows[1][2])}.")
+    lines.append(f"Which method reaches the lowest perplexity on the same tokens: {COMPARE_COMMAND}")
+    return "\n".join(lines)
 
 
 def _list(registry) -> None:
@@ -137,7 +192,9 @@ def run_train(args: argparse.Namespace) -> int:
         resume = args.resume or config.train.output_dir
         if resume is None:
             raise ConfigError("--resume found no run directory; pass --resume RUN_DIR")
-    train(config, resume=resume)
+    summary = train(config, resume=resume)
+    if is_main_job(config) and not summary.get("stopped"):
+        print(main_job_story(config, summary))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Run configuration: dataclasses for model, data, optimizer and training, loaded from YAML and
-overridden from the command line. The defaults are the main job (`lowmem train` with no arguments);
+overridden from the command line. The defaults are the main job's model, data and schedule (`lowmem
+train` with no arguments, which trains them with SCALE, each update inside backward: lowmem.cli.MAIN_JOB);
 the papers' protocol is configs/paper-60m.yaml and the CPU protocol configs/cpu-protocol.yaml.
 
 A config is plain data (strings, numbers, lists, dicts) so it round-trips through YAML and is stored
@@ -99,6 +100,10 @@ class TrainConfig:
     # on | off | auto (on when one micro-batch's fp32 logits reach 256 MiB; lowmem.models.chunked_loss).
     chunked_loss: str = "auto"
     loss_chunk: int = 1024
+    # Each parameter's update inside backward, as soon as its gradient is complete, which is then freed:
+    # the gradients held at once are the largest one, not all of them (lowmem.train.step.InBackward).
+    # Needs one micro-batch per step on one process, no clipping; the same weights bit for bit.
+    gradient_release: bool = False
 
 
 @dataclass
@@ -323,6 +328,7 @@ HARMLESS = {
     "train.keep_checkpoints", "train.output_dir", "train.skip_nonfinite", "data.cache_dir",
     "train.legacy_perplexity", "train.log_to",
     "train.activation_checkpointing",  # recomputes the same ops: bitwise the same gradients
+    "train.gradient_release",  # the same updates, applied in backward: bitwise the same weights
 }
 
 

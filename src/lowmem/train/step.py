@@ -15,9 +15,9 @@ otherwise nothing is (`StepResult.updated` False).
 Where the update happens is the `Update` passed in, not a branch here: `AfterBackward` is
 torch.optim's way (gradients accumulate over the micro-batches; then `before_update()`, the hook
 interventions use to see live gradients, optional clipping, `optimizer.step()`; gradients are left
-in place for the caller, which measures them, to zero). An update applied inside backward, per
-parameter as its gradient completes, is another `Update` whose `backward` arms it on the last
-micro-batch.
+in place for the caller, which measures them, to zero). `InBackward` (`--gradient-release`) applies
+each parameter's update inside backward, as soon as its gradient is complete, and frees the gradient:
+the gradients held at once are one parameter's, not the model's.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.distributed import DistInfo, all_reduce_sum
+from lowmem.errors import ConfigError
 from lowmem.models import IGNORE_INDEX
 
 
@@ -39,17 +40,18 @@ from lowmem.models import IGNORE_INDEX
 class StepResult:
     loss: float  # token-weighted mean loss over the global batch
     targets: int  # non-pad target tokens of the global batch
-    updated: bool  # False when the loss was not finite and the update was not applied
+    updated: bool  # False when the loss (or, inside backward, a gradient) was not finite: no update, or part of it
 
 
 class Update(Protocol):
     """Where a step's update happens: each micro-batch's backward goes through `backward` (`last`:
     the step's last micro-batch, whose backward completes the gradients), and `apply` follows once
-    the step's loss is known to be finite."""
+    the step's loss is known to be finite; it returns False if it could not apply the whole update
+    (None or True: applied)."""
 
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
 
-    def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> None: ...
+    def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> bool | None: ...
 
 
 class AfterBackward:
@@ -70,6 +72,95 @@ class AfterBackward:
         if self.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
+
+
+class InBackward:
+    """The update inside backward (`--gradient-release`): each parameter's update runs in its
+    post-accumulate-grad hook, as soon as backward has completed its gradient, through the optimizer's
+    own `_step()` (LowmemOptimizer.step_parameter), and the gradient is freed right after it. Backward
+    no longer needs a weight once its gradient is complete (every node that used it has run), so the
+    updates are the step's own, bit for bit: the same weights as `AfterBackward`. The learning rate is
+    the groups' `lr` when backward starts (the trainer sets it before the step).
+
+    What it needs, which lowmem.train.trainer.check_gradient_release asks before a run starts: a method
+    that declares `updates_per_parameter`; the step's whole gradient from one backward (one micro-batch,
+    no accumulation); one process (DDP all-reduces gradients in buckets after the hooks have fired, and
+    FSDP2 assigns sharded gradients after its reduce-scatter, so a hook would see a local gradient or
+    none); no clipping (the global norm needs every gradient before any update); no intervention whose
+    `before_step` reads gradients (`before_update()` runs after backward, every update applied).
+
+    Non-finite values. The loss is checked before backward (one host sync): a non-finite loss skips
+    backward and the step (`--skip-nonfinite` counts it). A finite loss can still give a non-finite
+    gradient (an overflow in backward): each hook checks its gradient's sum, which is finite only if
+    every entry is (one pass and one host sync per parameter), before applying it. The first
+    non-finite gradient stops the step's updates: the parameters updated before it keep their update,
+    no other parameter is updated, every gradient is still freed, `nonfinite` names the parameter and
+    the step counts as skipped (`apply` returns False). (`AfterBackward` would apply it.)
+
+    `gradient_peak` is the most bytes of `.grad` tensors held at once, over every step so far: one
+    parameter's gradient, the largest, while the update inside backward works as it should.
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module) -> None:
+        if not getattr(optimizer, "updates_per_parameter", False):
+            raise ConfigError(
+                f"{type(optimizer).__name__} cannot update inside backward: it does not declare that a parameter's "
+                "update needs that parameter's gradient alone (LowmemOptimizer.updates_per_parameter); train it "
+                "without --gradient-release"
+            )
+        self.optimizer = optimizer
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.gradient_peak = 0
+        self.nonfinite: str | None = None
+        self._params: list[torch.Tensor] = []
+        self._armed = False
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if not last:
+            raise ConfigError("the update inside backward needs the step's whole gradient from one backward: "
+                              "train with one micro-batch per step (--micro-batch-size equal to --batch-size)")
+        self.nonfinite = None
+        if not bool(torch.isfinite(loss)):  # the sync before backward: train_step then skips the step
+            return
+        self._hook_new_parameters()
+        self.optimizer.zero_grad(set_to_none=True)  # so each hook's gradient is the only one present
+        self._armed = True
+        try:
+            loss.backward()
+        finally:
+            self._armed = False
+
+    def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> bool:
+        """The updates ran in backward; `before_update()` runs now (interventions that read no gradients).
+        False when a non-finite gradient stopped the updates."""
+        if self.nonfinite is not None:
+            return False
+        if before_update is not None:
+            before_update()
+        return True
+
+    def _hook_new_parameters(self) -> None:
+        # Every step, so a parameter that joined the optimizer since (add_param_group, a replaced
+        # parameter) is updated too.
+        hooked = {id(p) for p in self._params}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and id(param) not in hooked:
+                    param.register_post_accumulate_grad_hook(self._update_and_free)
+                    self._params.append(param)
+                    hooked.add(id(param))
+
+    def _update_and_free(self, param: torch.Tensor) -> None:
+        if not self._armed:  # a backward outside a training step (a test's, an intervention's): kept
+            return
+        held = sum(p.grad.numel() * p.grad.element_size() for p in self._params if p.grad is not None)
+        self.gradient_peak = max(self.gradient_peak, held)
+        if self.nonfinite is None:
+            if bool(torch.isfinite(param.grad.sum())):
+                self.optimizer.step_parameter(param)
+            else:
+                self.nonfinite = self.names.get(id(param), "a parameter")
+        param.grad = None
 
 
 def train_step(model: nn.Module, update: Update | Optimizer, micro_batches: list[dict[str, torch.Tensor]], *,
@@ -104,8 +195,8 @@ def train_step(model: nn.Module, update: Update | Optimizer, micro_batches: list
     loss = loss_total / max(global_targets, 1)
     if not math.isfinite(loss):
         return StepResult(loss, int(global_targets), updated=False)
-    update.apply(model, before_update)
-    return StepResult(loss, int(global_targets), updated=True)
+    updated = update.apply(model, before_update) is not False
+    return StepResult(loss, int(global_targets), updated=updated)
 
 
 def target_count(labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ sequence:
     return trainer.finish()    # final checkpoint, evaluation, summary.json, loss.png
 
 One optimizer step is lowmem.train.step.train_step, with the update applied where `Trainer.update`
-says (after backward); its batches come from lowmem.data.loader.DeviceBatches (on a GPU, pinned and
+says (after backward, or inside it with train.gradient_release); its batches come from lowmem.data.loader.DeviceBatches (on a GPU, pinned and
 copied one step ahead while the step computes). tokens/s, in the log and the summary, leaves out
 each process's first WARMUP_STEPS steps and the summary names the steps it covers (the wall time
 counts them all); the memory peak restarts once the run is assembled. SIGTERM/SIGINT, at any time of the run, finish the current step, save and
@@ -52,7 +52,7 @@ from lowmem.train.log import MetricsLog, plot_loss_curve, progress_bar, summary_
 from lowmem.train.rundir import RunDirectory, open_run_dir
 from lowmem.train.schedule import lr_factor
 from lowmem.train.sinks import check_sinks, open_sinks
-from lowmem.train.step import AfterBackward, StepResult, train_step
+from lowmem.train.step import AfterBackward, InBackward, StepResult, train_step
 
 
 class TrainingStopped(LowmemError):
@@ -159,6 +159,43 @@ def micro_batches_per_step(config: RunConfig, info: DistInfo) -> int:
     return config.train.batch_size // per_step
 
 
+def check_gradient_release(config: RunConfig, info: DistInfo) -> None:
+    """Refuse, before anything trains, what the update inside backward (lowmem.train.step.InBackward)
+    cannot do: ConfigError naming the setting and the fix. Nothing to check without it."""
+    if not config.train.gradient_release:
+        return
+    from lowmem import optim
+    from lowmem.interventions import build_intervention
+
+    t, off = config.train, "or train without --gradient-release"
+    if info.enabled:
+        raise ConfigError(
+            "--gradient-release runs in one process: under DDP the gradients are all-reduced in buckets after each "
+            "parameter's hook has fired, and FSDP2 assigns its sharded gradients after its reduce-scatter, so the "
+            f"update inside backward would see a local gradient or none; run it without torchrun, {off}")
+    if t.batch_size != t.micro_batch_size:
+        raise ConfigError(
+            f"--gradient-release needs the step's whole gradient from one backward, but batch {t.batch_size} is "
+            f"accumulated over micro-batches of {t.micro_batch_size}; set --micro-batch-size {t.batch_size} (or "
+            f"--batch-size {t.micro_batch_size}), {off}")
+    if t.clip_grad_norm > 0:
+        raise ConfigError(
+            "--gradient-release cannot clip the global gradient norm: the norm needs every gradient before any "
+            f"update, and each update runs as its gradient completes; set --clip-grad-norm 0, {off}")
+    if not getattr(optim.method(config.optim.name).load(), "updates_per_parameter", False):
+        able = [name for name in optim.available() if getattr(optim.method(name).load(), "updates_per_parameter", False)]
+        raise ConfigError(
+            f"optimizer {config.optim.name!r} does not declare that a parameter's update needs that parameter's "
+            f"gradient alone (updates_per_parameter), so it cannot update inside backward; choose one of "
+            f"{', '.join(able)}, {off}")
+    for spec in config.optim.interventions:
+        intervention = build_intervention(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+        if getattr(intervention, "reads_gradients", lambda: True)():
+            raise ConfigError(
+                f"intervention {spec['name']!r} reads the step's gradients before the update (its before_step), "
+                f"and under --gradient-release each gradient is applied and freed as backward goes; drop it, {off}")
+
+
 def first_nonfinite(run: Run) -> str | None:
     """The name of the first weight or optimizer-state tensor (this process's shard) holding NaN/inf."""
     for name, param in run.core.named_parameters():
@@ -188,9 +225,10 @@ def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]
                           batch_size=config.train.micro_batch_size, seq_len=config.data.seq_len,
                           precision=config.train.precision, structure=config.structure,
                           activation_checkpointing=config.train.activation_checkpointing,
-                          chunked_loss=config.train.chunked_loss, loss_chunk=config.train.loss_chunk)
+                          chunked_loss=config.train.chunked_loss, loss_chunk=config.train.loss_chunk,
+                          gradient_release=config.train.gradient_release)
     return {"estimate_paper_gb": est.paper_gb, "estimate_total_bytes": est.total,
-            "estimate_optimizer_state_bytes": est.optimizer_states}
+            "estimate_optimizer_state_bytes": est.optimizer_states, "estimate_gradient_bytes": est.gradients}
 
 
 class Trainer:
@@ -205,6 +243,7 @@ class Trainer:
         self.run_dir, self._resume_body = run_dir.path, run_dir.resume_body
         t, d = config.train, config.data
         self.accumulation = micro_batches_per_step(config, info)
+        check_gradient_release(config, info)
         torch.manual_seed(t.seed)
         source = lowmem_data.open_source(d.source, "train", d.text_field)
         val_source = lowmem_data.open_source(d.source, "validation", d.text_field)
@@ -214,7 +253,8 @@ class Trainer:
         self.val_batches = lowmem_data.validation_batches(val_source, tokenizer, d.seq_len, t.micro_batch_size,
                                                           t.eval_tokens, mode=d.seq_mode)
         self.autocast = autocast(t.precision, info.device)
-        self.update = AfterBackward(self.run.optimizer, t.clip_grad_norm)
+        self.update = (InBackward(self.run.optimizer, self.run.core) if t.gradient_release
+                       else AfterBackward(self.run.optimizer, t.clip_grad_norm))
         self.progress, self.throughput, self.gradient_bytes = Progress(), Throughput(), 0
         self.metrics: MetricsLog | None = None
         self.bar, self.last_checkpoint = None, None
@@ -386,22 +426,26 @@ class Trainer:
         return factor
 
     def _before_update(self) -> None:
-        """The interventions' hook with the step's gradients alive (train_step calls it before the update)."""
+        """The interventions' hook with the step's gradients alive (train_step calls it before the update;
+        inside backward, after it, where only interventions that read no gradients are allowed)."""
         for intervention in self.run.interventions:
             intervention.before_step(self.progress.step + 1, self.run.core, self.run.optimizer)
 
     def _skip_nonfinite(self, loss: float, step: int) -> None:
+        # Inside backward a finite loss can meet a non-finite gradient, which stops the step's updates.
+        bad_gradient = getattr(self.update, "nonfinite", None)
+        what = f"non-finite gradient of {bad_gradient}" if bad_gradient else f"non-finite loss ({loss})"
         self.progress.skipped += 1
         allowed = self.config.train.skip_nonfinite
         if self.progress.skipped > allowed:
             where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                      else "no checkpoint was saved yet")
             raise TrainingStopped(
-                f"non-finite loss ({loss}) at step {step}; {where}. Lower the learning rate or "
+                f"{what} at step {step}; {where}. Lower the learning rate or "
                 "resume from that checkpoint; --skip-nonfinite K skips up to K such steps"
             )
         if self.info.is_main:
-            print(f"warning: non-finite loss at step {step}, update skipped ({self.progress.skipped}/{allowed})")
+            print(f"warning: {what} at step {step}, update skipped ({self.progress.skipped}/{allowed})")
 
     def _log_step(self, result: StepResult, lr: float, memory: dict[str, Any]) -> None:
         record = {"step": self.progress.step, "tokens": self.progress.tokens, "loss": result.loss, "lr": lr,
@@ -422,6 +466,13 @@ class Trainer:
             self.metrics.write({"step": self.progress.step, "tokens": self.progress.tokens, "val_loss": result.loss,
                                 "val_perplexity": result.perplexity})
 
+    def _gradient_release(self) -> dict[str, Any]:
+        """Under release the gradients at a log step are gone (0 bytes): what counts is the most held at
+        once inside backward, measured by the update (the estimate's `estimate_gradient_bytes` beside it)."""
+        if not isinstance(self.update, InBackward):
+            return {"gradient_release": False}
+        return {"gradient_release": True, "gradient_high_water_bytes": self.update.gradient_peak}
+
     def _summary(self, final: EvalResult) -> dict[str, Any]:
         config, run, progress = self.config, self.run, self.progress
         return {
@@ -435,7 +486,7 @@ class Trainer:
             "val_tokens": final.tokens, "initial_val_perplexity": progress.initial_eval.perplexity,
             **self.throughput.summary(),
             "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint),
-            "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes,
+            "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes, **self._gradient_release(),
                        **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
         }
 
@@ -459,6 +510,7 @@ def train(config: RunConfig, resume: str | Path | None = None) -> dict[str, Any]
 def _train(config: RunConfig, info: DistInfo, resume: str | Path | None, stop: StopRequest) -> dict[str, Any]:
     # Settings refused before the run directory is claimed, so a refused run leaves nothing behind.
     micro_batches_per_step(config, info)
+    check_gradient_release(config, info)
     check_sinks(config.train.log_to)
     with open_run_dir(config, info, resume) as run_dir, Trainer(config, info, run_dir, stop) as trainer:
         return trainer.train()

@@ -1,0 +1,228 @@
+"""The update inside backward (`--gradient-release`, issue 25): each parameter's update runs in its
+post-accumulate-grad hook through the optimizer's own `_step()` and frees its gradient
+(lowmem.train.step.InBackward).
+
+- Every registered optimizer (tests/plugins' included) that declares `updates_per_parameter` gives,
+  after 20 steps of `train_step` on CPU in fp32, bit for bit the weights of the update after backward;
+  one that does not is refused. The same with structures (Low-Rank, LoRA, SLTrain, sparse + SMET),
+  with block and selective activation checkpointing and the chunked loss.
+- What cannot combine is refused before anything trains, naming the fix: accumulation, clipping,
+  several processes, an intervention that reads gradients (RigL), a method that is not per parameter.
+- A non-finite loss skips backward and the step; a non-finite gradient stops the step's updates there.
+- A trainer run with gradient release: the same validation loss as without, gradients held one at a
+  time (its summary's high-water mark is the largest gradient, as the estimate says).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_run_overrides
+from test_optimizer_contract import NAMES, contract
+
+from lowmem.assembly import build_model, build_optimizer, configure_memory
+from lowmem.config import load_config, results_affecting_differences
+from lowmem.distributed import DistInfo
+from lowmem.errors import ConfigError
+from lowmem.testing import TINY
+from lowmem.train.step import AfterBackward, InBackward, train_step
+from lowmem.train.trainer import check_gradient_release, train
+
+STEPS = 20
+
+
+def _batch(step: int, batch: int = 8, seq: int = 16) -> list[dict[str, torch.Tensor]]:
+    tokens = torch.randint(0, TINY.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1000 + step))
+    return [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}]
+
+
+def _built(name: str, structure: dict[str, Any] | None = None, checkpointing: str = "none",
+           chunked_loss: str = "off") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    case = contract(name)
+    torch.manual_seed(0)
+    model = build_model(TINY, structure=structure or case.structure)
+    configure_memory(model, checkpointing, chunked_loss, loss_chunk=24, tokens=8 * 16)
+    return model, build_optimizer(name, model, hparams=case.hparams)
+
+
+def _trained(name: str, release: bool, **setting: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights before, weights after) STEPS steps of train_step with the update after or inside backward,
+    the learning rate changed every step (as the trainer's schedule does, before the step)."""
+    model, optimizer = _built(name, **setting)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    update = InBackward(optimizer, model) if release else AfterBackward(optimizer)
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    for step in range(STEPS):
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * (0.5 + 0.5 * (step + 1) / STEPS)
+        assert train_step(model, update, _batch(step), info=DistInfo()).updated
+        if release:  # every gradient was freed by its own update
+            assert all(p.grad is None for p in model.parameters())
+        optimizer.zero_grad(set_to_none=True)
+    return before, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_same_training(name: str, **setting: Any) -> None:
+    before, after = _trained(name, release=False, **setting)
+    _, released = _trained(name, release=True, **setting)
+    moved = [n for n in after if not torch.equal(after[n], before[n])]
+    assert moved, f"{name}: {STEPS} steps moved no weight"
+    different = [n for n in after if not torch.equal(after[n], released[n])]
+    assert not different, f"{name} {setting}: inside backward differs in {different}"
+
+
+def lowmem_method(name: str) -> type:
+    import lowmem.optim
+
+    return lowmem.optim.method(name).load()
+
+
+# ---------------------------------------------------------------------------------------------- equality
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_update_inside_backward_gives_bitwise_the_weights_of_the_update_after_it(name):
+    if not getattr(lowmem_method(name), "updates_per_parameter", False):
+        model, optimizer = _built(name)
+        with pytest.raises(ConfigError, match="cannot update inside backward.*without --gradient-release"):
+            InBackward(optimizer, model)
+        return
+    _assert_same_training(name)
+
+
+LOWRANK = {"name": "lowrank", "rank": 8, "alpha": 4}
+
+
+@pytest.mark.parametrize("name,structure", [
+    ("adamw", LOWRANK), ("scale", LOWRANK), ("sgd-singular", LOWRANK), ("adam-mini", LOWRANK),
+    ("stable-spam", LOWRANK), ("adamw", {"name": "lora", "rank": 8, "alpha": 4}),
+    ("adamw", {"name": "sltrain", "rank": 8, "alpha": 4, "density": 0.05}),
+    ("smet", {"name": "sparse", "density": 0.5, "block": 4, "storage": "compact"}),
+    ("smet", {"name": "sparse", "density": 0.5, "block": 4, "storage": "dense"}),
+    ("adamw", {"name": "sparse", "density": 0.5, "block": 4, "storage": "compact"}),
+], ids=lambda value: value["name"] if isinstance(value, dict) else value)
+def test_structures_train_the_same_inside_backward(name, structure):
+    _assert_same_training(name, structure=structure)
+
+
+@pytest.mark.parametrize("name,checkpointing,chunked_loss", [
+    ("scale", "block", "on"), ("adamw", "selective", "off"), ("muon", "block", "off"), ("galore", "none", "on"),
+])
+def test_recomputed_blocks_and_the_chunked_loss_train_the_same_inside_backward(name, checkpointing, chunked_loss):
+    """Backward recomputes a checkpointed block, and the chunked loss computes the head's gradient in
+    its own backward, before any weight they use is updated."""
+    _assert_same_training(name, checkpointing=checkpointing, chunked_loss=chunked_loss)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+def _config(**overrides: Any):
+    return load_config(overrides={"optim.name": "scale", "train.gradient_release": True, **overrides})
+
+
+@pytest.mark.parametrize("overrides,info,fragment", [
+    ({"train.batch_size": 32}, DistInfo(), "accumulated over micro-batches of 16; set --micro-batch-size 32"),
+    ({"train.clip_grad_norm": 1.0}, DistInfo(), "cannot clip the global gradient norm.*--clip-grad-norm 0"),
+    ({}, DistInfo(rank=0, world_size=2), "runs in one process.*DDP.*FSDP2"),
+    ({}, DistInfo(launched=True), "runs in one process"),
+    ({"optim.interventions": [{"name": "topology", "every": 4, "grow": "gradient"}]}, DistInfo(),
+     "intervention 'topology' reads the step's gradients.*drop it"),
+    ({"optim.name": "toy-signum"}, DistInfo(), "optimizer 'toy-signum' does not declare.*choose one of adam-mini"),
+])
+def test_what_cannot_update_inside_backward_is_refused_naming_the_fix(overrides, info, fragment):
+    config = _config(**overrides)
+    with pytest.raises(ConfigError, match=fragment) as refused:
+        check_gradient_release(config, info)
+    assert "or train without --gradient-release" in str(refused.value)
+    check_gradient_release(load_config(overrides={**overrides, "optim.name": config.optim.name}), info)  # off: fine
+
+
+def test_interventions_that_read_no_gradients_run_with_the_update_inside_backward():
+    for spec in ({"name": "topology", "every": 4, "grow": "random"}, {"name": "momentum-reset", "every": 4},
+                 {"name": "restarts", "every": 200}, {"name": "lora-merge", "every": 200}):
+        check_gradient_release(_config(**{"optim.interventions": [spec]}), DistInfo())
+
+
+def test_the_cli_refuses_before_a_run_directory_exists(tiny_corpus, token_cache, tmp_path, capsys):
+    from lowmem.cli import main
+
+    code = main(["train", "--model", "cpu-micro", "--data", str(tiny_corpus), "--vocab-size", "320", "--seq-len", "16",
+                 "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--gradient-release",
+                 "--no-progress", "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "set --micro-batch-size 4" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_may_turn_release_on_or_off():
+    """It changes where the update runs, not what it computes (bitwise: the tests above)."""
+    assert results_affecting_differences(_config().to_dict(), load_config(overrides={"optim.name": "scale"}).to_dict()) == []
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+
+def test_a_non_finite_loss_skips_backward_and_the_step():
+    model, optimizer = _built("adamw")
+    update = InBackward(optimizer, model)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_step(model, update, _batch(0), info=DistInfo())
+    assert not result.updated
+    assert all(p.grad is None for p in model.parameters())  # backward never ran
+    assert not optimizer.state
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) or n == "norm.weight" for n in before)
+
+
+def test_a_non_finite_gradient_stops_the_steps_updates_where_it_is_met():
+    """Backward completes the last block's gradients before the first block's: the parameters updated
+    before the non-finite gradient keep their update, that one and every later one are not updated,
+    every gradient is freed, and the step counts as not updated."""
+    model, optimizer = _built("adamw")
+    update = InBackward(optimizer, model)
+    order: list[str] = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: order.append(names[id(p)]))
+    bad = model.layers[0].mlp.down_proj.weight
+    bad.register_hook(lambda grad: grad * float("inf"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_step(model, update, _batch(0), info=DistInfo())
+    assert not result.updated and update.nonfinite == "layers.0.mlp.down_proj.weight"
+    assert all(p.grad is None for p in model.parameters())
+    after = dict(model.named_parameters())
+    bad_at = order.index(update.nonfinite)
+    assert 0 < bad_at < len(order) - 1
+    for index, name in enumerate(order):
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (index < bad_at), (name, index, bad_at)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+def test_a_run_with_gradient_release_trains_the_same_and_holds_one_gradient_at_a_time(tiny_corpus, token_cache, tmp_path):
+    common = {"optim.name": "scale", "train.steps": 4, "optim.lr": 1e-3}
+    plain = train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "plain", **common)))
+    released = train(load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "released",
+                                                              **common, **{"train.gradient_release": True})))
+    assert released["val_loss"] == plain["val_loss"]
+    memory = released["memory"]
+    assert memory["gradient_release"] and not plain["memory"]["gradient_release"]
+    assert memory["gradient_bytes"] == 0  # measured at a log step: every gradient already freed
+    largest = max(p.numel() * 4 for p in build_model("cpu-tiny", vocab_size=released["vocab_size"]).parameters())
+    assert memory["gradient_high_water_bytes"] == largest == memory["estimate_gradient_bytes"]
+    assert plain["memory"]["estimate_gradient_bytes"] == plain["memory"]["gradient_bytes"] > 4 * largest
+
+
+def test_the_main_job_is_scale_with_the_update_inside_backward():
+    from lowmem.cli import build_parser, is_main_job, train_config_from_args
+
+    config = train_config_from_args(build_parser().parse_args(["train"]))
+    assert config.optim.name == "scale" and config.train.gradient_release
+    assert config.train.batch_size == config.train.micro_batch_size  # so release applies
+    check_gradient_release(config, DistInfo())
+    assert is_main_job(config)
+    assert not is_main_job(train_config_from_args(build_parser().parse_args(["train", "--optimizer", "adamw"])))
