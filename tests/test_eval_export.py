@@ -154,6 +154,26 @@ def test_init_from_the_export_reproduces_the_weights_bitwise(trained_run, export
     assert yaml_config(tmp_path / "continued")["train"]["init_from"] == str(exported)
 
 
+def test_init_from_with_a_structure_starts_from_the_exported_weights(trained_run, exported):
+    # The case: --init-from DIR --structure lowrank started at random-level perplexity because the
+    # structure dropped the pretrained matrices. Now each factored matrix is the best rank-r approximation.
+    from lowmem.structure.lowrank import factor_modules
+
+    dense = load_trained(trained_run).model
+    structured = build_model("cpu-tiny", vocab_size=dense.config.vocab_size, init_from=str(exported),
+                             structure={"name": "lowrank", "rank": 32, "alpha": 32})
+    weights = dict(dense.named_parameters())
+    paths = {id(module): path for path, module in structured.named_modules()}
+    checked = 0
+    for module in factor_modules(structured):
+        trained_weight = weights[f"{paths[id(module)]}.weight"].detach().double()
+        u, s, vh = torch.linalg.svd(trained_weight, full_matrices=False)
+        best = (u[:, :32] * s[:32]) @ vh[:32]
+        assert torch.allclose(module.dense_weight().detach().double(), best, atol=1e-5), paths[id(module)]
+        checked += 1
+    assert checked == 2 * 7  # every hidden matrix of both blocks
+
+
 def _config_file(directory: Path, corpus: Path, cache: Path, out: Path, **extra) -> Path:
     from lowmem.config import save_config
 

@@ -69,7 +69,7 @@ def build_model(preset: str | LlamaConfig, vocab_size: int | None = None, struct
         load_pretrained(model, init_from)
     structure = structure if isinstance(structure, Structure) or structure is None else build_structure(structure)
     if structure is not None:
-        structure.apply(model)
+        structure.apply(model, pretrained=bool(init_from) and not on_meta)
     if (device is not None and not on_meta) or dtype is not None:
         model.to(device=None if on_meta else device, dtype=dtype)
     return model
@@ -153,7 +153,8 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
     core = unwrap(model)
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)
     optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)
-    context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size)
+    context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size,
+                         warmup_ratio=config.train.warmup_ratio, min_lr_ratio=config.train.min_lr_ratio)
     interventions = build_interventions(config.optim.interventions, context)
     return Run(model=model, core=core, optimizer=optimizer, interventions=interventions, structure=structure,
                hparams=hparams)

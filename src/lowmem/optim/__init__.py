@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.errors import ConfigError
+from lowmem.optim.kinds import refusal
 from lowmem.optim.roles import KINDS, ROLES, assign_roles, group_kind, named_roles, param_groups
 from lowmem.registry import OPTIMIZERS, resolve_target
 
@@ -87,6 +88,10 @@ def method(name: str) -> Method:
     return OPTIMIZERS.get(name)
 
 
+def _why(reason: str) -> str:
+    return f"{reason[0].upper()}{reason[1:]}. " if reason else ""
+
+
 def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any) -> Optimizer:
     """Build optimizer `name` over `model`'s role groups.
 
@@ -110,8 +115,8 @@ def build(name: str, model: nn.Module, preset: str | None = None, **hparams: Any
         if kind not in supported:
             raise ConfigError(
                 f"optimizer {name!r} cannot train {kind!r} parameters (made by the model's structure); it "
-                f"handles: {', '.join(sorted(supported))}. Choose another optimizer (adamw handles every kind) "
-                "or another structure"
+                f"handles: {', '.join(sorted(supported))}. {_why(refusal(name, kind))}Choose another optimizer "
+                "(adamw handles every kind) or another structure"
             )
     try:
         return entry.load()(groups, **settings)
