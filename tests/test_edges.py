@@ -145,3 +145,29 @@ def test_memory_takes_opt_like_train_not_as_an_abbreviation_of_optimizer(capsys)
     assert capsys.readouterr().out == with_opt
     assert cli_main(["memory", "--model", "llama-60m", "--optimizer", "galore", "--opt", "rank"]) == 2
     assert "--opt 'rank' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def _tiny_train_args(corpus, cache, output, *extra: str) -> list[str]:
+    output.mkdir(parents=True, exist_ok=True)
+    config = output.parent / f"{output.name}-config.yaml"
+    config.write_text(f"data: {{cache_dir: '{cache}'}}\n")
+    return ["train", "--config", str(config), "--model", "cpu-tiny", "--data", str(corpus), "--vocab-size", "320",
+            "--seq-len", "32", "--batch-size", "4", "--micro-batch-size", "4", "--eval-tokens", "500",
+            "--output-dir", str(output), "--no-progress", *extra]
+
+
+def test_an_intervention_without_its_structure_is_refused_before_any_step(tiny_corpus, token_cache, tmp_path, capsys):
+    # Was: 19 steps trained, then a ValueError traceback at the first merge, exit 1, no checkpoint; with
+    # every below 10 the error blamed a ramp default the user never set.
+    cases = [("lora-merge:every=20,ramp_steps=1", "lora structure", "--structure lora"),
+             ("lora-merge:every=5", "lora structure", "--structure lora"),
+             ("restarts:every=5", "factored layers", "--structure lowrank"),
+             ("refactor:every=20", "factored layers", "--structure lowrank")]
+    for index, (spec, needs, fix) in enumerate(cases):
+        output = tmp_path / f"run{index}"
+        code = cli_main(_tiny_train_args(tiny_corpus, token_cache, output, "--steps", "30", "--intervention", spec))
+        err = capsys.readouterr().err
+        assert code == 2, (spec, err)
+        assert needs in err and fix in err and "ramp" not in err and "Traceback" not in err, (spec, err)
+        assert not list(output.rglob("metrics.jsonl")) or not any(
+            '"step"' in line for path in output.rglob("metrics.jsonl") for line in path.read_text().splitlines())

@@ -154,7 +154,8 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)
     optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)
     context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size,
-                         warmup_ratio=config.train.warmup_ratio, min_lr_ratio=config.train.min_lr_ratio)
+                         warmup_ratio=config.train.warmup_ratio, min_lr_ratio=config.train.min_lr_ratio,
+                         model=core)
     interventions = build_interventions(config.optim.interventions, context)
     return Run(model=model, core=core, optimizer=optimizer, interventions=interventions, structure=structure,
                hparams=hparams)

@@ -7,6 +7,7 @@ from `state_dict()` (tensors and plain numbers only), which checkpoints keep und
 `name`, so after a resume interventions land on the same steps as in an uninterrupted run.
 
 Step numbering: `step` is the number of the optimizer step concerned (1-based).
+  check_model(model)                  a classmethod, before it is built: refuses a model without its structure
   setup(context)                      once, before training: the run's length, rank, world size and
                                       its base lr schedule (`context.base_lr_factor(step)`)
   lr_factor(step)                     multiplies the scheduled lr of optimizer step `step`
@@ -28,7 +29,7 @@ entry {"name": ..., key: value, ...} (on the command line `--intervention name:k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -38,15 +39,27 @@ from lowmem.errors import ConfigError
 from lowmem.registry import INTERVENTIONS
 
 
-def schedule_factor(step: int, total: int, warmup_ratio: float = 0.1, min_ratio: float = 0.1) -> float:
-    """The papers' learning-rate schedule for optimizer step `step` (0-based) of `total`: linear warmup
-    over W = round(warmup_ratio * total) steps, (step + 1) / W, then cosine to `min_ratio`:
-    min + (1 - min) (1 + cos(pi (step - W) / (total - W))) / 2. A pure function of the step, so a
-    resumed run continues it exactly. Defined here, below every user (the trainer's schedule and the
-    interventions whose lr follows it)."""
+SCHEDULES = ("cosine", "wsd")
+
+
+def schedule_factor(step: int, total: int, warmup_ratio: float = 0.1, min_ratio: float = 0.1,
+                    kind: str = "cosine", decay_ratio: float = 0.2) -> float:
+    """The learning-rate schedule for optimizer step `step` (0-based) of `total`: linear warmup over
+    W = round(warmup_ratio * total) steps, (step + 1) / W, then
+      cosine (the papers'): min + (1 - min) (1 + cos(pi (step - W) / (total - W))) / 2;
+      wsd (warmup-stable-decay): 1 until the last D = round(decay_ratio * total) steps, then linearly
+        to `min_ratio` at the last step, so a longer run's stable phase leaves its past unchanged.
+    A pure function of the step, so a resumed run continues it exactly. Defined here, below every user
+    (the trainer's schedule and the interventions whose lr follows it)."""
     warmup = round(warmup_ratio * total)
     if step < warmup:
         return (step + 1) / warmup
+    if kind == "wsd":
+        decay = round(decay_ratio * total)
+        into = step - (total - decay)
+        if decay <= 0 or into < 0:
+            return 1.0
+        return 1.0 - (1.0 - min_ratio) * min(1.0, (into + 1) / decay)
     decay_steps = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -63,6 +76,11 @@ class RunContext:
     world_size: int = 1
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    decay_ratio: float = 0.2
+    # The run's unwrapped model, so each intervention can refuse at start-up a model without the
+    # structure it acts on (check_model); None where a caller has no model (no check).
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def warmup_steps(self) -> int:
@@ -71,7 +89,8 @@ class RunContext:
 
     def base_lr_factor(self, step: int) -> float:
         """The schedule's factor for optimizer step `step` (1-based), before any intervention's."""
-        return schedule_factor(step - 1, self.total_steps, self.warmup_ratio, self.min_lr_ratio)
+        return schedule_factor(step - 1, self.total_steps, self.warmup_ratio, self.min_lr_ratio,
+                               self.schedule, self.decay_ratio)
 
 
 @runtime_checkable
@@ -97,6 +116,11 @@ class BaseIntervention:
     """No-op defaults for every hook, so an intervention defines only the ones it uses."""
 
     name = "intervention"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Refuse (ConfigError naming the fix) a model without the structure this intervention acts on;
+        called before the intervention is built, so a missing structure is named before any setting."""
 
     def setup(self, context: RunContext) -> None:
         pass
@@ -133,6 +157,9 @@ def build_interventions(specs: list[dict[str, Any]], context: RunContext) -> lis
     for spec in specs:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ConfigError(f"an intervention entry must be a mapping with a 'name', got {spec!r}")
+        check_model = getattr(INTERVENTIONS.get(spec["name"]), "check_model", None)
+        if context.model is not None and check_model is not None:
+            check_model(context.model)
         intervention = build_intervention(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
         intervention.setup(context)
         interventions.append(intervention)

@@ -159,6 +159,12 @@ class LoRAMerge(BaseIntervention):
 
     name = "lora-merge"
 
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        if not lora_modules(model):
+            raise ConfigError("intervention 'lora-merge' needs a model with the lora structure; "
+                              "add --structure lora:rank=128 (or drop the intervention)")
+
     def __init__(self, every: int, ramp_steps: int = DEFAULT_RAMP_STEPS, prune: str = "random",
                  prune_ratio: float | None = None, seed: int = 0) -> None:
         check_positive_int("every", every)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lowmem.errors import ConfigError
 from lowmem.interventions import BaseIntervention
 from lowmem.optim.base import check_choice, check_positive_int, is_dtensor, rows_of
 from lowmem.optim.reset import reset_moments, restart_lr_factor
@@ -209,6 +210,12 @@ def refactor_model(model: nn.Module, optimizer: Optimizer | None = None, state: 
     return RefactorCount(fallbacks, skipped)
 
 
+def _check_factored(model: nn.Module, name: str) -> None:
+    if not factor_modules(model):
+        raise ConfigError(f"intervention {name!r} needs a model with factored layers; add --structure "
+                          "lowrank:rank=128 (or lora / sltrain), or drop the intervention")
+
+
 def _check_ramp(lr_ramp_steps: int, lr_floor: float, every: int) -> None:
     if not isinstance(lr_ramp_steps, int) or isinstance(lr_ramp_steps, bool) or not 0 <= lr_ramp_steps <= every:
         raise ValueError(f"invalid lr_ramp_steps: {lr_ramp_steps!r}; it must be an integer in [0, every={every}]")
@@ -221,6 +228,10 @@ class Refactor(BaseIntervention):
     every, 2*every, ...; the factors' state reset (default, the paper's) or rotated."""
 
     name = "refactor"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        _check_factored(model, cls.name)
 
     def __init__(self, every: int, state: str = "reset") -> None:
         check_positive_int("every", every)
@@ -252,6 +263,10 @@ class Restarts(BaseIntervention):
     with its LR dip (lr_floor 0.001, lr_ramp_steps 10: see restart_lr_factor)."""
 
     name = "restarts"
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        _check_factored(model, cls.name)
 
     def __init__(self, every: int, lr_ramp_steps: int = 10, lr_floor: float = 0.001) -> None:
         check_positive_int("every", every)

@@ -1,20 +1,15 @@
-"""Learning-rate schedule of the papers: linear warmup, then cosine decay to a floor.
-
-factor(s) for optimizer step s (0-based) of `total` steps, warmup W = round(warmup_ratio * total):
+"""The run's learning-rate schedule, for optimizer step s (0-based) of `total` steps, warmup
+W = round(warmup_ratio * total):
   s < W:  (s + 1) / W                      (the first step already moves; no wasted step at lr 0)
-  else:   min + (1 - min) * (1 + cos(pi * (s - W) / (total - W))) / 2
-A pure function of the step, so a resumed run continues the schedule exactly.
+  cosine (default, the papers'): min + (1 - min) * (1 + cos(pi * (s - W) / (total - W))) / 2
+  wsd (warmup-stable-decay): 1, then linearly to min over the last round(decay_ratio * total) steps
+A pure function of the step, so a resumed run continues the schedule exactly. One formula, defined in
+lowmem.interventions (below the interventions whose lr follows it, ReLoRA's ramp) and used here.
 """
 
 from __future__ import annotations
 
-import math
+from lowmem.interventions import SCHEDULES
+from lowmem.interventions import schedule_factor as lr_factor
 
-
-def lr_factor(step: int, total: int, warmup_ratio: float = 0.1, min_ratio: float = 0.1) -> float:
-    warmup = round(warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    decay_steps = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+__all__ = ["SCHEDULES", "lr_factor"]
