@@ -171,3 +171,42 @@ def test_an_intervention_without_its_structure_is_refused_before_any_step(tiny_c
         assert needs in err and fix in err and "ramp" not in err and "Traceback" not in err, (spec, err)
         assert not list(output.rglob("metrics.jsonl")) or not any(
             '"step"' in line for path in output.rglob("metrics.jsonl") for line in path.read_text().splitlines())
+
+
+def test_a_resumed_runs_summary_sums_its_segments_and_a_finished_run_resumed_changes_nothing(
+        tiny_corpus, token_cache, tmp_path, capsys):
+    import json
+    import shutil
+
+    from conftest import tiny_run_overrides
+
+    from lowmem.config import load_config
+    from lowmem.train import checkpoint
+    from lowmem.train.trainer import train
+
+    run = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_corpus, token_cache, run, **{"train.checkpoint_every": 6,
+                                                                     "train.keep_checkpoints": 2})
+    train(load_config(overrides=overrides))
+    first, last = checkpoint.list_checkpoints(run)
+    segment_one = checkpoint.load(first)  # the progress component is kept at the top level
+    # Back to step 6, as a run stopped there: the second segment trains steps 7-12.
+    shutil.rmtree(last)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 6))
+    train(load_config(overrides=overrides), resume=run)
+    summary = json.loads((run / "summary.json").read_text())
+    final = checkpoint.load(checkpoint.list_checkpoints(run)[-1])
+    # Was: all tokens over the last segment's wall time.
+    assert summary["segments"] == 2 and final["segments"] == 2
+    assert summary["wall_seconds"] == final["seconds"] > segment_one["seconds"] > 0
+    assert summary["tokens_per_second"] == final["steady_tokens"] / final["steady_seconds"]
+    assert final["timed_tokens"] == summary["tokens"]
+
+    # Was: a second final val_loss in metrics.jsonl and a summary at 2.56e12 tok/s over 0.0 s.
+    files = {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"}
+    capsys.readouterr()
+    again = train(load_config(overrides=overrides), resume=run)
+    assert "is finished" in capsys.readouterr().out
+    assert again == summary
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == files

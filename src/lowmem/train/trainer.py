@@ -28,6 +28,7 @@ to K); non-finite weights are never checkpointed.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -92,14 +93,39 @@ class Progress:
     tokens: int = 0
     skipped: int = 0
     initial_eval: EvalResult | None = None
+    # The trained time of every segment so far (a resumed run's summary sums them, see Throughput):
+    # processes started (segments), the timed steps' seconds and tokens, and their steady part.
+    segments: int = 0
+    seconds: float = 0.0
+    timed_tokens: int = 0
+    steady_seconds: float = 0.0
+    steady_tokens: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                "initial_eval": vars(self.initial_eval) if self.initial_eval else None}
+                "initial_eval": vars(self.initial_eval) if self.initial_eval else None,
+                "segments": self.segments, "seconds": self.seconds, "timed_tokens": self.timed_tokens,
+                "steady_seconds": self.steady_seconds, "steady_tokens": self.steady_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
         self.initial_eval = EvalResult(**state["initial_eval"]) if state.get("initial_eval") else None
+        # Checkpoints from before the segments were timed: the summary covers the segments from here.
+        self.segments, self.seconds = state.get("segments", 0), state.get("seconds", 0.0)
+        self.timed_tokens = state.get("timed_tokens", 0)
+        self.steady_seconds, self.steady_tokens = state.get("steady_seconds", 0.0), state.get("steady_tokens", 0)
+
+    def add_time(self, seconds: float, tokens: int, steady: bool) -> None:
+        self.seconds, self.timed_tokens = self.seconds + seconds, self.timed_tokens + tokens
+        if steady:
+            self.steady_seconds, self.steady_tokens = self.steady_seconds + seconds, self.steady_tokens + tokens
+
+    def throughput(self) -> dict[str, Any]:
+        """tokens/s over every segment's steady steps (each process's first steps left out), or over all
+        timed steps when none was steady; the wall time of every segment's steps."""
+        rate = (self.steady_tokens / self.steady_seconds if self.steady_seconds > 0
+                else self.timed_tokens / max(self.seconds, 1e-9))
+        return {"tokens_per_second": rate, "wall_seconds": self.seconds, "segments": self.segments}
 
 
 # A process's first training steps are left out of tokens/s: they pay one-time costs (CUDA and
@@ -256,6 +282,7 @@ class Trainer:
         self.update = (InBackward(self.run.optimizer, self.run.core) if t.gradient_release
                        else AfterBackward(self.run.optimizer, t.clip_grad_norm))
         self.progress, self.throughput, self.gradient_bytes = Progress(), Throughput(), 0
+        self.finished_before = False
         self.metrics: MetricsLog | None = None
         self.bar, self.last_checkpoint = None, None
         # Last: the loader starts a prefetch thread, which close() stops.
@@ -291,6 +318,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """The whole run: start, steps with their evaluations and checkpoints, finish (or stop on a signal)."""
         self.start()
+        if self.finished_before:
+            return self.already_finished()
         while not self.done:
             self.step()
             self.maybe_evaluate()
@@ -306,6 +335,10 @@ class Trainer:
         if self._resume_body is not None:
             checkpoint.load_components(self.components, self._resume_body)
             resume_step, self._resume_body = self.progress.step, None
+            if self.done:  # nothing to train: the run directory stays as it is
+                self.finished_before = True
+                return
+        self.progress.segments += 1
         if self.info.is_main:
             sinks = open_sinks(t.log_to, self.run_dir, self.config.to_dict(), resume_step)
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=resume_step, sinks=sinks)
@@ -338,7 +371,9 @@ class Trainer:
         self.progress.step, self.progress.tokens = step, self.progress.tokens + result.targets
         for intervention in run.interventions:
             intervention.after_step(step, run.core, run.optimizer)
-        self.throughput.add(step, time.perf_counter() - started, result.targets)
+        seconds = time.perf_counter() - started
+        self.throughput.add(step, seconds, result.targets)
+        self.progress.add_time(seconds, result.targets, steady=self.throughput.steps > self.throughput.warmup)
         if log_now:
             self._log_step(result, factor * run.optimizer.param_groups[0]["initial_lr"], memory)
         if self.bar:
@@ -374,6 +409,16 @@ class Trainer:
             print(f"{signal_name} received: stopped after step {self.progress.step}; checkpoint saved "
                   f"to {self.last_checkpoint}. Continue with: lowmem train --resume {self.run_dir}")
         return {"stopped": True, "step": self.progress.step, "checkpoint": str(self.last_checkpoint)}
+
+    def already_finished(self) -> dict[str, Any]:
+        """A resumed run that had already finished: say so, and return its summary unchanged."""
+        summary_path = self.run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"step": self.progress.step}
+        if self.info.is_main:
+            print(f"{self.run_dir} is finished: it trained all {self.config.train.steps} steps, so nothing was "
+                  "changed (its summary.json stands). A longer run needs its own schedule: start it in another "
+                  "--output-dir")
+        return summary
 
     def finish(self) -> dict[str, Any]:
         """The final checkpoint, then the final evaluation, summary.json, loss.png and the table."""
@@ -484,7 +529,7 @@ class Trainer:
             "val_loss": final.loss, "val_perplexity": final.perplexity,
             "val_legacy_perplexity": final.legacy_perplexity if config.train.legacy_perplexity else None,
             "val_tokens": final.tokens, "initial_val_perplexity": progress.initial_eval.perplexity,
-            **self.throughput.summary(),
+            **self.throughput.summary(), **progress.throughput(),
             "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint),
             "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes, **self._gradient_release(),
                        **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
