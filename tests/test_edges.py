@@ -210,3 +210,23 @@ def test_a_resumed_runs_summary_sums_its_segments_and_a_finished_run_resumed_cha
     assert "is finished" in capsys.readouterr().out
     assert again == summary
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == files
+
+
+def test_eval_takes_eval_tokens_as_train_does_and_tokens_as_its_alias(tiny_corpus, token_cache, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    assert cli_main(_tiny_train_args(tiny_corpus, token_cache, run, "--steps", "2")) == 0
+    results = []
+    for flag in ("--eval-tokens", "--tokens"):
+        out = tmp_path / f"eval{flag}.json"
+        assert cli_main(["eval", str(run), "--data", str(tiny_corpus), flag, "300", "--output", str(out),
+                         "--no-progress"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1] and results[0]["tokens"] >= 300
+    capsys.readouterr()
+    try:
+        cli_main(["eval", "--help"])
+    except SystemExit:
+        pass
+    assert "--eval-tokens" in capsys.readouterr().out

@@ -5,7 +5,7 @@
 
 The model is rebuilt as the run built it (`lowmem.assembly.build_model` with the run's preset, vocabulary
 and structure, weights in the run's dtype) and evaluated as the trainer evaluates (`lowmem.train.evaluate`'s
-arithmetic, the same autocast), so on the run's own validation batches (same source, `--tokens`
+arithmetic, the same autocast), so on the run's own validation batches (same source, `--eval-tokens`
 = train.eval_tokens, same seq_len / micro-batch / seq_mode) the figure equals the one the run
 reported. The tokenizer is the run's: a trained BPE is found in its cache (never retrained: a
 retrained tokenizer could differ), a named one is loaded again; `tokenizer=` overrides it.
@@ -172,7 +172,7 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
         raise ConfigError(f"--seq-len {seq_len} is above the model's maximum {trained.model.config.max_seq_len}; "
                           f"use --seq-len {trained.model.config.max_seq_len} or less")
     if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
-        raise ConfigError(f"--tokens must be a positive integer (or left out for the whole source), got {tokens!r}")
+        raise ConfigError(f"--eval-tokens must be a positive integer (or left out for the whole source), got {tokens!r}")
     source = eval_source(data, split, text_field or d.text_field)
     batches = lowmem_data.iter_validation_batches(source, trained.tokenizer, seq_len, batch_size, tokens, mode=seq_mode)
     model = trained.model.eval()
@@ -225,7 +225,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="any source `lowmem train --data` accepts (a .txt file too)")
     p.add_argument("--split", default="auto", choices=SPLITS,
                    help="auto: the validation files if the source has them, else every document; validation; all")
-    p.add_argument("--tokens", type=int, default=None, help="stop after N scored tokens (default: the whole source)")
+    # One name with `lowmem train` (--eval-tokens); --tokens, its older name here, stays an alias.
+    p.add_argument("--eval-tokens", "--tokens", dest="tokens", type=int, default=None,
+                   help="stop after N scored tokens (default: the whole source)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default: the run's micro-batch)")
     p.add_argument("--seq-mode", default=None, help="pad or pack (default: the run's)")
