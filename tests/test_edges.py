@@ -230,3 +230,19 @@ def test_eval_takes_eval_tokens_as_train_does_and_tokens_as_its_alias(tiny_corpu
     except SystemExit:
         pass
     assert "--eval-tokens" in capsys.readouterr().out
+
+
+def test_the_exported_weights_have_the_mode_of_the_other_files(tiny_corpus, token_cache, tmp_path):
+    import os
+    import stat
+
+    run = tmp_path / "run"
+    assert cli_main(_tiny_train_args(tiny_corpus, token_cache, run, "--steps", "2")) == 0
+    previous = os.umask(0o022)
+    try:
+        assert cli_main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir() if path.is_file()}
+    assert modes["model.safetensors"] == 0o644, modes  # was 0600 (safetensors' own mode)
+    assert set(modes.values()) == {0o644}, modes

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def export_hf(path: str | Path, out_dir: str | Path, tokenizer: str | None = Non
         transformers.GenerationConfig(bos_token_id=bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(str(staging))
         save_file(to_hf_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / "README.md").write_text(_readme(trained, sum(p.numel() for p in model.parameters())))
+        # safetensors writes its file 0600; give it the mode every other file got (0666 less the umask).
+        os.chmod(staging / WEIGHTS_FILE, stat.S_IMODE((staging / "README.md").stat().st_mode))
         if out.exists():  # an empty directory (checked above)
             out.rmdir()
         os.replace(staging, out)
