@@ -246,3 +246,25 @@ def test_the_exported_weights_have_the_mode_of_the_other_files(tiny_corpus, toke
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir() if path.is_file()}
     assert modes["model.safetensors"] == 0o644, modes  # was 0600 (safetensors' own mode)
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_an_unsafe_checkpoint_is_refused_by_lowmems_message_alone(tmp_path, recwarn):
+    import os
+    import pickle
+
+    import pytest
+
+    from lowmem.errors import CheckpointError
+    from lowmem.train import checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo unsafe",))
+
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    (step / "rank-0.pt").write_bytes(pickle.dumps({"format": Payload()}, protocol=4))
+    with pytest.raises(CheckpointError, match="lowmem refuses"):
+        checkpoint.load(step)
+    # Was: torch's "Detected pickle protocol 4" UserWarning printed before lowmem's refusal.
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -360,12 +361,20 @@ def _older_intact(step_directory: Path, rank: int) -> str:
         return "resume from an earlier checkpoint"
     for older in reversed([p for p in list_checkpoints(run_dir) if p.name < step_directory.name]):
         try:
-            body = torch.load(older / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+            body = _load_weights_only(older / f"rank-{rank}.pt")
         except Exception:  # noqa: BLE001 - this one is broken too: try the next older
             continue
         if isinstance(body, dict) and body.get("format") == FORMAT:
             return f"the older checkpoint {older} is intact: resume with --resume {older}"
     return f"no older checkpoint in {run_dir / CHECKPOINT_DIR} loads either"
+
+
+def _load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True), without torch's "Detected pickle protocol" warning: a file that is
+    not one of torch's is refused by lowmem's own message, which must be the one a user reads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load(step_directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
@@ -378,7 +387,7 @@ def load(step_directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, 
             "it was written with"
         )
     try:
-        body = torch.load(part, map_location="cpu", weights_only=True)
+        body = _load_weights_only(part)
     except Exception as err:  # noqa: BLE001 - every failure is reported with the file's name
         text = str(err)
         if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
