@@ -268,3 +268,26 @@ def test_an_unsafe_checkpoint_is_refused_by_lowmems_message_alone(tmp_path, recw
         checkpoint.load(step)
     # Was: torch's "Detected pickle protocol 4" UserWarning printed before lowmem's refusal.
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_a_disk_that_holds_one_checkpoint_but_not_two_says_it_must_hold_two(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from lowmem.errors import CheckpointError
+    from lowmem.train import checkpoint
+
+    payload = {"weights": torch.zeros(1000)}
+    checkpoint.save(tmp_path, 1, payload, keep=1)
+    real = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint.save(tmp_path, 2, payload, keep=1)
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    message = str(raised.value)
+    assert "must hold two checkpoints" in message and "before the old one is removed" in message
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001"]  # the order kept

@@ -311,9 +311,13 @@ def _save_failed(run_dir: Path, staging: Path, step: int, body: dict[str, Any], 
     previous = list_checkpoints(run_dir)
     last = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
     reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    # The order that makes a crash safe (the new checkpoint whole before the old one goes) needs room.
+    both = (f" The disk must hold two checkpoints at once (about {2 * payload_bytes(body):,} bytes per process): "
+            "the new one is written whole before the old one is removed, so a crash always leaves one; "
+            "--keep-checkpoints K holds K, plus the one being written." if previous else "")
     return CheckpointError(
         f"could not write the checkpoint of step {step} in {directory} ({reason}); it needs about "
-        f"{payload_bytes(body):,} bytes per process and {free}. The partial {staging.name} was removed and "
+        f"{payload_bytes(body):,} bytes per process and {free}.{both} The partial {staging.name} was removed and "
         f"{last}. Free space or make the directory writable, then resume with: lowmem train --resume {run_dir}"
     )
 
