@@ -291,3 +291,19 @@ def test_a_disk_that_holds_one_checkpoint_but_not_two_says_it_must_hold_two(tmp_
     message = str(raised.value)
     assert "must hold two checkpoints" in message and "before the old one is removed" in message
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001"]  # the order kept
+
+
+def test_betas_given_as_a_word_are_shown_whole_in_the_error():
+    import pytest
+    import torch
+
+    from lowmem.assembly import build_optimizer
+    from lowmem.errors import ConfigError
+
+    model = torch.nn.Linear(4, 4)
+    for name, key in (("adamw", "betas"), ("stable-spam", "betas"), ("adam-mini", "betas"), ("muon", "adam_betas"),
+                      ("scale", "adam_betas")):
+        with pytest.raises((ConfigError, ValueError)) as raised:
+            build_optimizer(name, model, hparams={key: "hello"})
+        # Was: "invalid betas[0]: 'h'" (the string split into characters).
+        assert "'hello'" in str(raised.value) and "'h'" not in str(raised.value), (name, str(raised.value))

@@ -137,7 +137,8 @@ class AdamMini(LowmemOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rows_per_block=None)
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rows_per_block=None)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -164,7 +164,8 @@ class AdamW(LowmemOptimizer):
         weight_decay: float = 0.0,
         foreach: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:

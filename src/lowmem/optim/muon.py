@@ -142,9 +142,10 @@ class Muon(LowmemOptimizer):
         adam_eps: float = 1e-8,
         matrices: str = "hidden",
     ) -> None:
+        adam_betas = tuple(adam_betas) if isinstance(adam_betas, (tuple, list)) else adam_betas  # a string stays whole
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
-                        adam_betas=tuple(adam_betas), adam_eps=adam_eps, matrices=matrices)
+                        adam_betas=adam_betas, adam_eps=adam_eps, matrices=matrices)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -245,7 +245,8 @@ class SCALE(LowmemOptimizer):
         momentum_on: str = "head",
         ns_steps: int = 5,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
+        adam_betas = tuple(adam_betas) if isinstance(adam_betas, (tuple, list)) else adam_betas  # a string stays whole
+        defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on,
                         ns_steps=ns_steps)
         super().__init__(params, defaults)

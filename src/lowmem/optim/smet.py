@@ -84,7 +84,8 @@ class SMET(LowmemOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
                  density_lr: str = "none", foreach: bool = True) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup=warmup,
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup,
                         warmup_form=warmup_form, density_lr=density_lr, foreach=foreach)
         super().__init__(params, defaults)
 

@@ -103,7 +103,8 @@ class StableSPAM(LowmemOptimizer):
         update_gap: int = 1000,
         total_T: int | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
                         gamma2=gamma2, theta=theta, eta_min=eta_min, update_gap=update_gap, total_T=total_T)
         super().__init__(params, defaults)
 
