@@ -307,3 +307,31 @@ def test_betas_given_as_a_word_are_shown_whole_in_the_error():
             build_optimizer(name, model, hparams={key: "hello"})
         # Was: "invalid betas[0]: 'h'" (the string split into characters).
         assert "'hello'" in str(raised.value) and "'h'" not in str(raised.value), (name, str(raised.value))
+
+
+def test_init_from_uses_the_directorys_tokenizer_and_refuses_another(tiny_corpus, token_cache, tmp_path, capsys):
+    import json
+
+    import yaml
+    from conftest import write_corpus
+
+    run = tmp_path / "run"
+    assert cli_main(_tiny_train_args(tiny_corpus, token_cache, run, "--steps", "4")) == 0
+    exported = tmp_path / "hf"
+    assert cli_main(["export", str(run), "--to", "hf", str(exported)]) == 0
+    other = write_corpus(tmp_path / "other-corpus", train_docs=150, validation_docs=30, seed=7)
+    # Was: a new BPE trained on the other corpus, its ids reading the exported embeddings without a word.
+    follow = tmp_path / "follow"
+    args = _tiny_train_args(other, token_cache, follow, "--steps", "2", "--init-from", str(exported))
+    args[args.index("--vocab-size") + 1] = "300"
+    assert cli_main(args) == 0
+    config = yaml.safe_load((follow / "config.yaml").read_text())
+    assert config["data"]["tokenizer"] == str(exported / "tokenizer.json")
+    assert json.loads((follow / "summary.json").read_text())["vocab_size"] == json.loads(
+        (run / "summary.json").read_text())["vocab_size"]
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert cli_main(_tiny_train_args(other, token_cache, refused, "--steps", "2", "--init-from", str(exported),
+                                     "--tokenizer", "t5-base")) == 2
+    err = capsys.readouterr().err
+    assert "holds the tokenizer its embeddings were trained with" in err and "drop --tokenizer" in err

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,25 @@ def run_tokenizer(config: RunConfig, override: str | None = None, where: Path | 
         return lowmem_data.load_tokenizer(d.tokenizer)
     except LowmemError as err:
         raise CheckpointError(f"the tokenizer of {where or 'the run'} ({d.tokenizer!r}) cannot be loaded: {err} Or {fix}") from None
+
+
+def init_from_tokenizer(config: RunConfig) -> RunConfig:
+    """The config a run started from `--init-from DIR` trains with: DIR's own tokenizer.json (its
+    embeddings are indexed by that tokenizer's ids) in place of a BPE trained on the new data; another
+    tokenizer named explicitly is refused, since its ids would read the embeddings of other tokens."""
+    directory = config.train.init_from
+    own = Path(directory).expanduser() / "tokenizer.json" if directory else None
+    if own is None or not own.is_file():
+        return config
+    spec = config.data.tokenizer
+    if spec == "bpe":
+        return replace(config, data=replace(config.data, tokenizer=str(own)))
+    if Path(spec).expanduser().resolve() in (own.resolve(), own.parent.resolve()):
+        return config
+    raise ConfigError(
+        f"--init-from {directory} holds the tokenizer its embeddings were trained with ({own}), but --tokenizer "
+        f"{spec} asks for another, whose token ids would read the embeddings of other tokens; drop --tokenizer "
+        f"(the directory's is used), or pass --tokenizer {own}")
 
 
 def load_trained(path: str | Path, tokenizer: str | None = None, device: str | torch.device = "cpu") -> TrainedModel:

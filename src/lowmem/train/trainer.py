@@ -54,6 +54,7 @@ from lowmem.train.rundir import RunDirectory, open_run_dir
 from lowmem.train.schedule import lr_factor
 from lowmem.train.sinks import check_sinks, open_sinks
 from lowmem.train.step import AfterBackward, InBackward, StepResult, train_step
+from lowmem.train.trained import init_from_tokenizer
 
 
 class TrainingStopped(LowmemError):
@@ -554,6 +555,7 @@ def train(config: RunConfig, resume: str | Path | None = None) -> dict[str, Any]
 
 def _train(config: RunConfig, info: DistInfo, resume: str | Path | None, stop: StopRequest) -> dict[str, Any]:
     # Settings refused before the run directory is claimed, so a refused run leaves nothing behind.
+    config = init_from_tokenizer(config)
     micro_batches_per_step(config, info)
     check_gradient_release(config, info)
     check_sinks(config.train.log_to)
