@@ -335,3 +335,32 @@ def test_init_from_uses_the_directorys_tokenizer_and_refuses_another(tiny_corpus
                                      "--tokenizer", "t5-base")) == 2
     err = capsys.readouterr().err
     assert "holds the tokenizer its embeddings were trained with" in err and "drop --tokenizer" in err
+
+
+def test_the_wsd_schedule_warms_up_stays_then_decays_linearly_over_its_last_fraction(tiny_corpus, token_cache, tmp_path):
+    import json
+
+    import pytest
+
+    from lowmem.interventions import RunContext
+    from lowmem.train.schedule import lr_factor
+
+    total = 100  # warmup 10, stable to step 79, decay over the last 20 steps to 0.1
+    curve = [lr_factor(s, total, 0.1, 0.1, "wsd", 0.2) for s in range(total)]
+    assert curve[:10] == [(s + 1) / 10 for s in range(10)]
+    assert curve[10:80] == [1.0] * 70
+    assert curve[80:] == pytest.approx([1 - 0.9 * (k + 1) / 20 for k in range(20)])
+    assert curve[-1] == pytest.approx(0.1)
+    # A longer run's stable phase leaves its decay-free past as it was (same warmup steps).
+    longer = [lr_factor(s, 200, 0.05, 0.1, "wsd", 0.2) for s in range(80)]
+    assert longer == curve[:80]
+    # cosine stays the default, bit for bit; interventions see the same schedule.
+    assert lr_factor(37, total, 0.1, 0.1) == lr_factor(37, total, 0.1, 0.1, "cosine", 0.2)
+    assert RunContext(total, schedule="wsd").base_lr_factor(90) == curve[89]
+    # Through lowmem train --schedule wsd: the logged lr is the curve's.
+    run = tmp_path / "run"
+    assert cli_main(_tiny_train_args(tiny_corpus, token_cache, run, "--steps", "10", "--schedule", "wsd",
+                                     "--decay-ratio", "0.5", "--lr", "0.001", "--log-every", "1")) == 0
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert lrs == pytest.approx([0.001 * lr_factor(s, 10, 0.1, 0.1, "wsd", 0.5) for s in range(10)])
+    assert cli_main(_tiny_train_args(tiny_corpus, token_cache, tmp_path / "bad", "--steps", "2", "--schedule", "linear")) == 2

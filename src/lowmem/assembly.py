@@ -155,7 +155,7 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
     optimizer = build_optimizer(config.optim.name, core, preset=config.model, hparams=hparams)
     context = RunContext(total_steps=config.train.steps, rank=info.rank, world_size=info.world_size,
                          warmup_ratio=config.train.warmup_ratio, min_lr_ratio=config.train.min_lr_ratio,
-                         model=core)
+                         schedule=config.train.schedule, decay_ratio=config.train.decay_ratio, model=core)
     interventions = build_interventions(config.optim.interventions, context)
     return Run(model=model, core=core, optimizer=optimizer, interventions=interventions, structure=structure,
                hparams=hparams)

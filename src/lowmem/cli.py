@@ -33,6 +33,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--micro-batch-size": ("train.micro_batch_size", int, "sequences per forward pass per process"),
     "--warmup-ratio": ("train.warmup_ratio", float, "fraction of steps of linear warmup"),
     "--min-lr-ratio": ("train.min_lr_ratio", float, "cosine floor as a fraction of the peak lr"),
+    "--schedule": ("train.schedule", str, "lr after warmup: cosine (default) or wsd (warmup-stable-decay)"),
+    "--decay-ratio": ("train.decay_ratio", float, "wsd: the fraction of steps of the final linear decay (default 0.2)"),
     "--clip-grad-norm": ("train.clip_grad_norm", float, "clip the global gradient norm (0: off)"),
     "--precision": ("train.precision", str, "fp32 | bf16-autocast | bf16-pure"),
     "--seed": ("train.seed", int, "seed for initialization and data order"),

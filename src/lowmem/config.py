@@ -21,6 +21,8 @@ import yaml
 
 from lowmem.errors import ConfigError, check_choice
 
+SCHEDULES = ("cosine", "wsd")  # the lr schedules (lowmem.interventions.schedule_factor)
+
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure")
 
 
@@ -77,6 +79,10 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward pass on one rank
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1
+    # The lr after warmup (lowmem.interventions.schedule_factor): cosine to min_lr_ratio (the papers'),
+    # or wsd, warmup-stable-decay: constant, then linear to min_lr_ratio over the last decay_ratio of the steps.
+    schedule: str = "cosine"
+    decay_ratio: float = 0.2
     clip_grad_norm: float = 0.0  # 0: no clipping (the papers' protocol below 7B)
     precision: str = "fp32"
     seed: int = 42
@@ -166,7 +172,8 @@ class RunConfig:
         for name in ("seq_len", "vocab_size"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} must be a positive integer, got {getattr(d, name)!r}")
-        for name in ("warmup_ratio", "min_lr_ratio"):
+        check_choice("schedule", t.schedule, SCHEDULES, ConfigError)
+        for name in ("warmup_ratio", "min_lr_ratio", "decay_ratio"):
             if not 0 <= getattr(t, name) <= 1:
                 raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(t, name)!r}")
         if not t.clip_grad_norm >= 0:

@@ -39,9 +39,6 @@ from lowmem.errors import ConfigError
 from lowmem.registry import INTERVENTIONS
 
 
-SCHEDULES = ("cosine", "wsd")
-
-
 def schedule_factor(step: int, total: int, warmup_ratio: float = 0.1, min_ratio: float = 0.1,
                     kind: str = "cosine", decay_ratio: float = 0.2) -> float:
     """The learning-rate schedule for optimizer step `step` (0-based) of `total`: linear warmup over

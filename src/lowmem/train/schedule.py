@@ -9,7 +9,7 @@ lowmem.interventions (below the interventions whose lr follows it, ReLoRA's ramp
 
 from __future__ import annotations
 
-from lowmem.interventions import SCHEDULES
+from lowmem.config import SCHEDULES
 from lowmem.interventions import schedule_factor as lr_factor
 
 __all__ = ["SCHEDULES", "lr_factor"]
