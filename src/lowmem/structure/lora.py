@@ -92,6 +92,7 @@ class LoRALinear(LowRankLinear):
             return
         import torch.distributed as dist
 
+        from lowmem.distributed import broadcast
         from lowmem.optim.base import rows_of
 
         a, b = self.lora_A.full_tensor(), self.lora_B.full_tensor()
@@ -99,7 +100,7 @@ class LoRALinear(LowRankLinear):
         w0.add_((rows_of(b, self.weight) @ a * self.scale).to(w0.dtype))
         new_a = kaiming_uniform_(torch.empty_like(a))
         group = self.lora_A.device_mesh.get_group()
-        dist.broadcast(new_a, src=dist.get_global_rank(group, 0), group=group)
+        broadcast(new_a, src=dist.get_global_rank(group, 0), group=group)
         self.lora_A.to_local().copy_(rows_of(new_a, self.lora_A))
         self.lora_B.to_local().zero_()
 

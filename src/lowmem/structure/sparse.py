@@ -45,10 +45,10 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lowmem.distributed import all_reduce_sum, broadcast, current_info
 from lowmem.errors import ConfigError, check_choice
 from lowmem.interventions import BaseIntervention, RunContext
 from lowmem.optim.state import reset_state
@@ -401,24 +401,23 @@ class TopologyUpdate(BaseIntervention):
         if not layers:
             raise ConfigError("intervention 'topology' needs a sparse model; add --structure sparse:density=0.5")
         p = drop_fraction(step, self.total_steps, self.drop, self.drop_end)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        info = current_info()
         masks: dict[torch.Tensor, torch.Tensor] = {}
         moved = 0
         for index, layer in enumerate(layers):
             n_move = min(self.n_dropped(layer.n_active, p), layer.n_blocks - layer.n_active)
-            if self.grow == "gradient" and distributed and layer.dense_grad is not None:
+            if self.grow == "gradient" and info.enabled and layer.dense_grad is not None:
                 # Each rank kept its own part; the gradient the update ranks by is their mean (as DDP's).
-                dist.all_reduce(layer.dense_grad)
-                layer.dense_grad.div_(dist.get_world_size())
+                all_reduce_sum(layer.dense_grad, info)
+                layer.dense_grad.div_(info.world_size)
             if n_move > 0:
-                if not distributed or dist.get_rank() == 0:
+                if info.is_main:
                     slots, blocks = self.decide(step, index, layer, n_move)
                 else:
                     slots = torch.empty(n_move, dtype=torch.int64, device=layer.block_index.device)
                     blocks = torch.empty_like(slots)
-                if distributed:
-                    decision = torch.cat([slots.long(), blocks.long()])
-                    dist.broadcast(decision, src=0)
+                if info.enabled:
+                    decision = broadcast(torch.cat([slots.long(), blocks.long()]), src=0, info=info)
                     slots, blocks = decision[:n_move], decision[n_move:]
                 masks[layer.sparse_param] = layer.regrow(slots, blocks)
                 moved += n_move
