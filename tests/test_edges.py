@@ -364,3 +364,16 @@ def test_the_wsd_schedule_warms_up_stays_then_decays_linearly_over_its_last_frac
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
     assert lrs == pytest.approx([0.001 * lr_factor(s, 10, 0.1, 0.1, "wsd", 0.5) for s in range(10)])
     assert cli_main(_tiny_train_args(tiny_corpus, token_cache, tmp_path / "bad", "--steps", "2", "--schedule", "linear")) == 2
+
+
+def test_topology_without_a_sparse_structure_is_refused_before_it_is_built():
+    import pytest
+
+    from lowmem.errors import ConfigError
+    from lowmem.interventions import RunContext, build_interventions
+    from lowmem.models.llama import build_model
+
+    model = build_model("cpu-micro", vocab_size=64)
+    # every=1 with RigL is also a bad setting: the missing structure is what the user hears first.
+    with pytest.raises(ConfigError, match="needs a sparse model"):
+        build_interventions([{"name": "topology", "every": 1, "grow": "gradient"}], RunContext(total_steps=10, model=model))

@@ -156,7 +156,8 @@ def test_the_lr_around_restarts_is_the_releases_jagged_schedule():
     context = RunContext(total_steps=total, warmup_ratio=0.1, min_lr_ratio=0.1)
     merge.setup(context)
     group = {"initial_lr": 1.0, "lr": 0.0}
-    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(steps=total, warmup_ratio=0.1, min_lr_ratio=0.1)),
+    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(steps=total, warmup_ratio=0.1, min_lr_ratio=0.1,
+                                                                                 schedule="cosine", decay_ratio=0.2)),
                               run=SimpleNamespace(interventions=[merge], optimizer=SimpleNamespace(param_groups=[group])))
     lrs = {s: Trainer._set_lr(trainer, s) for s in range(1, total + 1)}
     assert group["lr"] == lrs[total]  # the trainer set it on the group

@@ -323,6 +323,11 @@ class TopologyUpdate(BaseIntervention):
 
     name = "topology"
 
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        if not sparse_layers(model):
+            raise ConfigError("intervention 'topology' needs a sparse model; add --structure sparse:density=0.5")
+
     def __init__(self, every: int = 100, drop: float = 0.2, drop_end: float = 0.005, grow: str = "random",
                  seed: int = 0) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:

@@ -464,9 +464,7 @@ class Trainer:
     def _set_lr(self, step: int) -> float:
         """Set every group's lr for optimizer step `step` (1-based); return the factor on initial_lr."""
         t = self.config.train
-        # getattr: tests/test_relora.py drives _set_lr with a stand-in train config of the cosine fields only.
-        factor = lr_factor(step - 1, t.steps, t.warmup_ratio, t.min_lr_ratio, getattr(t, "schedule", "cosine"),
-                           getattr(t, "decay_ratio", 0.2))
+        factor = lr_factor(step - 1, t.steps, t.warmup_ratio, t.min_lr_ratio, t.schedule, t.decay_ratio)
         for intervention in self.run.interventions:
             factor *= intervention.lr_factor(step)
         for group in self.run.optimizer.param_groups:
