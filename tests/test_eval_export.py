@@ -431,3 +431,22 @@ def test_a_run_with_a_named_hugging_face_tokenizer_exports_it(trained_run, tiny_
     assert [theirs(t)["input_ids"] for t in TEXTS] == ours.encode_batch(TEXTS)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"], config["vocab_size"]) == (ours.eos_id, ours.pad_id, ours.vocab_size)
+
+
+@pytest.mark.parametrize("mode", ["pack", "pad"])
+def test_eval_says_how_many_tokens_it_left_out_and_why(mode, trained_run, tmp_path):
+    # The case: 128 of 159 tokens scored and no word about the other 31.
+    from lowmem.train.trained import evaluate_source, result_table
+
+    trained = load_trained(trained_run, device="cpu")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "words and more words " * (9 + i) for i in range(5)) + "\n")
+    whole = evaluate_source(trained, str(text), seq_len=256, batch_size=2, seq_mode="pad", split="all")
+    assert whole["unscored_tokens"] == 0  # every document fits a row: every target is scored
+    result = evaluate_source(trained, str(text), seq_len=16, batch_size=2, seq_mode=mode, split="all")
+    assert result["unscored_tokens"] > 0
+    # Packed, the five documents form one stream: four more targets (each EOS predicts the next document).
+    assert result["tokens"] + result["unscored_tokens"] == whole["tokens"] + (4 if mode == "pack" else 0)
+    table = result_table(result)
+    assert f"{result['unscored_tokens']:,}" in table
+    assert ("last partial sequence" if mode == "pack" else "longer than a sequence") in table

@@ -534,9 +534,12 @@ def iter_validation_batches(
     max_tokens: int | None,
     mode: str = "pad",
     seed: int = 42,
+    unscored: dict[str, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The batches of `validation_batches`, one at a time (`lowmem eval` streams a whole source);
-    `max_tokens` None reads the documents to the end."""
+    `max_tokens` None reads the documents to the end. `unscored`, if given, counts the targets that
+    the shape leaves out: "cut" (pad mode: the ends of documents longer than a row) and "tail" (pack
+    mode: the stream's last partial sequence), so a caller can say how much text it did not score."""
     _check_shape(seq_len, micro_batch_size, mode)
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ConfigError(f"The validation token budget must be a positive integer, got {max_tokens!r}.")
@@ -548,7 +551,7 @@ def iter_validation_batches(
     )
     rows: list[list[int]] = []
     targets = 0
-    for row in _one_epoch_of_rows(loader):
+    for row in _one_epoch_of_rows(loader, unscored if unscored is not None else {}):
         rows.append(row)
         targets += len(row) - 1
         if len(rows) == micro_batch_size:
@@ -560,12 +563,15 @@ def iter_validation_batches(
         yield make_batch(rows)
 
 
-def _one_epoch_of_rows(loader: TokenLoader) -> Iterator[list[int]]:
+def _one_epoch_of_rows(loader: TokenLoader, unscored: dict[str, int]) -> Iterator[list[int]]:
+    unscored.setdefault("cut", 0)
+    unscored.setdefault("tail", 0)
     stream: list[int] = []
     for position, tokens, _ in _Documents(_tokenized_chunks(loader._reading, _Position(0, 0, 0, 0))):
         if position.epoch > 0:
-            return
+            break
         if loader.mode == "pad":
+            unscored["cut"] += max(0, len(tokens) - (loader.seq_len + 1))
             yield tokens[: loader.seq_len + 1]
             continue
         stream.extend(tokens)
@@ -574,6 +580,7 @@ def _one_epoch_of_rows(loader: TokenLoader) -> Iterator[list[int]]:
             yield stream[start : start + loader.seq_len + 1]
             start += loader.seq_len
         del stream[:start]
+    unscored["tail"] = max(0, len(stream) - 1)  # reached only when the documents ran out
 
 
 def _check_shape(seq_len: int, micro_batch_size: int, mode: str) -> None:

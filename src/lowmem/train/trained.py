@@ -193,7 +193,9 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
     if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
         raise ConfigError(f"--eval-tokens must be a positive integer (or left out for the whole source), got {tokens!r}")
     source = eval_source(data, split, text_field or d.text_field)
-    batches = lowmem_data.iter_validation_batches(source, trained.tokenizer, seq_len, batch_size, tokens, mode=seq_mode)
+    unscored: dict[str, int] = {}
+    batches = lowmem_data.iter_validation_batches(source, trained.tokenizer, seq_len, batch_size, tokens, mode=seq_mode,
+                                                  unscored=unscored)
     model = trained.model.eval()
     device = next(model.parameters()).device
     context, totals = autocast(t.precision, device), EvalTotals(device)
@@ -217,6 +219,7 @@ def evaluate_source(trained: TrainedModel, data: str, tokens: int | None = None,
         "optimizer": trained.config.optim.name, "data": data, "split": split, "seq_len": seq_len,
         "batch_size": batch_size, "seq_mode": seq_mode, "tokens": scores.tokens, "batches": totals.batches,
         "loss": scores.loss, "perplexity": scores.perplexity, "legacy_perplexity": scores.legacy_perplexity,
+        "unscored_tokens": unscored.get("cut", 0) + unscored.get("tail", 0), "unscored": dict(unscored),
     }
     if trained.summary:
         result["run_val_perplexity"] = trained.summary.get("val_perplexity")
@@ -227,8 +230,13 @@ def result_table(result: dict[str, Any], legacy: bool = False) -> str:
     rows = [("perplexity (token-weighted)", f"{result['perplexity']:.4f}"), ("loss (nats/token)", f"{result['loss']:.6f}")]
     if legacy:
         rows.append(("legacy perplexity (papers' code)", f"{result['legacy_perplexity']:.4f}"))
-    rows += [("tokens scored", f"{result['tokens']:,}"),
-             ("sequences", f"{result['batches']} batches x <= {result['batch_size']} x {result['seq_len']} ({result['seq_mode']})")]
+    rows += [("tokens scored", f"{result['tokens']:,}")]
+    if result.get("unscored_tokens"):
+        why = {"cut": "the ends of documents longer than a sequence (pad mode)",
+               "tail": "the last partial sequence of the packed stream (pack mode)"}
+        reasons = "; ".join(f"{n:,} {why[k]}" for k, n in result["unscored"].items() if n)
+        rows.append(("tokens left out", f"{result['unscored_tokens']:,}: {reasons}"))
+    rows += [("sequences", f"{result['batches']} batches x <= {result['batch_size']} x {result['seq_len']} ({result['seq_mode']})")]
     if result.get("run_val_perplexity") is not None:
         rows.append(("the run's own validation perplexity", f"{result['run_val_perplexity']:.4f}"))
     width = max(len(name) for name, _ in rows)
