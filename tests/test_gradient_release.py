@@ -225,4 +225,9 @@ def test_the_main_job_is_scale_with_the_update_inside_backward():
     assert config.train.batch_size == config.train.micro_batch_size  # so release applies
     check_gradient_release(config, DistInfo())
     assert is_main_job(config)
-    assert not is_main_job(train_config_from_args(build_parser().parse_args(["train", "--optimizer", "adamw"])))
+    watched = train_config_from_args(build_parser().parse_args(["train", "--no-progress", "--output-dir", "x"]))
+    assert watched.optim.name == "scale" and watched.train.gradient_release and not watched.train.progress
+    off = train_config_from_args(build_parser().parse_args(["train", "--no-gradient-release"]))
+    assert off.optim.name == "scale" and not off.train.gradient_release and is_main_job(off)
+    other = train_config_from_args(build_parser().parse_args(["train", "--steps", "5"]))
+    assert other.optim.name == "adamw" and not other.train.gradient_release and not is_main_job(other)

@@ -56,9 +56,10 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--loss-chunk": ("train.loss_chunk", int, "tokens per chunk of the chunked loss (default 1024)"),
 }
 
-# `lowmem train` with no arguments: the config's defaults (cpu-tiny on the built-in text, 400 steps of
-# 16 x 128 tokens, one micro-batch per step) trained with SCALE at its default lr 1e-3, each update
-# inside backward. Only here: as a config default, release would refuse every accumulating run.
+# `lowmem train` with no arguments (or only flags that watch a run: --no-progress, --output-dir, ...):
+# the config's defaults (cpu-tiny on the built-in text, 400 steps of 16 x 128 tokens, one micro-batch
+# per step) trained with SCALE at its default lr 1e-3, each update inside backward. Only here: as a
+# config default, release would refuse every accumulating run.
 MAIN_JOB = {"optim.name": "scale", "train.gradient_release": True}
 # The command that compares the methods' perplexity (docs/results.md, "The full CPU grid").
 COMPARE_COMMAND = "lowmem bench configs/grid/cpu-1m.yaml --output runs/grid-1m --workers 2"
@@ -94,7 +95,7 @@ def add_train_parser(subparsers) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from lowmem.config import load_config, parse_key_values, parse_spec
+    from lowmem.config import HARMLESS, load_config, parse_key_values, parse_spec
 
     overrides: dict[str, Any] = {}
     for flag, (key, _, _) in TRAIN_FLAGS.items():
@@ -125,8 +126,8 @@ def train_config_from_args(args: argparse.Namespace):
                 config_path = candidate / "config.yaml"
                 overrides.setdefault("train.output_dir", str(candidate))
                 break
-    if config_path is None and args.resume is None and not overrides:
-        overrides = dict(MAIN_JOB)
+    if config_path is None and args.resume is None and all(key in HARMLESS for key in overrides):
+        overrides = {**MAIN_JOB, **overrides}  # the main job, watched as the flags say
     return load_config(config_path, overrides)
 
 
