@@ -336,7 +336,10 @@ class Trainer:
         if self._resume_body is not None:
             checkpoint.load_components(self.components, self._resume_body)
             resume_step, self._resume_body = self.progress.step, None
-            if self.done:  # nothing to train: the run directory stays as it is
+            # Nothing to train and the run was written whole: its directory stays as it is. A run stopped
+            # after its last checkpoint but before its summary (SIGTERM during the final evaluation)
+            # goes on to finish().
+            if self.done and (self.run_dir / "summary.json").exists():
                 self.finished_before = True
                 return
         self.progress.segments += 1
