@@ -103,8 +103,10 @@ def test_bpe_training_on_one_huge_line_stays_within_a_memory_bound(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "huge.jsonl"), str(tmp_path / "bpe.json")],
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # Measured: 964 MiB when the 8 MB line went to the trainer whole, 313 MiB in pieces.
-    assert int(proc.stdout.split()[-1]) < 600
+    # Measured: 964 MiB when the 8 MB line went to the trainer whole, 313 MiB in pieces on a quiet
+    # machine; the bound leaves room for the Rust trainer's threads holding more under load.
+    peak = int(proc.stdout.split()[-1])
+    assert peak < 800, f"{peak} MiB"
 
 
 def test_bpe_pieces_learn_the_vocabulary_of_the_whole_text(tmp_path):
