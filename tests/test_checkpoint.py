@@ -49,14 +49,19 @@ def _method_overrides(name: str) -> dict:
 
 @pytest.mark.parametrize("name", lowmem.optim.available())
 def test_every_optimizer_resumes_in_a_fresh_trainer_to_bitwise_identical_losses(name, tiny_corpus, token_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **_method_overrides(name), **{
+    assert_resumes_bitwise(tmp_path / "run", tiny_corpus, token_cache, **_method_overrides(name))
+
+
+def assert_resumes_bitwise(run_dir: Path, corpus: Path, cache: Path, **overrides) -> None:
+    """An uninterrupted in-process run, then the same run resumed from its step-RESUME_AT checkpoint
+    in a fresh Trainer: the same losses and final perplexity, floats compared exactly."""
+    config = load_config(overrides=tiny_run_overrides(corpus, cache, run_dir, **overrides, **{
         "train.checkpoint_every": RESUME_AT, "train.keep_checkpoints": 5}))
     whole = train(config)
     uninterrupted = _losses(run_dir)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
     resumed = train(config, resume=checkpoint.step_dir(run_dir, RESUME_AT))
-    assert _losses(run_dir) == uninterrupted  # bitwise: floats compared exactly
+    assert _losses(run_dir) == uninterrupted
     assert resumed["val_perplexity"] == whole["val_perplexity"]
 
 

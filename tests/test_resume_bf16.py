@@ -10,17 +10,14 @@ keeps them as saved; tests/test_state_dtype.py checks the rule tensor by tensor)
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_run_overrides
-from test_checkpoint import RESUME_AT, STEPS, TEST_HPARAMS, _losses
+from test_checkpoint import STEPS, TEST_HPARAMS, _losses, assert_resumes_bitwise
 from test_optimizer_contract import NAMES
 from test_precision_matrix import STRUCTURE_CONFIGS
 
 import lowmem.optim
 from lowmem.assembly import build_model
-from lowmem.config import load_config
 from lowmem.testing import TINY
 from lowmem.train import checkpoint
-from lowmem.train.trainer import train
 
 # The optimizer each structure runs with: the first of these that trains its kinds (SMET for sparse).
 STRUCTURE_OPTIMIZERS = ("smet", "adamw")
@@ -37,17 +34,9 @@ STRUCTURED = {label: (structure, _optimizer_for(structure)) for label, structure
 
 
 def _resumes_bitwise(tmp_path, tiny_corpus, token_cache, name: str, **extra) -> None:
-    run_dir = tmp_path / "run"
-    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, run_dir, **{
+    assert_resumes_bitwise(tmp_path / "run", tiny_corpus, token_cache, **{
         "train.steps": STEPS, "train.precision": "bf16-pure", "optim.name": name,
-        "optim.hparams": TEST_HPARAMS.get(name, {}), "optim.lr": None,
-        "train.checkpoint_every": RESUME_AT, "train.keep_checkpoints": 5}, **extra))
-    whole = train(config)
-    uninterrupted = _losses(run_dir)
-    assert sorted(uninterrupted) == list(range(1, STEPS + 1))
-    resumed = train(config, resume=checkpoint.step_dir(run_dir, RESUME_AT))
-    assert _losses(run_dir) == uninterrupted  # bitwise: floats compared exactly
-    assert resumed["val_perplexity"] == whole["val_perplexity"]
+        "optim.hparams": TEST_HPARAMS.get(name, {}), "optim.lr": None}, **extra)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -240,22 +240,11 @@ def test_projection_methods_refuse_factors_and_say_why(name):
     assert dense.param_groups  # the dense model still trains
 
 
-def test_sgd_column_normalizes_each_factor_along_its_input_dimension_as_scale_does():
+@pytest.mark.parametrize("name", ["scale", "sgd-column"])
+def test_scale_and_sgd_column_normalize_each_factor_along_its_input_dimension(name):
     torch.manual_seed(0)
     model = build_model(TINY, structure={"name": "lowrank", "rank": 8}).double()
-    optimizer = build_optimizer("sgd-column", model, lr=1e-2)
-    layer = model.layers[0].mlp.up_proj
-    before_a, before_b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
-    train_steps(model, optimizer, 1, lr_schedule=False)
-    for after, before in ((layer.lora_A, before_a), (layer.lora_B, before_b)):
-        rms = (after.detach() - before).pow(2).mean(dim=1).sqrt()
-        torch.testing.assert_close(rms, torch.full_like(rms, 1e-2))
-
-
-def test_scale_normalizes_each_factor_along_its_input_dimension():
-    torch.manual_seed(0)
-    model = build_model(TINY, structure={"name": "lowrank", "rank": 8}).double()
-    optimizer = build_optimizer("scale", model, lr=1e-2)
+    optimizer = build_optimizer(name, model, lr=1e-2)
     layer = model.layers[0].mlp.up_proj
     before_a, before_b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     train_steps(model, optimizer, 1, lr_schedule=False)

@@ -51,9 +51,9 @@ from lowmem.optim import Method, register
 from lowmem.optim.base import (
     LowmemOptimizer,
     all_reduce_partials,
-    check_betas,
+    as_pair,
+    check_adam_group,
     check_grad,
-    check_nonneg,
     check_positive_int,
     is_dtensor,
     sharded_groups,
@@ -137,16 +137,13 @@ class AdamMini(LowmemOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rows_per_block=None)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonneg("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         rows_per_block = group["rows_per_block"]
         if rows_per_block is None:  # the default blocks: rows of a matrix, a whole vector
             return

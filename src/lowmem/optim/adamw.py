@@ -30,10 +30,10 @@ import torch
 
 from lowmem.optim.base import (
     LowmemOptimizer,
-    check_betas,
+    as_pair,
+    check_adam_group,
     check_choice,
     check_grad,
-    check_nonneg,
     group_by_device_dtype,
     is_dtensor,
 )
@@ -164,16 +164,13 @@ class AdamW(LowmemOptimizer):
         weight_decay: float = 0.0,
         foreach: bool = True,
     ) -> None:
-        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonneg("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
 
     def _step(self) -> None:
         for group in self.param_groups:

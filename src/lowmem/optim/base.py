@@ -40,6 +40,20 @@ def check_betas(name: str, betas) -> None:
     check_beta(f"{name}[1]", betas[1])
 
 
+def as_pair(betas):
+    """`betas` as a tuple when it is a sequence; anything else (a string from `--opt betas=hello`) stays
+    whole, so check_betas shows it as written rather than as its characters."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
+def check_adam_group(group: dict) -> None:
+    """The hyperparameters every Adam-style group has: lr, betas, eps, weight_decay."""
+    check_nonneg("lr", group["lr"])
+    check_betas("betas", group["betas"])
+    check_nonneg("eps", group["eps"])
+    check_nonneg("weight_decay", group["weight_decay"])
+
+
 def check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"invalid {name}: {value!r}; it must be an integer >= 1")

@@ -46,6 +46,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
+    as_pair,
     check_beta,
     check_betas,
     check_bool,
@@ -142,7 +143,7 @@ class Muon(LowmemOptimizer):
         adam_eps: float = 1e-8,
         matrices: str = "hidden",
     ) -> None:
-        adam_betas = tuple(adam_betas) if isinstance(adam_betas, (tuple, list)) else adam_betas  # a string stays whole
+        adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
                         adam_betas=adam_betas, adam_eps=adam_eps, matrices=matrices)

@@ -80,11 +80,10 @@ import torch
 from lowmem.optim.adamw import RELEASED_LOW_RANK_ADAM, AdamBatch
 from lowmem.optim.base import (
     LowmemOptimizer,
-    check_betas,
+    check_adam_group,
     check_bool,
     check_choice,
     check_grad,
-    check_nonneg,
     check_positive,
     check_positive_int,
     full_matrix_op,
@@ -308,10 +307,7 @@ class ProjectedAdam(LowmemOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonneg("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         check_positive_int("rank", group["rank"])
         check_positive_int("update_proj_gap", group["update_proj_gap"])
         check_positive("scale", group["scale"])

@@ -70,6 +70,7 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
+    as_pair,
     check_beta,
     check_betas,
     check_choice,
@@ -245,7 +246,7 @@ class SCALE(LowmemOptimizer):
         momentum_on: str = "head",
         ns_steps: int = 5,
     ) -> None:
-        adam_betas = tuple(adam_betas) if isinstance(adam_betas, (tuple, list)) else adam_betas  # a string stays whole
+        adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on,
                         ns_steps=ns_steps)

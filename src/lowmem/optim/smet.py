@@ -42,10 +42,10 @@ from lowmem.optim import Method, register
 from lowmem.optim.adamw import AdamBatch, init_adam_state
 from lowmem.optim.base import (
     LowmemOptimizer,
-    check_betas,
+    as_pair,
+    check_adam_group,
     check_choice,
     check_grad,
-    check_nonneg,
     check_nonneg_int,
     is_dtensor,
 )
@@ -84,7 +84,7 @@ class SMET(LowmemOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
                  density_lr: str = "none", foreach: bool = True) -> None:
-        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup,
                         warmup_form=warmup_form, density_lr=density_lr, foreach=foreach)
         super().__init__(params, defaults)
@@ -96,10 +96,7 @@ class SMET(LowmemOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonneg("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         check_nonneg_int("warmup", group["warmup"], zero_means="no warm-up")
         check_choice("density_lr", group["density_lr"], DENSITY_LR)
         check_choice("warmup_form", group["warmup_form"], WARMUP_FORMS)

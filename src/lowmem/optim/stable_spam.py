@@ -51,10 +51,10 @@ from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import (
     LowmemOptimizer,
     all_reduce_partials,
+    as_pair,
+    check_adam_group,
     check_beta,
-    check_betas,
     check_grad,
-    check_nonneg,
     check_nonneg_int,
     check_positive_int,
     local_tensor,
@@ -103,17 +103,14 @@ class StableSPAM(LowmemOptimizer):
         update_gap: int = 1000,
         total_T: int | None = None,
     ) -> None:
-        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas  # a string stays whole (its error shows it)
+        betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
                         gamma2=gamma2, theta=theta, eta_min=eta_min, update_gap=update_gap, total_T=total_T)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonneg("lr", group["lr"])
-        check_betas("betas", group["betas"])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         for name in ("gamma1", "gamma2", "theta"):
             check_beta(name, group[name])
         if not isinstance(group["eta_min"], (int, float)) or not 0.0 <= group["eta_min"] <= 1.0:

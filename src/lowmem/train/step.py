@@ -153,8 +153,9 @@ class InBackward:
     def _update_and_free(self, param: torch.Tensor) -> None:
         if not self._armed:  # a backward outside a training step (a test's, an intervention's): kept
             return
-        held = sum(p.grad.numel() * p.grad.element_size() for p in self._params if p.grad is not None)
-        self.gradient_peak = max(self.gradient_peak, held)
+        # Every other gradient was freed by its own hook, so this one is what is held now (summing
+        # over every parameter here made each step quadratic in the number of parameters).
+        self.gradient_peak = max(self.gradient_peak, param.grad.numel() * param.grad.element_size())
         if self.nonfinite is None:
             if bool(torch.isfinite(param.grad.sum())):
                 self.optimizer.step_parameter(param)
