@@ -48,6 +48,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--skip-nonfinite": ("train.skip_nonfinite", int, "skip up to K steps with a non-finite loss"),
     "--output-dir": ("train.output_dir", str, "run directory (default: a new runs/<model>-<optimizer>-<time>)"),
     "--init-from": ("train.init_from", str, "start from a Hugging Face LlamaForCausalLM directory's safetensors weights"),
+    "--continue-from": ("train.continue_from", str, "start a new run (its own steps and schedule) from a checkpoint's "
+                        "weights, optimizer state and data position: how a finished run trains longer"),
     "--log-to": ("train.log_to", lambda text: [name for name in text.split(",") if name],
                  "also log metrics to tensorboard and/or wandb (comma-separated)"),
     "--activation-checkpointing": ("train.activation_checkpointing", str,

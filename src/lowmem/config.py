@@ -99,6 +99,9 @@ class TrainConfig:
     progress: bool = True
     # A Hugging Face LlamaForCausalLM directory (or cached Hub name) whose safetensors weights start the run.
     init_from: str | None = None
+    # A checkpoint (or run directory: its newest) whose weights, optimizer state, data position and RNG
+    # start this new run, which has its own steps and schedule (lowmem.train.continued).
+    continue_from: str | None = None
     log_to: list[str] = field(default_factory=list)  # extra metric sinks: tensorboard, wandb
     # What the blocks keep for backward: none | block | selective (lowmem.models.llama.CHECKPOINTING_MODES).
     activation_checkpointing: str = "none"

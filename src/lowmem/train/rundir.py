@@ -150,7 +150,8 @@ def _resume_body(config: RunConfig, info: DistInfo, resume: str | Path | None, r
         raise CheckpointError(
             "cannot resume: these settings differ from the checkpoint's and would change results:\n  "
             + "\n  ".join(differences)
-            + "\nresume with the original settings, or start a new run in another --output-dir"
+            + "\nresume with the original settings, or start a new run in another --output-dir (to train longer "
+            f"from here with its own steps and schedule: --continue-from {resume})"
         )
     return body
 

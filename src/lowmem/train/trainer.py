@@ -48,6 +48,7 @@ from lowmem.memory.measure import reset_peak_memory
 from lowmem.models import count_parameters
 from lowmem.optim.base import local_tensor
 from lowmem.train import checkpoint
+from lowmem.train.continued import continue_body, continued_from, describe, load_continued
 from lowmem.train.evaluate import EvalResult, evaluate
 from lowmem.train.log import MetricsLog, plot_loss_curve, progress_bar, summary_table, write_json
 from lowmem.train.rundir import RunDirectory, open_run_dir
@@ -101,12 +102,15 @@ class Progress:
     timed_tokens: int = 0
     steady_seconds: float = 0.0
     steady_tokens: int = 0
+    # Where a run started with --continue-from began (checkpoint, its step and tokens), for its summary.
+    continued_from: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
                 "initial_eval": vars(self.initial_eval) if self.initial_eval else None,
                 "segments": self.segments, "seconds": self.seconds, "timed_tokens": self.timed_tokens,
-                "steady_seconds": self.steady_seconds, "steady_tokens": self.steady_tokens}
+                "steady_seconds": self.steady_seconds, "steady_tokens": self.steady_tokens,
+                "continued_from": self.continued_from}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
@@ -115,6 +119,7 @@ class Progress:
         self.segments, self.seconds = state.get("segments", 0), state.get("seconds", 0.0)
         self.timed_tokens = state.get("timed_tokens", 0)
         self.steady_seconds, self.steady_tokens = state.get("steady_seconds", 0.0), state.get("steady_tokens", 0)
+        self.continued_from = state.get("continued_from")
 
     def add_time(self, seconds: float, tokens: int, steady: bool) -> None:
         self.seconds, self.timed_tokens = self.seconds + seconds, self.timed_tokens + tokens
@@ -265,9 +270,12 @@ class Trainer:
     `maybe_checkpoint()` until `done`, and `finish()` (or `stop_early()` on a signal). A context
     manager: leaving it stops the data loader's prefetch thread."""
 
-    def __init__(self, config: RunConfig, info: DistInfo, run_dir: RunDirectory, stop: StopRequest | None = None) -> None:
+    def __init__(self, config: RunConfig, info: DistInfo, run_dir: RunDirectory, stop: StopRequest | None = None,
+                 continued: dict[str, Any] | None = None) -> None:
         self.config, self.info, self.stop = config, info, stop
         self.run_dir, self._resume_body = run_dir.path, run_dir.resume_body
+        # A new run continuing another's checkpoint (lowmem.train.continued); a resume has its own.
+        self._continue_body = continued if self._resume_body is None else None
         t, d = config.train, config.data
         self.accumulation = micro_batches_per_step(config, info)
         check_gradient_release(config, info)
@@ -275,7 +283,8 @@ class Trainer:
         source = lowmem_data.open_source(d.source, "train", d.text_field)
         val_source = lowmem_data.open_source(d.source, "validation", d.text_field)
         tokenizer = lowmem_data.load_tokenizer(d.tokenizer, source, vocab_size=d.vocab_size, cache_dir=d.cache_dir)
-        self.run = assemble(config, vocab_size=tokenizer.vocab_size, info=info, init_weights=self._resume_body is None)
+        self.run = assemble(config, vocab_size=tokenizer.vocab_size, info=info,
+                            init_weights=self._resume_body is None and self._continue_body is None)
         self.n_params = count_parameters(self.run.core)
         self.val_batches = lowmem_data.validation_batches(val_source, tokenizer, d.seq_len, t.micro_batch_size,
                                                           t.eval_tokens, mode=d.seq_mode)
@@ -342,6 +351,12 @@ class Trainer:
             if self.done and (self.run_dir / "summary.json").exists():
                 self.finished_before = True
                 return
+        elif self._continue_body is not None:
+            load_continued(self.components, self._continue_body)
+            self.progress.continued_from = continued_from(self._continue_body)
+            if self.info.is_main:
+                print(describe(self._continue_body))
+            self._continue_body = None
         self.progress.segments += 1
         if self.info.is_main:
             sinks = open_sinks(t.log_to, self.run_dir, self.config.to_dict(), resume_step)
@@ -420,8 +435,8 @@ class Trainer:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"step": self.progress.step}
         if self.info.is_main:
             print(f"{self.run_dir} is finished: it trained all {self.config.train.steps} steps, so nothing was "
-                  "changed (its summary.json stands). A longer run needs its own schedule: start it in another "
-                  "--output-dir")
+                  "changed (its summary.json stands). A longer run needs its own schedule: continue it as a new run "
+                  f"with lowmem train --continue-from {self.run_dir} --steps N --output-dir NEW_DIR")
         return summary
 
     def finish(self) -> dict[str, Any]:
@@ -535,6 +550,7 @@ class Trainer:
             "val_tokens": final.tokens, "initial_val_perplexity": progress.initial_eval.perplexity,
             **self.throughput.summary(), **progress.throughput(),
             "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint),
+            "continued_from": progress.continued_from,
             "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes, **self._gradient_release(),
                        **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
         }
@@ -562,5 +578,6 @@ def _train(config: RunConfig, info: DistInfo, resume: str | Path | None, stop: S
     micro_batches_per_step(config, info)
     check_gradient_release(config, info)
     check_sinks(config.train.log_to)
-    with open_run_dir(config, info, resume) as run_dir, Trainer(config, info, run_dir, stop) as trainer:
+    continued = continue_body(config, info) if resume is None else None
+    with open_run_dir(config, info, resume) as run_dir, Trainer(config, info, run_dir, stop, continued) as trainer:
         return trainer.train()
