@@ -385,3 +385,12 @@ def test_topology_without_a_sparse_structure_is_refused_before_it_is_built():
     # every=1 with RigL is also a bad setting: the missing structure is what the user hears first.
     with pytest.raises(ConfigError, match="needs a sparse model"):
         build_interventions([{"name": "topology", "every": 1, "grow": "gradient"}], RunContext(total_steps=10, model=model))
+
+
+def test_a_yaml_syntax_error_is_lowmems_error_naming_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model: cpu-tiny\ntrain: {steps: 10\n")
+    code = cli_main(["train", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lowmem: error:")
+    assert f"config file {config} is not valid YAML" in err and "line 3" in err and "Traceback" not in err
