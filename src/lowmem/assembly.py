@@ -149,6 +149,8 @@ def assemble(config: RunConfig, vocab_size: int | None = None, info: DistInfo | 
         )
     configure_memory(core, config.train.activation_checkpointing, config.train.chunked_loss,
                      config.train.loss_chunk, config.train.micro_batch_size * config.data.seq_len)
+    if config.train.compile:
+        core.compile_blocks()  # before DDP/FSDP2 wraps the blocks, as torchtitan orders it
     model = wrap_model(core, info, config.train.distributed, config.train.precision)
     core = unwrap(model)
     hparams = optimizer_hparams(config.optim.name, config.optim.hparams, config.optim.lr, config.train.steps)

@@ -84,6 +84,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--gradient-release", action=argparse.BooleanOptionalAction, default=None,
                    help="apply each parameter's update inside backward and free its gradient (one micro-batch "
                         "per step, one process, no clipping): the same weights, gradients held one at a time")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (first step slower: it compiles; then faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: the newest run under runs/")
@@ -114,6 +116,8 @@ def train_config_from_args(args: argparse.Namespace):
         overrides["train.legacy_perplexity"] = True
     if args.gradient_release is not None:
         overrides["train.gradient_release"] = args.gradient_release
+    if args.compile is not None:
+        overrides["train.compile"] = args.compile
     if args.no_progress:
         overrides["train.progress"] = False
     config_path = args.config

@@ -165,6 +165,11 @@ class Block(nn.Module):
         return checkpoint(self._mlp_residual, x, use_reentrant=False)
 
 
+# What torch.compile lowers each block with: inductor (fused kernels, C++ on a CPU, Triton on a GPU).
+# Tests set "aot_eager" to check the traced graphs without paying inductor's code generation.
+COMPILE_BACKEND = "inductor"
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -183,6 +188,14 @@ class Llama(nn.Module):
         # logits). Set by the run's assembly from train.chunked_loss / train.loss_chunk.
         self.loss_chunk = 0
         self.reset_parameters()
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (nn.Module.compile: names and state_dict unchanged, so
+        checkpoints, structures and FSDP2's per-block sharding see the same module tree). Per block, as
+        torchtitan does, because every block has the same graph: compiled once, reused by all, and a
+        structure the compiler cannot trace breaks only its own block's graph."""
+        for block in self.layers:
+            block.compile(backend=COMPILE_BACKEND)
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """What each block keeps for backward: "none", "block" or "selective" (see CHECKPOINTING_MODES)."""

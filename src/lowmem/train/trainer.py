@@ -155,8 +155,10 @@ class Throughput:
     steady_tokens: int = 0
     window_seconds: float = 0.0
     window_tokens: int = 0
+    first_step_seconds: float = 0.0  # this process's first step: with --compile, mostly compilation
 
     def add(self, step: int, seconds: float, tokens: int) -> None:
+        self.first_step_seconds = self.first_step_seconds or seconds
         self.steps, self.seconds, self.tokens, self.last_step = self.steps + 1, self.seconds + seconds, self.tokens + tokens, step
         self.first_step = self.first_step or step
         if self.steps > self.warmup:
@@ -177,7 +179,8 @@ class Throughput:
         else:
             rate, first, left_out = self.tokens / max(self.seconds, 1e-9), self.first_step, 0
         return {"tokens_per_second": rate, "tokens_per_second_steps": [first, self.last_step],
-                "warmup_steps_excluded": left_out, "wall_seconds": self.seconds}
+                "warmup_steps_excluded": left_out, "wall_seconds": self.seconds,
+                "first_step_seconds": self.first_step_seconds}
 
 
 def micro_batches_per_step(config: RunConfig, info: DistInfo) -> int:
@@ -549,7 +552,7 @@ class Trainer:
             "val_legacy_perplexity": final.legacy_perplexity if config.train.legacy_perplexity else None,
             "val_tokens": final.tokens, "initial_val_perplexity": progress.initial_eval.perplexity,
             **self.throughput.summary(), **progress.throughput(),
-            "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint),
+            "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint), "compiled": config.train.compile,
             "continued_from": progress.continued_from,
             "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes, **self._gradient_release(),
                        **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
