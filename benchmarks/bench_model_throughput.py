@@ -3,15 +3,19 @@
 Both models get the same weights, batch, precision and optimizer (torch AdamW); one training step is
 forward + cross-entropy + backward + optimizer step. The two alternate over several rounds in one
 process and the median tokens/s of each is reported with their ratio (goal: lowmem >= 1.2x).
+With --compiled a third contender, lowmem with every block through torch.compile (`--compile`),
+runs beside them from the same weights; its first step (the compilation) is timed apart.
 
-    python benchmarks/bench_model_throughput.py --model cpu-small --batch 8 --seq-len 256
+    python benchmarks/bench_model_throughput.py --model cpu-small --batch 8 --seq-len 256 --compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--compiled", action="store_true", help="also lowmem with torch.compile per block")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +74,14 @@ def main() -> None:
         "transformers": (hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), True),
     }
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len + 1))
+    compile_seconds = None
+    if args.compiled:
+        compiled = copy.deepcopy(ours)
+        compiled.compile_blocks()
+        contenders["lowmem compiled"] = (compiled, torch.optim.AdamW(compiled.parameters(), lr=1e-4), False)
+        started = time.perf_counter()
+        step_fn(compiled, contenders["lowmem compiled"][1], tokens, False, args.precision)
+        compile_seconds = time.perf_counter() - started
     steps = {name: functools.partial(step_fn, model, opt, tokens, is_hf, args.precision)
              for name, (model, opt, is_hf) in contenders.items()}
     # One warm-up step each (allocators, kernels); the same order every round.
@@ -80,8 +93,12 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps_per_round} steps")
     for name, values in rates.items():
         print(f"  {name:13s} median {statistics.median(values):9.0f} tokens/s  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
-    ratio = statistics.median(rates["lowmem"]) / statistics.median(rates["transformers"])
-    print(f"  ratio lowmem / transformers: {ratio:.2f}x")
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"  ratio lowmem / transformers: {median['lowmem'] / median['transformers']:.2f}x")
+    if compile_seconds is not None:
+        print(f"  ratio lowmem compiled / transformers: {median['lowmem compiled'] / median['transformers']:.2f}x, "
+              f"compiled / eager lowmem: {median['lowmem compiled'] / median['lowmem']:.2f}x, "
+              f"first compiled step (compiles): {compile_seconds:.1f} s")
 
 
 if __name__ == "__main__":

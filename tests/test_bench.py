@@ -44,6 +44,7 @@ def test_grid_runs_every_lr_and_reports_the_best_per_method(tiny_corpus, token_c
 @pytest.mark.parametrize("methods,message", [
     ({}, "needs a 'methods' mapping"),
     ({"adamw": {"learning_rate": [1e-3]}}, "unknown settings"),
+    ({"adamw": {"lr": [1e-3], "train": "compile"}}, "train must map"),
 ])
 def test_bad_grid_files_are_refused_before_anything_runs(methods, message, tiny_corpus, token_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -63,6 +64,15 @@ def test_a_grid_method_can_name_a_structure_and_interventions(tiny_corpus, token
     assert run.optimizer == "adamw" and run.name == "lowrank-restarts/lr0.001"
     assert run.config["model"] == {"preset": "cpu-tiny", "structure": {"name": "lowrank", "rank": 8}}
     assert run.config["optim"]["interventions"] == [{"name": "momentum-reset", "every": 2}]
+
+
+def test_a_grid_method_can_set_its_own_train_settings_over_the_base(tiny_corpus, token_cache, tmp_path):
+    grid = _grid(tmp_path, tiny_corpus, token_cache, {
+        "adamw": {"lr": [1.0e-3]}, "adamw-compiled": {"optimizer": "adamw", "lr": [1.0e-3], "train": {"compile": True}}})
+    eager, compiled = load_grid(grid, tmp_path / "out")
+    assert "compile" not in eager.config["train"] and compiled.config["train"]["compile"] is True
+    # The base's train settings stay under the method's own.
+    assert compiled.config["train"]["steps"] == eager.config["train"]["steps"] == 3
 
 
 def _planned(grid, results):

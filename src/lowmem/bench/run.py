@@ -11,6 +11,7 @@
       galore: {optimizer: galore, lr: [1.0e-2], hparams: {rank: 32}}
       lowrank-restarts: {optimizer: adamw, lr: [1.0e-3], structure: {name: lowrank, rank: 32},
                          interventions: [{name: restarts, every: 50}]}
+      adamw-compiled: {optimizer: adamw, lr: [1.0e-3], train: {compile: true}}   # train settings per method
 
 Each (method, lr) pair is one run in `<output>/<method>/lr<lr>`, started as its own `lowmem train`
 process with one torch thread, `workers` at a time. The grid then plans follow-ups from the finished
@@ -200,7 +201,7 @@ def _method_spec(path: Path, method: Any, settings: Any, base: dict[str, Any], b
         raise ConfigError(f"method {method!r} in {path} must be a name (a string without '/'), e.g. adamw")
     if settings is not None and not isinstance(settings, dict):
         raise ConfigError(f"method {method!r} in {path} must map to its settings "
-                          f"(optimizer, lr, hparams, interventions, structure, seeds, bracket), got {settings!r}")
+                          f"(optimizer, lr, hparams, interventions, structure, train, seeds, bracket), got {settings!r}")
     settings = dict(settings or {})
     optimizer = settings.pop("optimizer", method)
     if not isinstance(optimizer, str):
@@ -218,10 +219,16 @@ def _method_spec(path: Path, method: Any, settings: Any, base: dict[str, Any], b
         raise ConfigError(f"method {method!r} in {path}: bracket must be true or false, got {bracket!r}")
     optim = {"hparams": settings.pop("hparams", {}), "interventions": settings.pop("interventions", [])}
     structure = settings.pop("structure", None)
+    train = settings.pop("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f"method {method!r} in {path}: train must map train settings to values, e.g. "
+                          f"train: {{compile: true}}; got {train!r}")
     if settings:
         raise ConfigError(f"method {method!r} in {path} has unknown settings {sorted(settings)}; "
-                          "use optimizer, lr, hparams, interventions, structure, seeds, bracket")
+                          "use optimizer, lr, hparams, interventions, structure, train, seeds, bracket")
     overrides: dict[str, Any] = {"optim": optim}
+    if train:  # this method's own train settings over the base's (e.g. compile: true)
+        overrides["train"] = dict(train)
     if structure is not None:  # this method's weight structure, on the base's model preset
         preset = base.get("model")
         preset = preset.get("preset") if isinstance(preset, dict) else preset
