@@ -32,7 +32,8 @@ of rows*cols elements (each rank receives (world-1)/world of it — the same vol
 parameter all-gather in the forward pass), a transient full-size copy of U and O on every rank, and
 NS computed redundantly on every rank (per-rank NS time equals the unsharded time; total FLOPs are
 world x). Distributing whole matrices round-robin would divide the NS work by world at the price of a
-scatter of the results; not done here.
+scatter of the results; not done here. Unsharded matrices of one shape share one batched NS call
+(`muon_update`); a DTensor's NS stays one matrix at a time.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from lowmem.optim.base import (
     check_positive_int,
     local_tensor,
 )
-from lowmem.optim.newton_schulz import orthogonalize
+from lowmem.optim.newton_schulz import BATCH_ELEMENTS, newton_schulz, ns_batches, orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
 
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -86,20 +87,42 @@ def muon_update(
     ns_steps: int,
     ns_dtype: torch.dtype,
     input_dims: list[int] | None = None,
+    ns_batch_elements: int = BATCH_ELEMENTS,
 ) -> None:
     """One Muon step over hidden matrices (the functional core of `Muon`); `input_dims[i]` 0 marks a
-    weight stored [in, out] (Conv1D), whose shape factor takes rows = size(1)."""
+    weight stored [in, out] (Conv1D), whose shape factor takes rows = size(1).
+
+    Matrices of one shape are orthogonalized together, one batched Newton–Schulz call per batch of at
+    most `ns_batch_elements` (lowmem.optim.newton_schulz.ns_batches; 0: one matrix at a time). On the
+    CPU both give the same bits; batching is the default because it runs a group's ~25 NS kernels
+    once instead of once per matrix (what a GPU step is made of), and costs no time on the CPU
+    (benchmarks/bench_baselines_step.py --pairs muon-batched; docs/results.md, issue 28).
+    """
     if not params:
         return
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for i, (p, g, buffer) in enumerate(zip(params, grads, momentum_buffers)):
-        # One matrix at a time, so the transient Nesterov copy is one matrix, not all of them.
-        update = g.lerp(buffer, momentum) if nesterov else buffer
-        ortho = orthogonalize(update, steps=ns_steps, dtype=ns_dtype)  # this rank's rows of NS(whole U)
-        rows = p.size(1) if input_dims is not None and input_dims[i] == 0 else p.size(0)  # output units
-        local_tensor(p).add_(ortho, alpha=-adjusted_lr(lr, rows, p.numel() // rows, adjust_lr))
+    input_dims = input_dims if input_dims is not None else [1] * len(params)
+    for batch in ns_batches(params, input_dims, max_elements=ns_batch_elements):
+        first = params[batch[0]]
+        rows = first.size(1) if input_dims[batch[0]] == 0 else first.size(0)  # output units
+        alpha = -adjusted_lr(lr, rows, first.numel() // rows, adjust_lr)
+        if len(batch) == 1:  # a DTensor, or a shape of its own: the transient U is one matrix
+            buffer = momentum_buffers[batch[0]]
+            update = grads[batch[0]].lerp(buffer, momentum) if nesterov else buffer
+            local_tensor(first).add_(orthogonalize(update, steps=ns_steps, dtype=ns_dtype), alpha=alpha)
+            continue
+        stack = first.new_empty((len(batch), first.size(0), first.numel() // first.size(0)))
+        for slot, i in zip(stack, batch):  # U written straight into the stack: no second copy
+            buffer = momentum_buffers[i].reshape(slot.shape)
+            if nesterov:
+                torch.lerp(grads[i].reshape(slot.shape), buffer, momentum, out=slot)
+            else:
+                slot.copy_(buffer)
+        ortho = newton_schulz(stack, steps=ns_steps, dtype=ns_dtype)
+        torch._foreach_add_([params[i] for i in batch], [o.view_as(params[i]) for o, i in zip(ortho, batch)],
+                            alpha=alpha)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -127,6 +150,8 @@ class Muon(LowmemOptimizer):
     """
 
     updates_per_parameter = True  # Newton–Schulz orthogonalizes one matrix; momentum and Adam are per tensor
+    # Elements per batched Newton–Schulz call (muon_update); 0 runs one matrix at a time, the same bits.
+    ns_batch_elements: int = BATCH_ELEMENTS
 
     def __init__(
         self,
@@ -195,7 +220,8 @@ class Muon(LowmemOptimizer):
 
         muon_update(matrices, matrix_grads, buffers, lr=group["lr"], momentum=group["momentum"],
                     nesterov=group["nesterov"], weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
-                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]], input_dims=input_dims)
+                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]], input_dims=input_dims,
+                    ns_batch_elements=self.ns_batch_elements)
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
                   eps=group["adam_eps"], weight_decay=group["weight_decay"])

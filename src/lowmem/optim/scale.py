@@ -81,7 +81,7 @@ from lowmem.optim.base import (
     local_tensor,
 )
 from lowmem.optim.kinds import FACTOR_KINDS
-from lowmem.optim.newton_schulz import orthogonalize
+from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
@@ -156,8 +156,10 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
     torch._foreach_addcmul_(params, directions, factors, [-lr * s for s in sqrt_ns])
 
 
-def singular_step_(param: torch.Tensor, direction: torch.Tensor, *, lr: float, ns_steps: int) -> None:
-    """`param -= lr * sqrt(max(rows, cols)) * NS(direction)`, NS on the whole matrix (gathered if sharded).
+def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *, lr: float, ns_steps: int) -> None:
+    """`param -= lr * sqrt(max(rows, cols)) * NS(direction)` for each pair, NS on the whole matrix
+    (gathered if sharded), matrices of one shape in one batched call (newton_schulz.ns_batches: the
+    per-matrix bits on the CPU, as for Muon).
 
     NS is exactly Muon's (the same lowmem.optim.newton_schulz.orthogonalize Muon calls): cast to bf16,
     divide by max(||D||_F, 1e-7), five quintic iterations -- torch.optim.Muon's normalization to the
@@ -168,10 +170,16 @@ def singular_step_(param: torch.Tensor, direction: torch.Tensor, *, lr: float, n
     input's precision before the cast, to make up for an NS that divided by ||D|| + eps; with max()
     inside NS that extra division only changed bf16 rounding, so Muon dropped it and both run this.)
     """
-    rows = direction.size(0)
-    cols = direction.numel() // max(1, rows)
-    update = orthogonalize(direction, steps=ns_steps)  # this rank's rows
-    local_tensor(param).add_(update, alpha=-lr * math.sqrt(max(rows, cols)))
+    for batch in ns_batches(directions):
+        first = directions[batch[0]]
+        rows = first.size(0)
+        alpha = -lr * math.sqrt(max(rows, first.numel() // max(1, rows)))
+        if len(batch) == 1:
+            local_tensor(params[batch[0]]).add_(orthogonalize(first, steps=ns_steps), alpha=alpha)  # this rank's rows
+            continue
+        ortho = newton_schulz(torch.stack([directions[i].reshape(rows, -1) for i in batch]), steps=ns_steps)
+        torch._foreach_add_([params[i] for i in batch], [o.view_as(params[i]) for o, i in zip(ortho, batch)],
+                            alpha=alpha)
 
 
 def scale_update(
@@ -207,8 +215,7 @@ def scale_update(
         for p, d in zip(params, directions):  # one temporary at a time, not a model-sized list
             p.add_(d.sign(), alpha=-lr)
     elif normalization == "singular":
-        for p, d in zip(params, directions):
-            singular_step_(p, d, lr=lr, ns_steps=ns_steps)
+        singular_step_(params, directions, lr=lr, ns_steps=ns_steps)
     else:
         check_choice("normalization", normalization, NORMALIZATIONS)
 
