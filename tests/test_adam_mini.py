@@ -133,3 +133,32 @@ def test_build_gives_per_head_blocks_for_q_and_k():
     q_weight = model.layers[0].self_attn.q_proj.weight
     group = next(g for g in optimizer.param_groups if any(p is q_weight for p in g["params"]))
     assert group.get("rows_per_block") == model.config.head_dim
+
+
+def test_steps_after_the_first_build_no_row_index():
+    # Which block each row belongs to is kept across steps (issue 28): a later step runs no arange, and
+    # tensors whose rows are their blocks (rows_per_block 1) are not indexed by block at all.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowmem.optim.adam_mini import block_rows
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+    opt = lowmem.optim.build("adam-mini", model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with RecordOps() as first_call_free:
+        opt.step()
+    per_block_rows = [p for g in opt.param_groups for p in g["params"] if block_rows(p, g["rows_per_block"]) != 1]
+    assert 0 < len(per_block_rows) < len(list(model.parameters()))
+    assert "arange" not in first_call_free.ops
+    assert first_call_free.ops.count("index_add_") == len(per_block_rows)

@@ -155,6 +155,19 @@ class AdamMini(LowmemOptimizer):
                     f"{tuple(p.shape)}; a block must be whole rows of one tensor"
                 )
 
+    def _block_of_row(self, first_row: int, rows: int, rows_per_block: int, n_blocks: int,
+                      device: torch.device) -> torch.Tensor | None:
+        """The block of each of this rank's `rows` local rows (from global row `first_row`), or None when
+        each row is its own block (rows_per_block 1, all rows here). Kept across steps: the layout of a
+        tensor's rows does not change, and an index made per step was one arange per tensor and step."""
+        if rows_per_block == 1 and first_row == 0 and rows == n_blocks:
+            return None
+        cache = self.__dict__.setdefault("_block_indices", {})  # not state: derived from shapes, rebuilt after a load
+        key = (first_row, rows, rows_per_block, device)
+        if key not in cache:
+            cache[key] = torch.arange(first_row, first_row + rows, device=device) // rows_per_block
+        return cache[key]
+
     def _step(self) -> None:
         # Pass 1: per-block partial sums of g^2 over local rows; then one all-reduce completes them.
         work, partials, shardings = [], [], []
@@ -172,9 +185,12 @@ class AdamMini(LowmemOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros(n_blocks, dtype=p.dtype, device=_local_rows(p)[0].device)
                 grad, first_row = _local_rows(p.grad, transposed)
-                block_of_row = torch.arange(first_row, first_row + grad.size(0), device=grad.device) // rows_per_block
                 row_sq = torch.linalg.vector_norm(grad, dim=1).square_()
-                partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
+                block_of_row = self._block_of_row(first_row, grad.size(0), rows_per_block, n_blocks, grad.device)
+                if block_of_row is None:  # each row its own block: the row sums are the partial sums
+                    partial = row_sq
+                else:
+                    partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
                 work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // n_blocks // rows_per_block), transposed))
                 partials.append(partial)
                 shardings.append(sharded_groups(p))
@@ -194,7 +210,8 @@ class AdamMini(LowmemOptimizer):
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-            param.addcdiv_(exp_avg, denom[block_of_row].unsqueeze(1), value=-lr / (1 - beta1**t))
+            row_denom = denom if block_of_row is None else denom[block_of_row]
+            param.addcdiv_(exp_avg, row_denom.unsqueeze(1), value=-lr / (1 - beta1**t))
 
 
 register(
