@@ -23,6 +23,7 @@ from lowmem.distributed import DistInfo
 from lowmem.errors import ConfigError
 from lowmem.optim.roles import param_groups
 from lowmem.optim.state import replace_parameter, reset_state
+from lowmem.train import checkpoint
 from lowmem.train.step import AfterBackward, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_toy_structure_and_intervention_from_outside_lowmem_run_end_to_end_and_r
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(tmp_path / "split" / "metrics.jsonl") == _losses(tmp_path / "whole" / "metrics.jsonl")
 
-    body = torch.load(tmp_path / "whole" / "checkpoints" / "step-00000008" / "rank-0.pt", weights_only=True)
+    body = checkpoint.load_whole(tmp_path / "whole" / "checkpoints" / "step-00000008")
     probe = body["interventions"]["toy-gradient-probe"]
     # The probe ran before every optimizer step and saw a live, nonzero gradient each time.
     assert probe["calls"] == 8 and probe["grad_norms_seen"] == 8 and probe["after_calls"] == 2

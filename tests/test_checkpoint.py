@@ -152,9 +152,13 @@ def test_checkpoints_are_atomic_keep_the_last_k_and_hold_only_plain_data(tiny_co
     kept = checkpoint.list_checkpoints(run_dir)
     assert [p.name for p in kept] == ["step-00000009", "step-00000012"]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
-    body = torch.load(kept[-1] / "rank-0.pt", weights_only=True)
+    # DCP's files and the values file, which loads with weights_only=True
+    assert sorted(p.name for p in kept[-1].iterdir()) == [".metadata", "__0_0.distcp", "values-rank-0.pt"]
+    values = torch.load(kept[-1] / "values-rank-0.pt", weights_only=True)
+    assert values["format"] == checkpoint.FORMAT and values["step"] == 12
+    body = checkpoint.load_whole(kept[-1])
     assert {"model", "optimizer", "loader", "rng", "config", "step", "tokens", "interventions"} <= set(body)
-    assert body["step"] == 12
+    assert body["step"] == 12 and isinstance(body["model"]["embed_tokens.weight"], torch.Tensor)
 
 
 def test_truncated_checkpoint_names_the_file_and_the_previous_one_still_resumes(tiny_corpus, token_cache, tmp_path):
@@ -163,12 +167,12 @@ def test_truncated_checkpoint_names_the_file_and_the_previous_one_still_resumes(
         "train.steps": 8, "train.checkpoint_every": 4}))
     train(config)
     older, newest = checkpoint.list_checkpoints(run_dir)
-    part = newest / "rank-0.pt"
+    part = newest / "__0_0.distcp"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=str(part).replace("/", ".")) as err:
+    with pytest.raises(CheckpointError, match=str(newest).replace("/", ".")) as err:
         train(config, resume=run_dir)
-    assert "truncated or corrupt" in str(err.value)
-    assert (older / "rank-0.pt").exists()
+    assert "truncated or corrupt" in str(err.value) and f"the older checkpoint {older} is intact" in str(err.value)
+    assert (older / "__0_0.distcp").exists()
     summary = train(config, resume=older)  # the earlier checkpoint is intact and resumes
     assert summary["steps"] == 8
 
@@ -181,9 +185,23 @@ class _Evil:
 def test_checkpoint_that_needs_unpickling_is_refused_with_the_reason(tmp_path):
     step = tmp_path / "checkpoints" / "step-00000001"
     step.mkdir(parents=True)
-    torch.save({"format": checkpoint.FORMAT, "world_size": 1, "payload": _Evil()}, step / "rank-0.pt")
+    torch.save({"format": checkpoint.LEGACY_FORMAT, "world_size": 1, "payload": _Evil()}, step / "rank-0.pt")
     with pytest.raises(CheckpointError, match=r"needs torch.load\(weights_only=False\), which lowmem refuses"):
         checkpoint.load(checkpoint.resolve(tmp_path))
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    step = checkpoint.save(tmp_path, 1, {"step": 1, "model": {"w": torch.zeros(2)}})
+    assert checkpoint.load_whole(step)["step"] == 1
+    (step / checkpoint.DCP_METADATA).write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError, match="holds more than DCP's metadata.*refuses to unpickle"):
+        checkpoint.load(step)
+    step = checkpoint.save(tmp_path, 2, {"step": 2, "model": {"w": torch.zeros(2)}})
+    torch.save({"format": checkpoint.FORMAT, "payload": _Evil()}, step / "values-rank-0.pt")
+    with pytest.raises(CheckpointError, match=r"needs torch.load\(weights_only=False\)"):
+        checkpoint.load_whole(step)
 
 
 def test_resume_refuses_a_results_changing_config_and_lists_the_differences(tiny_corpus, token_cache, tmp_path):

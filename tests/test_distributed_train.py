@@ -50,8 +50,9 @@ def test_two_processes_follow_one(mode, tiny_corpus, token_cache, tmp_path):
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
-    # Each rank writes its own checkpoint part (its loader position differs).
-    assert sorted(p.name for p in (tmp_path / mode / "checkpoints" / "step-00000006").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    # DCP's files (one per rank) and each rank's values (its loader position differs).
+    assert sorted(p.name for p in (tmp_path / mode / "checkpoints" / "step-00000006").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "values-rank-0.pt", "values-rank-1.pt"]
     # eval / export read the two-process checkpoint as one model (FSDP2: the ranks' dim-0 shards joined)
     from lowmem.train.trained import load_trained
 
@@ -116,18 +117,19 @@ def test_fsdp2_run_resumes_exactly(tiny_corpus, token_cache, tmp_path):
 
 _FAIL_ON_RANK_1 = """
 import os, sys
+from torch.distributed.checkpoint import FileSystemWriter
+
 from lowmem import cli
-from lowmem.train import checkpoint
 
-real, calls = checkpoint.torch.save, [0]
+real, calls = FileSystemWriter.write_data, [0]
 
-def save(obj, f, *args, **kwargs):  # rank 1's disk fills at its second checkpoint
+def write_data(self, *args, **kwargs):  # rank 1's disk fills while DCP writes its second checkpoint
     calls[0] += 1
     if os.environ.get("RANK") == "1" and calls[0] == 2:
         raise OSError(28, "No space left on device")
-    return real(obj, f, *args, **kwargs)
+    return real(self, *args, **kwargs)
 
-checkpoint.torch.save = save
+FileSystemWriter.write_data = write_data
 sys.exit(cli.main(sys.argv[1:]))
 """
 

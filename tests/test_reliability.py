@@ -281,13 +281,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _full_disk_save(monkeypatch, fail_at_call: int) -> None:
-    """A stand-in for a full disk: the `fail_at_call`-th torch.save of a checkpoint writes part of
-    its file, then fails as a full filesystem does."""
+    """A stand-in for a full disk: the `fail_at_call`-th checkpoint's values file (the torch.save of a
+    `.pt.partial`; DCP's own writes are not counted) gets part of its bytes, then fails as a full
+    filesystem does."""
     real, calls = torch.save, [0]
 
     def save(obj, f, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == fail_at_call:
+        calls[0] += str(f).endswith(".pt.partial")
+        if str(f).endswith(".pt.partial") and calls[0] == fail_at_call:
             Path(f).write_bytes(b"PK\x03\x04 partial")
             raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
                                "data/3: file write failed")
@@ -367,7 +368,7 @@ def test_a_damaged_newest_checkpoint_names_the_older_intact_one(damage, tiny_cor
     config = load_config(overrides=_micro(tiny_corpus, token_cache, run_dir, **{"train.checkpoint_every": 2}))
     train(config)
     older, newest = checkpoint.list_checkpoints(run_dir)
-    part = newest / "rank-0.pt"
+    part = newest / "__0_0.distcp"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2] if damage == "truncate" else b"")
     with pytest.raises(CheckpointError) as err:
         train(config, resume=run_dir)

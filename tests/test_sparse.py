@@ -28,6 +28,7 @@ from lowmem.optim.roles import named_roles
 from lowmem.registry import INTERVENTIONS, STRUCTURES
 from lowmem.structure import build_structure
 from lowmem.structure.sparse import SparseLinear, TopologyUpdate, drop_fraction, erk_densities, sparse_layers
+from lowmem.train import checkpoint
 from lowmem.train.trainer import train
 
 BETA1, BETA2 = 0.9, 0.999
@@ -293,11 +294,11 @@ def test_a_run_resumes_bitwise_across_a_topology_update_and_checkpoints_carry_it
     train(load_config(overrides=_overrides(tiny_corpus, token_cache, split, grow, **{
         "train.checkpoint_every": 3, "train.keep_checkpoints": 5})))
     step3 = split / "checkpoints" / "step-00000003"
-    body = torch.load(step3 / "rank-0.pt", weights_only=True)
+    body = checkpoint.load_whole(step3)
     assert any(k.endswith("block_index") for k in body["model"])
     assert body["structure"]["capture"].all() == (grow == "gradient")  # armed for the update at step 4
     assert body["interventions"]["topology"]["updates"] == 0
-    step6 = torch.load(split / "checkpoints" / "step-00000006" / "rank-0.pt", weights_only=True)
+    step6 = checkpoint.load_whole(split / "checkpoints" / "step-00000006")
     topo = step6["interventions"]["topology"]
     assert topo["updates"] == 1 and topo["history"][0, 0] == 4 and topo["total_steps"] == 10
     states = step6["optimizer"]["state"].values()
@@ -331,12 +332,12 @@ def test_two_ddp_processes_follow_one_with_identical_masks(tiny_corpus, token_ca
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
     final = tmp_path / "ddp" / "checkpoints" / "step-00000006"
-    ranks = [torch.load(final / f"rank-{r}.pt", weights_only=True)["model"] for r in (0, 1)]
-    single = torch.load(tmp_path / "single" / "checkpoints" / "step-00000006" / "rank-0.pt", weights_only=True)["model"]
+    ddp = checkpoint.load_whole(final)["model"]  # DCP keeps one copy of what every DDP rank holds
+    single = checkpoint.load_whole(tmp_path / "single" / "checkpoints" / "step-00000006")["model"]
     indices = [k for k in single if k.endswith("block_index")]
     assert indices
     for key in indices:
-        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], single[key])
+        assert torch.equal(ddp[key], single[key])
 
 
 @pytest.mark.parametrize("storage", ["dense", "compact"])

@@ -441,7 +441,7 @@ def test_exact_resume_across_refactor_and_merge_steps(structure, interventions, 
                                                      **{"train.checkpoint_every": 4, "train.keep_checkpoints": 5}))
     train(first)
     step4 = checkpoint.step_dir(tmp_path / "split", 4)  # between interventions (3 and 6; ReLoRA's merges: 4 and 7)
-    body = torch.load(step4 / "rank-0.pt", weights_only=True)
+    body = checkpoint.load_whole(step4)
     assert any(k.endswith("lora_A") for k in body["model"]) and body["structure"]["rank"] == 8
     if structure["name"] == "sltrain":
         assert any(k.endswith("sparse_index") for k in body["model"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,11 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: its directory (newest checkpoint) or a checkpoint; alone: the newest run under runs/")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run N processes on this machine under torchrun's elastic agent (for several machines "
+                        "run torchrun yourself with its rendezvous flags)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart every process up to K times after a failure, resuming from the newest checkpoint")
     p.add_argument("--list-optimizers", action="store_true", help="list registered optimizers and exit")
     p.add_argument("--list-structures", action="store_true", help="list registered structures and exit")
     p.add_argument("--list-interventions", action="store_true", help="list registered interventions and exit")
@@ -193,18 +200,51 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             _list(table)
             return 0
+    from lowmem.distributed import launched_by_torchrun
     from lowmem.train.trainer import train
 
     config = train_config_from_args(args)
+    if args.nproc is not None and not launched_by_torchrun():
+        return _launch_torchrun(args, config)
     resume = None
     if args.resume is not None:
         resume = args.resume or config.train.output_dir
         if resume is None:
             raise ConfigError("--resume found no run directory; pass --resume RUN_DIR")
+    elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and config.train.output_dir:
+        # torchrun's agent restarted the processes after a failure: continue from the newest checkpoint.
+        from lowmem.train.checkpoint import list_checkpoints
+
+        resume = config.train.output_dir if list_checkpoints(Path(config.train.output_dir)) else None
     summary = train(config, resume=resume)
     if is_main_job(config) and not summary.get("stopped"):
         print(main_job_story(config, summary))
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace, config) -> int:
+    """`lowmem train` again as args.nproc processes under torchrun, with the run directory named here
+    so that every process, and every restart, uses the same one."""
+    from lowmem.distributed import torchrun_command
+    from lowmem.train.rundir import default_run_dir
+
+    argv = _without_launch_flags(args.argv)
+    if config.train.output_dir is None and args.resume is None:
+        argv += ["--output-dir", default_run_dir(config)]
+    return subprocess.run(torchrun_command(args.nproc, args.max_restarts, ["train", *argv])).returncode
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The train command's arguments without --nproc and --max-restarts (the workers' own command)."""
+    kept, skip = [], False
+    for item in argv[1:]:  # argv[0] is "train"
+        if skip:
+            skip = False
+        elif item in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not item.startswith(("--nproc=", "--max-restarts=")):
+            kept.append(item)
+    return kept
 
 
 def add_tokenizer_parser(subparsers) -> None:
@@ -285,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command is None:
         parser.print_help()

@@ -69,6 +69,19 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def torchrun_command(nproc: int, max_restarts: int, argv: list[str]) -> list[str]:
+    """The command that runs `lowmem <argv>` as `nproc` processes on this machine under torchrun's
+    elastic agent, which restarts them all up to `max_restarts` times after a failure (each restart
+    resumes from the run's newest checkpoint: `lowmem train` does so when TORCHELASTIC_RESTART_COUNT
+    > 0). Several machines: run torchrun on each with its rendezvous flags (docs/architecture.md, Distributed)."""
+    import sys
+
+    if nproc < 1 or max_restarts < 0:
+        raise ConfigError(f"--nproc must be at least 1 and --max-restarts at least 0; got {nproc} and {max_restarts}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "--max-restarts", str(max_restarts), "-m", "lowmem.cli", *argv]
+
+
 def init_distributed(requested_device: str) -> DistInfo:
     """This process's place in the run: alone, or a rank of a torchrun group (created here, once)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

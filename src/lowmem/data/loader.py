@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -150,6 +150,7 @@ class TokenLoader:
             "document": self._resume.document,
             "token_offset": self._token_offset,
             "last_epoch": self.epoch,
+            "origin": list(self._reading.origin),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -186,7 +187,38 @@ class TokenLoader:
             int(state["document"]),
         )
         self.epoch = int(state["last_epoch"])
+        self._reading = replace(self._reading, origin=tuple(int(x) for x in state.get("origin", (0, 0))))
         self._restart(position, token_offset=int(state["token_offset"]))
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue the global order where the loaders of a run of `len(states)` processes (one
+        state per rank) stood together, split over this run's processes: exact in pad mode, where
+        every rank has used as many whole documents, so together they used a prefix of the epoch's
+        order; the rest of that epoch is split from its first unused document."""
+        for state in states:
+            if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+                raise CheckpointError("The checkpoint's data position was not written by this version of TokenLoader.")
+        saved = len(states)
+        if self.mode != "pad":
+            raise CheckpointError(
+                f"The checkpoint was written by {saved} process(es), this run has {self.world_size}: in pack mode "
+                "each rank stands inside its own document, so no split over another number of processes "
+                "continues the global order exactly. Resume with the same number of processes, or train in pad mode.")
+        self.load_state_dict({**states[0], "rank": self.rank, "world_size": self.world_size})
+        # Each rank's position is one past the last document it used (0: none yet in this epoch).
+        nexts = sorted((int(s["epoch"]), int(s["documents_before"]) + int(s["document"])) for s in states)
+        epoch, after = nexts[-1]
+        used_equally = all(e == epoch for e, _ in nexts) and (
+            [g for _, g in nexts] == list(range(after - saved + 1, after + 1)) or all(g == 0 for _, g in nexts))
+        if not used_equally:
+            raise CheckpointError(
+                f"The {saved} saved data positions do not end a common prefix of the global order (epoch, next "
+                f"document per rank: {nexts}); resume with {saved} processes.")
+        last = max(states, key=lambda s: (int(s["epoch"]), int(s["documents_before"]) + int(s["document"])))
+        self.epoch = max(int(s["last_epoch"]) for s in states)
+        self._reading = replace(self._reading, origin=(epoch, after))
+        self._restart(_Position(int(last["epoch"]), int(last["shard_position"]), int(last["documents_before"]),
+                                int(last["document"])), token_offset=0)
 
     def close(self) -> None:
         """Stop the prefetch thread (it also stops when the loader is garbage-collected)."""
@@ -312,8 +344,13 @@ class DeviceBatches:
         return self._position if self._next is not None else self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """The loader's position; from a run of another number of processes, every rank's
+        ({"saved_ranks": [...]}, lowmem.train.checkpoint), continued by `TokenLoader.load_resharded`."""
         self._next, self._position = None, None
-        self.loader.load_state_dict(state)
+        if "saved_ranks" in state:
+            self.loader.load_resharded(state["saved_ranks"])
+        else:
+            self.loader.load_state_dict(state)
 
     def close(self) -> None:
         self.loader.close()
@@ -330,6 +367,9 @@ class _Reading:
     rank: int
     world_size: int
     prefix_tokens: int | None = None  # pad mode: only this many tokens of a document are used
+    # (epoch, document): in that epoch the split counts documents from that one (a run resumed at
+    # another number of processes splits the rest of the epoch from where the whole run stood).
+    origin: tuple[int, int] = (0, 0)
 
 
 def _cut(text: str, start: int, size: int) -> int:
@@ -384,8 +424,9 @@ def _tokenized_chunks(reading: _Reading, start: _Position) -> Iterator[list[tupl
             order = _permutation(reading.seed, (epoch, _DOCUMENT_ORDER, shard_index), len(texts))
             # Skipping to this rank's first document at or after `first_document` costs nothing:
             # a resumed loader tokenizes only what it will use.
+            shift = reading.origin[1] if epoch == reading.origin[0] else 0
             first_mine = (
-                first_document + (reading.rank - documents_before - first_document) % reading.world_size
+                first_document + (reading.rank + shift - documents_before - first_document) % reading.world_size
             )
             # Entries (position, text to tokenize or None, tokens or None, is_last_piece).
             pending: list[tuple[_Position, str | None, list[int] | None, bool]] = []

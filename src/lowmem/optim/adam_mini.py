@@ -141,6 +141,10 @@ class AdamMini(LowmemOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rows_per_block=None)
         super().__init__(params, defaults)
 
+    def state_layout(self, param: torch.Tensor, key: str, value: torch.Tensor) -> str:
+        # exp_avg_sq is whole on every rank, completed by the all-reduce of the blocks' partial sums.
+        return "replicated" if key == "exp_avg_sq" else super().state_layout(param, key, value)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)

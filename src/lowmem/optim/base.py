@@ -178,6 +178,22 @@ def _as_saved(loaded: Any, saved: Any) -> Any:
     return loaded
 
 
+STATE_LAYOUTS = ("param", "replicated", "rank")
+
+
+def default_state_layout(param: torch.Tensor, key: str, value: torch.Tensor) -> str:
+    """How a plain state tensor of `param` lies across ranks under FSDP2, for checkpoints (a DTensor
+    state carries its own placements): `param` when it is shaped like the parameter's shard (sharded
+    as the parameter is), `replicated` for a 0-dim value (a per-parameter counter, which every rank
+    steps alike), else `rank` (this rank's own, tied to the number of processes). A method whose
+    other state is the same on every rank, or sharded like its parameter, says so in `state_layout`."""
+    if value.dim() == 0:
+        return "replicated"
+    if value.shape == local_tensor(param).shape:
+        return "param"
+    return "rank"
+
+
 class LowmemOptimizer(torch.optim.Optimizer):
     """A torch Optimizer with lowmem's two seams for a method:
 
@@ -212,6 +228,13 @@ class LowmemOptimizer(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Refuse a bad hyperparameter of `group` (ValueError naming it, its value and what is accepted)."""
+
+    def state_layout(self, param: torch.Tensor, key: str, value: torch.Tensor) -> str:
+        """How plain state tensor `key` of `param` lies across FSDP2 ranks: one of STATE_LAYOUTS (see
+        `default_state_layout`, the rule unless a method overrides this). Checkpoints save `param`
+        state as a DTensor with the parameter's placements and `replicated` state once, so both load
+        at any number of processes; `rank` state only at the number that wrote it."""
+        return default_state_layout(param, key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after which every state tensor has the dtype it was saved with, and its values.
@@ -262,6 +285,7 @@ __all__ = [
     "check_nonneg_int",
     "check_positive",
     "check_positive_int",
+    "default_state_layout",
     "full_matrix_op",
     "group_by_device_dtype",
     "is_dtensor",

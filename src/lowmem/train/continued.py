@@ -25,8 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lowmem.config import RunConfig, results_affecting_differences
 from lowmem.distributed import DistInfo
 from lowmem.errors import CheckpointError, ConfigError
@@ -64,6 +62,7 @@ def continue_body(config: RunConfig, info: DistInfo) -> dict[str, Any] | None:
 
 def load_continued(components: dict[str, checkpoint.Stateful], body: dict[str, Any]) -> None:
     """Give the continued components their checkpoint state; the optimizer keeps its own hyperparameters."""
+    body = checkpoint.with_tensors(components, body)
     for name in CONTINUED_COMPONENTS:
         if name not in components:
             continue
@@ -71,16 +70,17 @@ def load_continued(components: dict[str, checkpoint.Stateful], body: dict[str, A
             raise CheckpointError(f"the checkpoint holds no {name!r} state, which a continued run takes from it; "
                                   "continue from a checkpoint of a run with the same settings")
         if name == "optimizer":
-            _load_optimizer_keeping_hyperparameters(components[name].optimizer, body[name])
+            _load_optimizer_keeping_hyperparameters(components[name], body[name])
         else:
             components[name].load_state_dict(body[name])
 
 
-def _load_optimizer_keeping_hyperparameters(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def _load_optimizer_keeping_hyperparameters(component: checkpoint.OptimizerComponent, saved: dict[str, Any]) -> None:
     # torch's load_state_dict also restores every group's hyperparameters (lr, initial_lr, betas); the
     # continuation trains with its own config's, and only the per-parameter state carries over.
+    optimizer = component.optimizer
     own = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    checkpoint.load_optimizer_state(optimizer, saved)
+    component.load_state_dict(saved)
     for group, settings in zip(optimizer.param_groups, own):
         group.update(settings)
 

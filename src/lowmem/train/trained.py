@@ -123,15 +123,15 @@ def load_trained(path: str | Path, tokenizer: str | None = None, device: str | t
     """The model, config and tokenizer of the checkpoint at `path` (a run directory: its newest), the
     model on `device` ("auto": a GPU if there is one; see lowmem.distributed.pick_device)."""
     step_dir = find_checkpoint(path)
-    ranks = sorted(step_dir.glob("rank-*.pt"))
-    body = checkpoint.load(step_dir, 0, world_size=len(ranks))
+    ranks = sorted(step_dir.glob("rank-*.pt"))  # the format before DCP: one file per rank
+    body = checkpoint.load_whole(step_dir)  # a DCP checkpoint of any number of processes: one model
     config = RunConfig.from_dict(body["config"])
     tok = run_tokenizer(config, tokenizer, step_dir)
     structure = build_structure(config.structure)
     model = build_model(config.model, vocab_size=model_vocab(config.model, tok.vocab_size), structure=structure,
                         device=pick_device(device) if isinstance(device, str) else device,
                         dtype=weight_dtype(config.train.precision))
-    if len(ranks) > 1 and config.train.distributed == "fsdp2":  # each rank saved its dim-0 shards
+    if len(ranks) > 1 and config.train.distributed == "fsdp2":  # before DCP, each rank saved its dim-0 shards
         parts = [body["model"]] + [checkpoint.load(step_dir, r, world_size=len(ranks))["model"] for r in range(1, len(ranks))]
         body["model"] = checkpoint.gather_sharded_model_state(model, parts)
     saved_vocab = body["model"].get("embed_tokens.weight")
