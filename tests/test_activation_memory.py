@@ -291,7 +291,9 @@ def test_estimate_memory_carries_the_modes_and_the_peak():
     assert (plain.activation_checkpointing, plain.loss_chunk) == ("none", 0)
     assert (both.activation_checkpointing, both.loss_chunk) == ("block", 1024)
     assert auto.loss_chunk == 1024  # 16 x 256 x 32000 fp32 logits: 524 MB, above the auto threshold
-    assert plain.peak == plain.weights + plain.gradients + plain.optimizer_states + plain.activation_peak
+    # The plain loss's backward (the logits' gradient) is the step's worst moment, before any gradient.
+    assert plain.peak_phase == "backward: the loss"
+    assert plain.peak == plain.weights + plain.optimizer_states + plain.activation_peak
     assert both.activation_peak < plain.activation_peak / 4
     config = resolve_config("llama-60m")
     assert plain.activations == activation_bytes(config, 16, 256, "bf16-pure")

@@ -136,8 +136,9 @@ def format_breakdown(est: MemoryEstimate) -> str:
         f"{'total':<22}{'':>16}{_gb(est.total):>14}",
         f"{'peak':<22}{'':>16}{_gb(est.peak):>14}",
         "",
-        "activations: what the forward leaves for backward, plus the plain loss's logits; peak: weights + "
-        f"gradients + states + the activations' high-water mark over forward and backward ({_gb(est.activation_peak)})",
+        "activations: what the forward leaves for backward, plus the plain loss's logits (their high-water mark "
+        f"over forward and backward: {_gb(est.activation_peak)}); peak: weights + states + the step's worst moment, "
+        f"here {est.peak_phase} (activations, gradients and the update's temporaries alive together)",
         f"papers' convention, 2 B x (weights + optimizer states): {est.paper_gb:.2f} GB",
         f"optimizer-state elements by role: {roles}; plus {est.bookkeeping_elements} scalar "
         "bookkeeping elements (step counters etc., not in the papers' figure)",
@@ -159,15 +160,18 @@ def format_comparison(estimates: list[MemoryEstimate], baseline: MemoryEstimate)
         f"model {first.model}, precision {first.precision}, micro-batch {first.batch_size} x {first.seq_len}"
         f"{_memory_settings(first)}; GB = 1e9 bytes; ratios to {baseline.optimizer}",
         "",
-        f"{'optimizer':<14}{'state elements':>16}{'paper GB':>10}{ratio:>8}{'total GB':>10}{ratio:>8}  state from",
+        f"{'optimizer':<14}{'state elements':>16}{'paper GB':>10}{ratio:>8}{'total GB':>10}{ratio:>8}"
+        f"{'peak GB':>9}  state from",
     ]
     for est in estimates:
         rows.append(
             f"{est.optimizer:<14}{est.optimizer_state_elements:>16,}{est.paper_gb:>10.2f}"
             f"{est.paper_bytes / baseline.paper_bytes:>8.2f}{est.total / GB:>10.2f}"
-            f"{est.total / baseline.total:>8.2f}  {est.state_source}"
+            f"{est.total / baseline.total:>8.2f}{est.peak / GB:>9.2f}  {est.state_source}"
         )
-    rows += ["", "paper GB = 2 B x (weights + optimizer states); total = weights + gradients + states + activations"]
+    rows += ["", "paper GB = 2 B x (weights + optimizer states); total = weights + gradients + states + activations; "
+             "peak = weights + states + the step's worst moment" + (" (gradients released in backward)"
+                                                                    if first.gradient_release else "")]
     return "\n".join(rows)
 
 

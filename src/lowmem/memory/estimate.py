@@ -38,7 +38,7 @@ import lowmem.optim
 from lowmem.assembly import build_model, build_optimizer
 from lowmem.config import PRECISIONS
 from lowmem.errors import ConfigError, check_choice
-from lowmem.memory.measure import iter_state_tensors, optimizer_state_bytes
+from lowmem.memory.measure import TensorMemory, iter_state_tensors, optimizer_state_bytes
 from lowmem.models.chunked_loss import DEFAULT_CHUNK, loss_chunk_for
 from lowmem.models.llama import CHECKPOINTING_MODES, LlamaConfig, resolve_config
 from lowmem.optim.roles import named_roles
@@ -48,6 +48,19 @@ GB = 1e9
 # Steps taken on meta before the state is counted. Every registered method creates all of its state
 # on the first step (checked against real steps in the tests); more steps only cost time.
 META_STEPS = 1
+
+
+@dataclass(frozen=True)
+class GradientPiece:
+    """Parameters whose gradients backward completes together, in backward's order: the head (with
+    the final norm) in the loss's backward, then each block from the last, then the input embedding."""
+
+    name: str  # "head", "layers.N", "embedding"
+    gradient_bytes: int  # every gradient of the piece
+    largest_gradient: int = 0  # its largest parameter's gradient
+    # Under release, the most one parameter of the piece holds while its update runs inside backward:
+    # its gradient + the temporaries of its update (0 without release).
+    largest_update: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,16 @@ class MemoryEstimate:
     # Each parameter's update runs as soon as its gradient is complete and the gradient is freed
     # (--gradient-release): `gradients` is then the high-water mark, the largest one gradient.
     gradient_release: bool = False
+    # Micro-batches per optimizer step: above 1 (no release) every gradient is held from the first
+    # micro-batch's backward on, through the later ones' forward.
+    accumulation: int = 1
+    # The optimizer's own temporaries: of `step()` after backward, or, with release, the most one
+    # parameter's update inside backward creates (measured on the meta device, as the state is).
+    update_temporaries: int = 0
+    # The gradients in backward's order (step_phases' input, for the planner) and the step's timeline
+    # (step_phases): each moment's bytes beside weights, states and index buffers.
+    gradient_pieces: tuple[GradientPiece, ...] = ()
+    phases: tuple[tuple[str, int], ...] = ()
 
     @property
     def trainable_elements(self) -> int:
@@ -93,9 +116,14 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        """Weights + gradients + optimizer states + the activations' high-water mark: what a
-        micro-batch needs at its worst moment (the planner's figure)."""
-        return self.weights + self.gradients + self.optimizer_states + self.activation_peak + self.index_bytes
+        """Weights + optimizer states + the step's worst moment (`phases`: the activations, gradients
+        and temporaries alive together at each moment of forward, backward and the update)."""
+        return self.weights + self.optimizer_states + self.index_bytes + max(nbytes for _, nbytes in self.phases)
+
+    @property
+    def peak_phase(self) -> str:
+        """The moment of the step `peak` is reached at."""
+        return max(self.phases, key=lambda phase: phase[1])[0]
 
     @property
     def paper_bytes(self) -> int:
@@ -158,21 +186,31 @@ def _activation_terms(config: LlamaConfig, batch_size: int, seq_len: int, precis
         "block": (layers * tokens * h * resid, attention + mlp),
         "selective": (layers * (attention + tokens * h * resid), mlp),
     }[mode]
-    terms = {"blocks": blocks, "recompute": recompute, "ids": 2 * tokens * 8,
+    terms = {"blocks": blocks, "per_block": blocks // max(layers, 1), "recompute": recompute, "ids": 2 * tokens * 8,
              # the gradients of the MLP's intermediates while a block runs backward
-             "block_backward": 2 * tokens * f * act}
+             "block_backward": 2 * tokens * f * act,
+             # the gradient reaching the embedding's output, while the embedding's own is computed
+             "embedding_backward": tokens * h * resid}
     if loss_chunk > 0:
         weight_bytes = 2 if precision == "bf16-pure" else 4
         chunk = min(loss_chunk, tokens)
         terms["head"] = norm + tokens * h * resid + vocab * h * weight_bytes
         terms["logits_held"] = 0
-        terms["loss_forward"] = tokens * h * resid + chunk * vocab * (8 + (2 if act == 2 else 0))
+        # Per chunk: the fp32 logits and the log-sum-exp's temporary (and the bf16 logits); then the
+        # logits' gradient in the compute dtype beside d W's product for the chunk (V*h, and under bf16
+        # its fp32 copy).
+        chunk_moment = max(chunk * vocab * (8 + (2 if act == 2 else 0)),
+                           chunk * vocab * act + vocab * h * (4 if act == 4 else 6))
+        autocast_head = vocab * h * 2 if precision == "bf16-autocast" else 0  # the head's bf16 copy in the loop
+        terms["loss_forward"] = tokens * h * resid + chunk_moment + autocast_head
         terms["loss_backward"] = tokens * h * resid
+        terms["head_backward"] = tokens * h * resid  # d hidden times the incoming scale, as d W's is made
     else:
         terms["head"] = norm + tokens * h * linear_input + tokens * vocab * 4
         terms["logits_held"] = tokens * vocab * act
         terms["loss_forward"] = tokens * vocab * (act + 4 if act == 2 else act)
         terms["loss_backward"] = tokens * vocab * 8
+        terms["head_backward"] = tokens * vocab * act  # the logits' gradient, through the head's matmuls
     autocast_weights = 0
     if precision == "bf16-autocast":
         attention_linear, mlp_linear = 4 * h * h, 3 * h * f
@@ -238,6 +276,123 @@ def activation_peak_bytes(config: LlamaConfig, batch_size: int, seq_len: int, pr
     base = t["blocks"] + t["ids"] + t["autocast_weights"]
     return base + max(t["head"] + t["loss_forward"], t["head"] + t["loss_backward"],
                       t["recompute"] + t["block_backward"])
+
+
+def step_phases(config: LlamaConfig, batch_size: int, seq_len: int, precision: str,
+                activation_checkpointing: bool | str, loss_chunk: int, pieces: Sequence[GradientPiece],
+                update_temporaries: int, gradient_release: bool = False, accumulation: int = 1) -> dict[str, int]:
+    """Bytes alive at each moment of one optimizer step, beside the weights, states and index buffers.
+
+    The activations are activation_peak_bytes' terms, placed in time; the gradients are `pieces`
+    (head, blocks last first, embedding: backward's order) as backward completes them:
+      forward             everything the blocks keep, the head's saved tensors and the loss's forward
+                          (activation_peak_bytes' first moment); no gradient yet (with accumulation
+                          above 1, every gradient: the earlier micro-batches')
+      backward: the loss  the same minus the loss's forward, plus its backward
+      backward: the head  the head's gradient beside the logits' gradient (plain) or the scaled
+                          gradient of the head's input (chunked); under release then its update, once
+                          the loss's saved tensors are freed
+      backward: block i   the blocks kept up to i (block i's own, recomputed under checkpointing),
+                          the gradients of the MLP's intermediates, and every gradient completed so far
+                          (head, blocks after i, block i's largest, being made); backward frees each
+                          block's activations as it goes while gradients accumulate, so the two never
+                          peak together
+      backward: the embedding  the gradient reaching the embedding, and every gradient
+      the update          every gradient and `optimizer.step()`'s temporaries
+    With `gradient_release` the gradients held at a moment are one parameter's with its update's
+    temporaries (GradientPiece.largest_update of the piece being completed), and there is no update
+    after backward. Measured against lowmem.memory.measure.TensorMemory over whole steps in
+    benchmarks/bench_gradient_release.py and tests/test_memory_estimate.py.
+    """
+    if gradient_release and accumulation > 1:
+        raise ConfigError("the update inside backward cannot accumulate micro-batches: use accumulation 1")
+    t = _activation_terms(config, batch_size, seq_len, precision, activation_checkpointing, loss_chunk)
+    every = sum(piece.gradient_bytes for piece in pieces)
+    earlier = every if accumulation > 1 else 0  # the earlier micro-batches' gradients, held throughout
+
+    def held(completed: int, piece: GradientPiece) -> int:
+        return piece.largest_update if gradient_release else max(completed, earlier)
+
+    always = t["ids"] + t["autocast_weights"]
+    kept = always + t["blocks"]
+    head, *blocks, embedding = pieces
+    phases = {"forward": kept + t["head"] + t["loss_forward"] + (0 if gradient_release else earlier)}
+    phases["backward: the loss"] = kept + t["head"] + t["loss_backward"] + (0 if gradient_release else earlier)
+    # The head's gradient appears beside the logits' gradient (the plain loss) or as the chunked loss's
+    # backward scales it; under release its update runs once that node is done, its saved tensors freed.
+    completed = head.gradient_bytes
+    gradient = head.largest_gradient if gradient_release else max(completed, earlier)
+    phases["backward: the head"] = kept + t["head"] + t["head_backward"] + gradient
+    if gradient_release:
+        phases["backward: the head's update"] = kept + t["head_backward"] + head.largest_update
+    for index in range(len(blocks) - 1, -1, -1):
+        # A block's backward peaks in its MLP, first: the later blocks' gradients are complete, of its
+        # own only the one being made (the attention's come after the MLP's intermediates are freed).
+        block = always + (index + 1) * t["per_block"] + t["recompute"] + t["block_backward"]
+        phases[f"backward: block {index}"] = block + held(completed + blocks[index].largest_gradient, blocks[index])
+        completed += blocks[index].gradient_bytes
+    completed += embedding.gradient_bytes
+    phases["backward: the embedding"] = always + t["embedding_backward"] + held(completed, embedding)
+    if not gradient_release:
+        phases["the update"] = every + update_temporaries
+    return phases
+
+
+def _gradient_pieces(model: nn.Module, update_bytes: dict[int, int] | None = None) -> list[GradientPiece]:
+    """The trainable parameters' gradient bytes per piece (GradientPiece), head first; `update_bytes`
+    (parameter id -> its update's temporaries) gives each piece its largest release update."""
+    layers = len(model.layers)
+    embedding = {id(p) for p in model.get_input_embeddings().parameters()}
+    totals = {"head": 0, **{f"layers.{i}": 0 for i in range(layers)}, "embedding": 0}
+    largest, largest_gradient = dict.fromkeys(totals, 0), dict.fromkeys(totals, 0)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen weights (LoRA's W0) get no gradient
+        parts = name.split(".")
+        piece = ("embedding" if id(param) in embedding
+                 else f"layers.{parts[1]}" if parts[0] == "layers" else "head")
+        nbytes = param.numel() * param.element_size()
+        totals[piece] += nbytes
+        largest_gradient[piece] = max(largest_gradient[piece], nbytes)
+        if update_bytes is not None:
+            largest[piece] = max(largest[piece], nbytes + update_bytes[id(param)])
+    return [GradientPiece(name, totals[name], largest_gradient[name], largest[name]) for name in totals]
+
+
+def _existing_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers(), *(t for _, _, t in iter_state_tensors(optimizer)),
+            *(p.grad for p in model.parameters() if p.grad is not None)]
+
+
+def _update_temporaries(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The most bytes `optimizer.step()` creates beyond the state it already has, on meta."""
+    with TensorMemory(exclude=_existing_tensors(model, optimizer)) as mem:
+        optimizer.step()
+    return mem.peak
+
+
+def _per_parameter_update_temporaries(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """parameter id -> the bytes its update inside backward creates (step_parameter, on meta, its
+    gradient the only one present, as under release)."""
+    if not getattr(optimizer, "updates_per_parameter", False):
+        raise ConfigError(f"{type(optimizer).__name__} cannot update inside backward (it does not declare "
+                          "updates_per_parameter); estimate it without gradient release")
+    grads = {id(p): p.grad for p in model.parameters()}
+    existing = _existing_tensors(model, optimizer)
+    for param in model.parameters():
+        param.grad = None
+    temporaries = {}
+    for param in model.parameters():
+        if grads[id(param)] is None:
+            continue
+        param.grad = grads[id(param)]
+        with TensorMemory(exclude=existing) as mem:
+            optimizer.step_parameter(param)
+        temporaries[id(param)] = mem.peak
+        param.grad = None
+    for param in model.parameters():
+        param.grad = grads[id(param)]
+    return temporaries
 
 
 # Methods whose step cannot run on the meta device get their state from a formula here, named in
@@ -309,6 +464,7 @@ def estimate_memory(
     chunked_loss: str = "auto",
     loss_chunk: int = DEFAULT_CHUNK,
     gradient_release: bool = False,
+    accumulation: int = 1,
 ) -> MemoryEstimate:
     """Predict the memory of training `model` with `optimizer` (see the module docstring).
 
@@ -319,13 +475,15 @@ def estimate_memory(
     auto with `loss_chunk` tokens per chunk, decided as the trainer decides it. With
     `gradient_release` each parameter's gradient is freed by its own update in backward, so the
     gradients held at once are at most the largest one. Raises ConfigError for an unknown preset,
-    optimizer, hyperparameter, precision or mode.
+    optimizer, hyperparameter, precision or mode. `accumulation`: micro-batches per optimizer step (the
+    gradients of the first are held through the rest); the update inside backward needs 1.
     """
     mode = _checkpointing_mode(activation_checkpointing)
     hparams = dict(hparams or {})
     weight_dtype, _, _ = _dtypes(precision)
-    if batch_size < 1 or seq_len < 1:
-        raise ConfigError(f"batch_size {batch_size} and seq_len {seq_len} must both be >= 1")
+    if batch_size < 1 or seq_len < 1 or accumulation < 1:
+        raise ConfigError(f"batch_size {batch_size}, seq_len {seq_len} and accumulation {accumulation} must all "
+                          "be >= 1")
     config = _config(model, vocab_size)
     if seq_len > config.max_seq_len:
         raise ConfigError(
@@ -342,6 +500,8 @@ def estimate_memory(
             opt.step()
         counted = _count_state(meta, opt)
         source = "meta step"
+        per_parameter = _per_parameter_update_temporaries(meta, opt) if gradient_release else None
+        temporaries = max(per_parameter.values(), default=0) if per_parameter else _update_temporaries(meta, opt)
     except RuntimeError as err:  # NotImplementedError (a missing meta kernel) included
         if optimizer not in STATE_FORMULAS:
             raise RuntimeError(
@@ -351,13 +511,19 @@ def estimate_memory(
         opt = _build_optimizer(optimizer, meta, preset, hparams)
         counted = _count_formula(optimizer, meta, opt)
         source = f"formula (its step fails on the meta device: {str(err).splitlines()[0]})"
-        notes.append(f"optimizer state of {optimizer!r} comes from a declared formula, not from its code")
+        notes.append(f"optimizer state of {optimizer!r} comes from a declared formula, not from its code; "
+                     "its update's temporaries are not counted")
+        per_parameter = {id(p): 0 for p in meta.parameters()} if gradient_release else None
+        temporaries = 0
     elements, bookkeeping, by_role, state_bytes = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     gradient_bytes = [p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad]
     index_bytes = sum(b.numel() * b.element_size() for m in meta.modules() if getattr(m, "param_kinds", None)
                       for b in m.buffers(recurse=False))
+    pieces = _gradient_pieces(meta, per_parameter)
+    phases = step_phases(config, batch_size, seq_len, precision, mode, chunk, pieces, temporaries, gradient_release,
+                         accumulation)
     return MemoryEstimate(
         model=model if isinstance(model, str) else "custom",
         optimizer=optimizer,
@@ -383,6 +549,10 @@ def estimate_memory(
         structure=dict(structure) if structure else None,
         trainable_weight_elements=sum(p.numel() for p in meta.parameters() if p.requires_grad),
         gradient_release=gradient_release,
+        accumulation=accumulation,
+        update_temporaries=temporaries,
+        gradient_pieces=tuple(pieces),
+        phases=tuple(phases.items()),
     )
 
 
@@ -430,6 +600,5 @@ def compare(
     return [estimate_memory(model, name, hparams_for(name, hparams, shared=True), **options) for name in optimizers]
 
 
-__all__ = ["GB", "PRECISIONS", "MemoryEstimate", "STATE_FORMULAS", "accepted_hparams", "activation_bytes",
-           "activation_peak_bytes",
-           "compare", "estimate_memory", "hparams_for"]
+__all__ = ["GB", "PRECISIONS", "GradientPiece", "MemoryEstimate", "STATE_FORMULAS", "accepted_hparams",
+           "activation_bytes", "activation_peak_bytes", "compare", "estimate_memory", "hparams_for", "step_phases"]

@@ -111,6 +111,11 @@ def snapshot(model: nn.Module, optimizer: Optimizer) -> dict[str, int | str]:
     }
 
 
+def _storage_key(tensor: torch.Tensor) -> int:
+    # The storage's own identity: a meta storage has no address, and views share their base's storage.
+    return tensor.untyped_storage()._cdata
+
+
 class TensorMemory(TorchDispatchMode):
     """Bytes of tensor storages that ops create while this mode is active, live and peak: the CPU
     counterpart of torch.cuda.memory_allocated / max_memory_allocated, for tests and benchmarks.
@@ -125,7 +130,9 @@ class TensorMemory(TorchDispatchMode):
     to the storage fires then); storages that existed before (parameters, buffers, `exclude`) are
     never counted, views of them neither. It sees tensors, not the allocator: no rounding, no
     caching, no interpreter — so on CPU it measures what the estimate predicts, unlike the peak RSS.
-    Autograd's backward runs under the mode too (its thread-local state is propagated).
+    Autograd's backward runs under the mode too (its thread-local state is propagated). Meta tensors
+    count as well (a storage is keyed by its identity, not its address, which meta storages lack):
+    that is how the estimate measures an optimizer step's temporaries without memory.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
@@ -133,7 +140,7 @@ class TensorMemory(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._excluded = {_storage_key(t) for t in exclude}
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
@@ -141,10 +148,10 @@ class TensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
+            key, nbytes = storage._cdata, storage.nbytes()
             if nbytes == 0 or key in self._sizes or key in self._excluded:
                 continue
             self._sizes[key] = nbytes

@@ -5,16 +5,17 @@
 
 For a model, optimizer (+ hyperparameters), structure, precision and sequence length, each of the six
 settings (activation checkpointing none / block / selective x the plain or the chunked loss) gets the
-largest micro-batch whose predicted peak — weights + gradients + optimizer states + the activations'
-high-water mark (lowmem.memory.estimate.activation_peak_bytes) — stays within the budget, and, given a
-global batch, the largest micro-batch that divides it and the gradient accumulation that reaches it
-(the trainer needs global batch = micro-batch x accumulation x processes).
+largest micro-batch whose predicted peak — weights + optimizer states + the worst moment of the step
+(lowmem.memory.estimate.step_phases: activations, gradients and the update's temporaries alive
+together) — stays within the budget, and, given a global batch, the largest micro-batch that divides it
+and the gradient accumulation that reaches it (the trainer needs global batch = micro-batch x
+accumulation x processes). Without gradient release the peak assumes accumulation: every gradient held
+through the next micro-batch's forward and backward, which a step of one micro-batch stays under.
 
-The optimizer state is counted once, from the meta step; the activations are a formula, so the search
-takes milliseconds. What the peak leaves out (the allocator's rounding and fragmentation, the
-optimizer step's own temporaries, CUDA's context and workspaces) is why a budget should sit a little
-under the device's memory; benchmarks/bench_memory_peak.py --budget checks a planned micro-batch
-against a measured peak.
+The optimizer state and its update's temporaries are counted once, on the meta device; the activations
+are a formula, so the search takes milliseconds. What the peak leaves out (the allocator's rounding and
+fragmentation, CUDA's context and workspaces) is why a budget should sit a little under the device's
+memory; benchmarks/bench_memory_peak.py --budget checks a planned micro-batch against a measured peak.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowmem.errors import ConfigError
-from lowmem.memory.estimate import GB, _config, activation_peak_bytes, estimate_memory
+from lowmem.memory.estimate import GB, _config, estimate_memory, step_phases
 from lowmem.models.chunked_loss import DEFAULT_CHUNK
 from lowmem.models.llama import CHECKPOINTING_MODES
 
@@ -92,12 +93,17 @@ def plan(model: str, optimizer: str, hparams: dict[str, Any] | None = None, *, b
                            gradient_release=gradient_release)
     config = _config(model, vocab_size)
     fixed = base.weights + base.gradients + base.optimizer_states
+    kept = base.weights + base.optimizer_states + base.index_bytes
+    # Without release, gradients are counted as under accumulation (see the docstring): any count above 1.
+    counted_accumulation = 1 if gradient_release else 2
     rows = []
     for mode in CHECKPOINTING_MODES:
         for chunked in (False, True):
             def peak(batch: int) -> int:
-                return fixed + activation_peak_bytes(config, batch, seq_len, precision, mode,
-                                                     loss_chunk if chunked else 0)
+                phases = step_phases(config, batch, seq_len, precision, mode, loss_chunk if chunked else 0,
+                                     base.gradient_pieces, base.update_temporaries, gradient_release,
+                                     counted_accumulation)
+                return kept + max(phases.values())
 
             best = _largest_fitting(lambda b: peak(b) <= budget_bytes)
             micro = accumulation = None
@@ -137,9 +143,9 @@ def format_plan(rows: list[PlanRow], *, model: str, optimizer: str, budget: int,
             else:
                 line += f"{'-':>16}{'-':>14}"
         lines.append(line)
-    lines += ["", "peak = weights + gradients + optimizer states + the activations' high-water mark of one "
-              "micro-batch (forward and backward); not counted: allocator overhead, the optimizer step's "
-              "temporaries, the CUDA context"]
+    lines += ["", "peak = weights + optimizer states + the step's worst moment (activations, gradients and the "
+              "update's temporaries together; gradients held as under accumulation unless released); not counted: "
+              "allocator overhead, the CUDA context"]
     if global_batch is not None:
         lines.append(f"global batch {global_batch} = micro-batch x accumulation x {processes} process(es)")
     return "\n".join(lines)
