@@ -8,7 +8,8 @@ post-accumulate-grad hook through the optimizer's own `_step()` and frees its gr
   with block and selective activation checkpointing and the chunked loss.
 - What cannot combine is refused before anything trains, naming the fix: accumulation, clipping,
   several processes, an intervention that reads gradients (RigL), a method that is not per parameter.
-- A non-finite loss skips backward and the step; a non-finite gradient stops the step's updates there.
+- A non-finite loss skips backward and the step; a non-finite gradient, whose update inside backward
+  ran before it could be known, stops the run naming it; the hooks never wait for the host.
 - A trainer run with gradient release: the same validation loss as without, gradients held one at a
   time (its summary's high-water mark is the largest gradient, as the estimate says).
 """
@@ -27,7 +28,7 @@ from lowmem.config import load_config, results_affecting_differences
 from lowmem.distributed import DistInfo
 from lowmem.errors import ConfigError
 from lowmem.testing import TINY
-from lowmem.train.step import AfterBackward, InBackward, train_step
+from lowmem.train.step import AfterBackward, InBackward, NonFiniteGradient, train_step
 from lowmem.train.trainer import check_gradient_release, train
 
 STEPS = 20
@@ -176,29 +177,61 @@ def test_a_non_finite_loss_skips_backward_and_the_step():
     assert all(torch.equal(before[n], after[n]) or n == "norm.weight" for n in before)
 
 
-def test_a_non_finite_gradient_stops_the_steps_updates_where_it_is_met():
-    """Backward completes the last block's gradients before the first block's: the parameters updated
-    before the non-finite gradient keep their update, that one and every later one are not updated,
-    every gradient is freed, and the step counts as not updated."""
+def test_a_non_finite_gradient_stops_the_run_naming_it_and_hides_no_update():
+    """The hooks do not wait for the host, so the non-finite gradient's update has been applied when
+    the step learns of it (once, after backward): the step raises, naming the parameter; every other
+    parameter got its normal update (bitwise a step without the bad hook, as far as they go), every
+    gradient is freed."""
+    bad_name = "layers.0.mlp.down_proj.weight"
+    reference, reference_optimizer = _built("adamw")
+    assert train_step(reference, InBackward(reference_optimizer, reference), _batch(0), info=DistInfo()).updated
     model, optimizer = _built("adamw")
     update = InBackward(optimizer, model)
-    order: list[str] = []
-    names = {id(p): n for n, p in model.named_parameters()}
-    for param in model.parameters():
-        param.register_post_accumulate_grad_hook(lambda p: order.append(names[id(p)]))
-    bad = model.layers[0].mlp.down_proj.weight
-    bad.register_hook(lambda grad: grad * float("inf"))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train_step(model, update, _batch(0), info=DistInfo())
-    assert not result.updated and update.nonfinite == "layers.0.mlp.down_proj.weight"
+    dict(model.named_parameters())[bad_name].register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteGradient, match=f"non-finite gradient of {bad_name}.*cannot be skipped"):
+        train_step(model, update, _batch(0), info=DistInfo())
+    assert update.nonfinite == bad_name
     assert all(p.grad is None for p in model.parameters())
-    after = dict(model.named_parameters())
-    bad_at = order.index(update.nonfinite)
-    assert 0 < bad_at < len(order) - 1
-    for index, name in enumerate(order):
-        changed = not torch.equal(before[name], after[name])
-        assert changed == (index < bad_at), (name, index, bad_at)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    expected = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        if name == bad_name:
+            assert not torch.isfinite(param).all()  # applied, and said so
+        else:
+            assert torch.equal(param, expected[name]), name
+
+
+def test_the_update_inside_backward_reads_the_host_a_fixed_number_of_times_whatever_the_parameters(monkeypatch):
+    """A host sync per parameter stalls a GPU's backward: the step reads the host three times (the loss
+    before backward, the step's loss, the finiteness flags), however many parameters it updates. The
+    optimizer's own reads (inside step_parameter) are not the step's."""
+    syncs: list[str] = []
+    inside_update = [False]
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if not inside_update[0]:
+                syncs.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    model, optimizer = _built("adamw")
+    real_step_parameter = optimizer.step_parameter
+
+    def step_parameter(param):
+        inside_update[0] = True
+        try:
+            real_step_parameter(param)
+        finally:
+            inside_update[0] = False
+
+    optimizer.step_parameter = step_parameter
+    update = InBackward(optimizer, model)
+    for step in range(2):
+        syncs.clear()
+        assert train_step(model, update, _batch(step), info=DistInfo()).updated
+        assert syncs == ["__bool__", "tolist", "tolist"], syncs
+    assert len(list(model.parameters())) > 10
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

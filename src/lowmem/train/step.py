@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.distributed import DistInfo, all_reduce_sum
-from lowmem.errors import ConfigError
+from lowmem.errors import ConfigError, LowmemError
 from lowmem.models import IGNORE_INDEX
 
 
@@ -40,7 +40,7 @@ from lowmem.models import IGNORE_INDEX
 class StepResult:
     loss: float  # token-weighted mean loss over the global batch
     targets: int  # non-pad target tokens of the global batch
-    updated: bool  # False when the loss (or, inside backward, a gradient) was not finite: no update, or part of it
+    updated: bool  # False when the loss was not finite: no update
 
 
 class Update(Protocol):
@@ -74,6 +74,10 @@ class AfterBackward:
         self.optimizer.step()
 
 
+class NonFiniteGradient(LowmemError):
+    """A gradient was non-finite under the update inside backward, and its update was already applied."""
+
+
 class InBackward:
     """The update inside backward (`--gradient-release`): each parameter's update runs in its
     post-accumulate-grad hook, as soon as backward has completed its gradient, through the optimizer's
@@ -91,11 +95,15 @@ class InBackward:
 
     Non-finite values. The loss is checked before backward (one host sync): a non-finite loss skips
     backward and the step (`--skip-nonfinite` counts it). A finite loss can still give a non-finite
-    gradient (an overflow in backward): each hook checks its gradient's sum, which is finite only if
-    every entry is (one pass and one host sync per parameter), before applying it. The first
-    non-finite gradient stops the step's updates: the parameters updated before it keep their update,
-    no other parameter is updated, every gradient is still freed, `nonfinite` names the parameter and
-    the step counts as skipped (`apply` returns False). (`AfterBackward` would apply it.)
+    gradient (an overflow in backward). Each hook records on the device whether its gradient's sum is
+    finite (finite only if every entry is) and applies the update without waiting for the answer: a
+    host sync per parameter would stall a GPU's backward hundreds of times a step. The flags are read
+    once, in `apply`, after the step's loss (the device is done by then). If a gradient was non-finite,
+    its update has already been applied — that parameter's weights and state may hold NaN/inf, every
+    other parameter got its normal update, every gradient is freed — so the step cannot be skipped:
+    `apply` raises NonFiniteGradient naming the first such parameter (also in `nonfinite`), and the run
+    stops there before anything is saved (`--skip-nonfinite` covers non-finite losses only).
+    (`AfterBackward` would apply it without a word.)
 
     `gradient_peak` is the most bytes of `.grad` tensors held at once, over every step so far: one
     parameter's gradient, the largest, while the update inside backward works as it should.
@@ -114,12 +122,15 @@ class InBackward:
         self.nonfinite: str | None = None
         self._params: list[torch.Tensor] = []
         self._armed = False
+        # Per hook, in backward's order: (parameter name, 0-dim bool on the device: its gradient finite).
+        self._finite: list[tuple[str, torch.Tensor]] = []
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if not last:
             raise ConfigError("the update inside backward needs the step's whole gradient from one backward: "
                               "train with one micro-batch per step (--micro-batch-size equal to --batch-size)")
         self.nonfinite = None
+        self._finite = []
         if not bool(torch.isfinite(loss)):  # the sync before backward: train_step then skips the step
             return
         self._hook_new_parameters()
@@ -132,9 +143,17 @@ class InBackward:
 
     def apply(self, model: nn.Module, before_update: Callable[[], None] | None) -> bool:
         """The updates ran in backward; `before_update()` runs now (interventions that read no gradients).
-        False when a non-finite gradient stopped the updates."""
-        if self.nonfinite is not None:
-            return False
+        Raises NonFiniteGradient if a gradient was non-finite (its update was applied; see the class)."""
+        if self._finite:
+            finite = torch.stack([flag for _, flag in self._finite]).tolist()  # the step's one read of them
+            if not all(finite):
+                self.nonfinite = self._finite[finite.index(False)][0]
+                raise NonFiniteGradient(
+                    f"non-finite gradient of {self.nonfinite} with a finite loss: under --gradient-release its "
+                    "update was applied inside backward before the step could know (one check per step, not a "
+                    "host sync per parameter), so the step cannot be skipped and that parameter's weights and "
+                    "optimizer state may now be non-finite. Resume from the last checkpoint with a lower learning "
+                    "rate (--skip-nonfinite covers non-finite losses only)")
         if before_update is not None:
             before_update()
         return True
@@ -156,11 +175,9 @@ class InBackward:
         # Every other gradient was freed by its own hook, so this one is what is held now (summing
         # over every parameter here made each step quadratic in the number of parameters).
         self.gradient_peak = max(self.gradient_peak, param.grad.numel() * param.grad.element_size())
-        if self.nonfinite is None:
-            if bool(torch.isfinite(param.grad.sum())):
-                self.optimizer.step_parameter(param)
-            else:
-                self.nonfinite = self.names.get(id(param), "a parameter")
+        # Recorded on the device, read once after backward (apply): no host sync per parameter.
+        self._finite.append((self.names.get(id(param), "a parameter"), torch.isfinite(param.grad.sum())))
+        self.optimizer.step_parameter(param)
         param.grad = None
 
 
