@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_run_overrides
+from test_loader import corpus  # noqa: F401 - the fixture: the loader tests' 47 documents and their BPE
 
 from lowmem.config import load_config
 from lowmem.train import checkpoint
@@ -42,9 +43,9 @@ def _train(nproc: int, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _config(tmp_path: Path, corpus: Path, cache: Path, mode: str, optimizer: str, hparams: dict, **extra) -> Path:
+def _config(tmp_path: Path, texts: Path, cache: Path, mode: str, optimizer: str, hparams: dict, **extra) -> Path:
     # A global batch of 6 single-row micro-batches divides over 1, 2 and 3 processes.
-    overrides = tiny_run_overrides(corpus, cache, tmp_path / "whole", **{
+    overrides = tiny_run_overrides(texts, cache, tmp_path / "whole", **{
         "train.steps": STEPS, "train.batch_size": 6, "train.micro_batch_size": 1, "train.distributed": mode,
         "train.checkpoint_every": RESUME_AT, "train.keep_checkpoints": 5, "optim.name": optimizer,
         "optim.hparams": hparams, "optim.lr": None, **extra})
@@ -58,9 +59,9 @@ def _saved_names(step_dir: Path) -> set[str]:
     return {name for name in checkpoint.read_metadata(step_dir).state_dict_metadata if not name.startswith("rank-")}
 
 
-def assert_resumes_at(tmp_path: Path, corpus: Path, cache: Path, mode: str, optimizer: str, hparams: dict,
+def assert_resumes_at(tmp_path: Path, texts: Path, cache: Path, mode: str, optimizer: str, hparams: dict,
                       sizes: tuple[int, ...], **extra) -> None:
-    config = _config(tmp_path, corpus, cache, mode, optimizer, hparams, **extra)
+    config = _config(tmp_path, texts, cache, mode, optimizer, hparams, **extra)
     _train(2, "--config", str(config))
     whole = tmp_path / "whole"
     uninterrupted = _losses(whole)
@@ -154,3 +155,39 @@ def test_nproc_launches_torchrun_and_a_restart_resumes_from_the_newest_checkpoin
     _train(1, "--config", str(config), "--output-dir", str(run), "--plugin", str(plugin), "--nproc", "2", "--max-restarts", "1")
     assert _losses(run) == _losses(tmp_path / "whole")  # steps 5-8 again after the restart, from step 4
     assert len(list((run / "checkpoints" / f"step-{STEPS:08d}").glob("values-rank-*.pt"))) == 2
+
+
+def _documents(loader, batches: int) -> list[int]:
+    from test_loader import document_id
+
+    return [document_id(loader.tokenizer, row) for _ in range(batches) for row in next(loader)["input_ids"]]
+
+
+@pytest.mark.parametrize("new_size", [1, 3])
+def test_the_loader_continues_the_global_order_at_another_number_of_processes(corpus, new_size):  # noqa: F811
+    from lowmem.data import TokenLoader
+    from lowmem.errors import CheckpointError
+
+    source, tokenizer = corpus
+    order = _documents(TokenLoader(source, tokenizer, 24, 2, seed=7), 30)  # one process: the global order
+    saved = []
+    for rank in range(2):
+        loader = TokenLoader(source, tokenizer, 24, 2, seed=7, rank=rank, world_size=2)
+        assert _documents(loader, 2) == order[rank:8:2]
+        saved.append(loader.state_dict())
+    for rank in range(new_size):
+        loader = TokenLoader(source, tokenizer, 24, 2, seed=7, rank=rank, world_size=new_size)
+        loader.load_resharded(saved)
+        # From document 8 (not a multiple of 3: the split must count from there) past the first shard's end.
+        assert _documents(loader, 18 // (2 * new_size)) == order[8 + rank:26:new_size]
+        # ... and the position saved after that resumes at the same size as before.
+        again = TokenLoader(source, tokenizer, 24, 2, seed=7, rank=rank, world_size=new_size)
+        again.load_state_dict(loader.state_dict())
+        assert _documents(again, 1) == _documents(loader, 1)
+    uneven = TokenLoader(source, tokenizer, 24, 2, seed=7, rank=1, world_size=2)
+    _documents(uneven, 1)  # one batch fewer than rank 0: together not a prefix of the order
+    with pytest.raises(CheckpointError, match="do not end a common prefix"):
+        TokenLoader(source, tokenizer, 24, 2, seed=7).load_resharded([saved[0], uneven.state_dict()])
+    packed = [TokenLoader(source, tokenizer, 16, 2, mode="pack", rank=r, world_size=2) for r in range(2)]
+    with pytest.raises(CheckpointError, match="in pack mode each rank stands inside its own document"):
+        TokenLoader(source, tokenizer, 16, 2, mode="pack").load_resharded([p.state_dict() for p in packed])

@@ -150,7 +150,8 @@ class TokenLoader:
             "document": self._resume.document,
             "token_offset": self._token_offset,
             "last_epoch": self.epoch,
-            "origin": list(self._reading.origin),
+            "origin_epoch": self._reading.origin[0],
+            "origin_document": self._reading.origin[1],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -187,7 +188,7 @@ class TokenLoader:
             int(state["document"]),
         )
         self.epoch = int(state["last_epoch"])
-        self._reading = replace(self._reading, origin=tuple(int(x) for x in state.get("origin", (0, 0))))
+        self._reading = replace(self._reading, origin=(int(state.get("origin_epoch", 0)), int(state.get("origin_document", 0))))
         self._restart(position, token_offset=int(state["token_offset"]))
 
     def load_resharded(self, states: list[dict]) -> None:
