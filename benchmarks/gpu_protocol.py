@@ -41,6 +41,10 @@ of 1-2 x 32, torchrun with gloo; `Settings` holds both sizes):
   resume       SCALE, bf16-pure, 10 steps with a checkpoint at 5, then a copy of the run resumed
                from step 5: steps 6-10's losses bitwise equal on CPU, within the tolerance above on
                CUDA (cuBLAS and atomics need not repeat bit for bit); the figures say which held.
+  gradient-release  llama-7b built directly on the GPU in bf16, SCALE, micro-batch 1 x 256, block
+               checkpointing, chunked loss, 5 steps with the update inside backward, then 5 without
+               on the same weights (benchmarks/bench_gradient_release.py device-peak): each
+               max_memory_allocated beside its estimate; pass: with release <= 16 GB (issue 25).
   large        llama-1b and llama-7b, SCALE, micro-batch 1 x 256, block activation checkpointing,
                chunked loss, 5 steps: max_memory_allocated beside `lowmem memory`'s estimate of the
                same run (estimate_memory, called by the trainer in the same process).
@@ -103,6 +107,10 @@ class Settings:
     large_models: tuple[str, ...] = ("llama-1b", "llama-7b")
     large_steps: int = 5
     large_eval_tokens: int = 2048
+    release_model: str = "llama-7b"
+    release_vocab_size: int | None = None  # a paper preset brings its own
+    release_steps: int = 5
+    release_budget: float = 16e9  # issue 25: 7B with SCALE and release within 16 GB
     item_timeout: float | None = None  # seconds for every item; None: each Item's own limit
 
 
@@ -110,7 +118,8 @@ GPU = Settings()
 DRY = Settings(model="cpu-micro", device="cpu", seq_len=32, eval_tokens=200, steps=5, warm_steps=3, batch_size=2,
                distributed_steps=3, distributed_micro_batch=1, resume_steps=4, peak_batch_size=2,
                peak_steps=1, peak_vocab_size=300, peak_optimizers="scale", large_models=("cpu-micro",), large_steps=5,
-               large_eval_tokens=200, item_timeout=300)  # a CI machine may be loaded
+               large_eval_tokens=200, release_model="cpu-micro", release_vocab_size=300,
+               item_timeout=300)  # a CI machine may be loaded
 
 
 class ChildFailed(RuntimeError):
@@ -417,6 +426,36 @@ def resume(p: Protocol) -> Result:
                   {"whole": whole.losses, "resumed": resumed.losses, **agreement})
 
 
+def gradient_release(p: Protocol) -> Result:
+    s = p.settings
+    output = p.output / "gradient-release" / "peak.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)
+    vocab = ["--vocab-size", str(s.release_vocab_size)] if s.release_vocab_size else []
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_gradient_release.py"), "device-peak",
+               "--model", s.release_model, *vocab, "--optimizer", "scale", "--release", "on,off",
+               "--device", s.device, "--precision", s.precision, "--batch-size", "1", "--seq-len", str(s.seq_len),
+               "--activation-checkpointing", "block", "--chunked-loss", "on", "--steps", str(s.release_steps),
+               "--output", str(output)]
+    p.run_child(command, p.output / "gradient-release" / "bench.log")
+    result = json.loads(output.read_text())
+    p.imported_from.add(result["lowmem_file"])
+    records = {("on" if r["release"] else "off"): r for r in result["records"]}
+    rows = [[release, _gb(r["peak_bytes"]), r["peak_measure"], _gb(r["estimate_peak_bytes"]),
+             f"{r['estimate_peak_bytes'] / r['peak_bytes']:.2f}", r["estimate_peak_phase"],
+             _gb(r["gradient_high_water_bytes"])] for release, r in records.items()]
+    released = records["on"]["peak_bytes"]
+    saving = records["off"]["peak_bytes"] - released
+    freed = records["off"]["estimate_peak_bytes"] - records["on"]["estimate_peak_bytes"]
+    ok = released <= s.release_budget
+    verdict = (f"{s.release_model}, SCALE, {s.precision}, micro-batch 1 x {s.seq_len}, block checkpointing, chunked "
+               f"loss, {s.release_steps} steps each; pass: with release <= {s.release_budget / GB:g} GB: "
+               f"{released / GB:.3f} GB; saving {saving / GB:.3f} GB of {freed / GB:.3f} GB the estimate frees")
+    return Result(ok, verdict, ["release", "peak (GB)", "measure", "estimate (GB)", "estimate / peak",
+                                "estimate's peak at", "gradient high-water (GB)"], rows,
+                  {**result, "saving_bytes": saving, "estimate_freed_bytes": freed})
+
+
 def large(p: Protocol) -> Result:
     s = p.settings
     rows, data, failed = [], {}, []
@@ -464,6 +503,7 @@ ITEMS = (
     Item("distributed", "torchrun with one process, DDP and FSDP2, against the plain run", distributed, 100),
     Item("peak-memory", "measured peak beside the estimate of the same loss path", peak_memory, 75),
     Item("resume", "a bf16-pure run stopped and resumed", resume, 75),
+    Item("gradient-release", "7B with SCALE inside backward: peak within 16 GB", gradient_release, 120),
     Item("large", "1B and 7B with SCALE: peak beside the estimate", large, 240),
 )
 

@@ -21,7 +21,7 @@ from lowmem.data import open_source, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_protocol.py"
-ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "large"]
+ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "gradient-release", "large"]
 
 
 def _belongs_to_lowmem(entry: Path) -> bool:
@@ -101,6 +101,11 @@ def test_gpu_protocol_dry_run_runs_every_item_without_an_install(tmp_path, bare_
     resume = items["resume"]["data"]
     # Steps 1-2 kept from before the checkpoint, 3-4 trained again after the resume: all equal on CPU.
     assert resume["bitwise"] and resume["resumed"] == resume["whole"] and len(resume["whole"]) == 4
+
+    release = items["gradient-release"]["data"]
+    assert [r["release"] for r in release["records"]] == [True, False]
+    assert all(r["peak_bytes"] > 0 and r["estimate_peak_bytes"] > 0 and r["steps"] == 5 for r in release["records"])
+    assert release["records"][0]["gradient_high_water_bytes"] > 0
 
     large = items["large"]["data"]["cpu-micro"]
     assert large["peak_bytes"] > 0 and large["estimate_total_bytes"] > 0
