@@ -20,6 +20,14 @@ rare embedding rows). `decay="before"` (torch) or `"after"` (GaLore/Fira/APOLLO:
 after the update) places the decoupled weight decay. State per parameter: `step` (a float32 scalar tensor, as in torch.optim, so checkpoints
 load with weights_only=True and momentum resets can restart bias correction per tensor), `exp_avg`,
 `exp_avg_sq`.
+
+`state_bits=8` keeps the moments of every matrix of >= 4096 elements in blockwise 8-bit codes
+(lowmem.optim.quantized_state: `exp_avg_codes`/`exp_avg_absmax` with the signed map, `exp_avg_sq_codes`/
+`exp_avg_sq_absmax` with the unsigned map without zero); each such parameter is updated on its own:
+its moments dequantized to fp32, the same AdamW update, the moments requantized, so at most one
+parameter's fp32 moments exist at a time. `stochastic_rounding=True` requantizes with unbiased random
+rounding, drawn from a generator seeded by the parameter's position and its step (the same draws
+whatever order parameters are updated in: inside backward or after it).
 """
 
 from __future__ import annotations
@@ -28,15 +36,19 @@ from typing import Any
 
 import torch
 
+from lowmem.optim import quantized_state
 from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
     check_adam_group,
+    check_bool,
     check_choice,
     check_grad,
     group_by_device_dtype,
     is_dtensor,
+    local_tensor,
 )
+from lowmem.optim.state import reset_entries, reset_whole
 
 EPS_PLACEMENTS = ("corrected", "uncorrected")
 DECAY_PLACEMENTS = ("before", "after")
@@ -44,25 +56,51 @@ DECAY_PLACEMENTS = ("before", "after")
 RELEASED_LOW_RANK_ADAM = {"eps_placement": "uncorrected", "decay": "after"}
 
 
-def init_adam_state(state: dict[str, Any], param: torch.Tensor) -> None:
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int | None = None) -> None:
+    """Zero moments and step; in 8-bit codes when `state_bits` quantizes a parameter of this global shape."""
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    for key in ADAM_MOMENTS:
+        if quantized_state.quantizes(param.shape, state_bits):
+            quantized_state.init_quantized(state, key, param)
+        else:
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def reset_adam_state(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """lowmem.optim.state's reset of one parameter's Adam state (whole, or the `mask` entries), quantized
+    moments included: zeroed through their codes (a masked reset dequantizes, zeroes and requantizes)."""
+    if not quantized_state.is_quantized(state, "exp_avg"):
+        reset_whole(state) if mask is None else reset_entries(state, param, mask)
+        return
+    for key in ADAM_MOMENTS:
+        quantized_state.reset_quantized(state, key, mask)
+    if mask is None:
+        state["step"].zero_()
 
 
 class AdamBatch:
-    """The parameters one optimizer step leaves to Adam, gathered for a single `adamw_update` call."""
+    """The parameters one optimizer step leaves to Adam: those in full precision gathered for a single
+    `adamw_update` call, those with 8-bit moments (`state_bits=8`) updated one at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_bits: int | None = None, stochastic_rounding: bool = False) -> None:
+        self.state_bits, self.stochastic_rounding = state_bits, stochastic_rounding
         self.params: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.exp_avgs: list[torch.Tensor] = []
         self.exp_avg_sqs: list[torch.Tensor] = []
         self.steps: list[torch.Tensor] = []
+        self.quantized: list[tuple[int, torch.Tensor, dict[str, Any]]] = []
 
-    def add(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+    def add(self, param: torch.Tensor, state: dict[str, Any], position: int = 0) -> None:
+        """`position`: the parameter's place in its optimizer (seeds its stochastic rounding)."""
         if not state:
-            init_adam_state(state, param)
+            init_adam_state(state, param, self.state_bits)
+        if quantized_state.is_quantized(state, "exp_avg"):
+            self.quantized.append((position, param, state))
+            return
         self.params.append(param)
         self.grads.append(param.grad)
         self.exp_avgs.append(state["exp_avg"])
@@ -72,6 +110,27 @@ class AdamBatch:
     def step(self, **hparams: Any) -> None:
         """One `adamw_update` over the gathered tensors (hparams: its keyword arguments)."""
         adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, **hparams)
+        for position, param, state in self.quantized:
+            _quantized_adamw_update(param, state, self._rounding(position, state), **hparams)
+
+    def _rounding(self, position: int, state: dict[str, Any]) -> torch.Generator | None:
+        if not self.stochastic_rounding:
+            return None
+        step = int(state["step"].item()) + 1  # the step about to be taken
+        return torch.Generator().manual_seed(position * 1_000_003 + step)
+
+
+def _quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator: torch.Generator | None,
+                            **hparams: Any) -> None:
+    """`adamw_update` of one parameter whose moments are 8-bit codes: in fp32 (fp64 beside fp64 weights)
+    on this rank's part (blocks lie within rows, so a shard needs nobody else's), then requantized."""
+    local = local_tensor(param)
+    weights, grad = _at_least_fp32(local), _at_least_fp32(local_tensor(param.grad))
+    with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as moments:
+        exp_avg, exp_avg_sq = moments
+        adamw_update([weights], [grad], [exp_avg], [exp_avg_sq], [state["step"]], **hparams)
+    if weights is not local:
+        local.copy_(weights)
 
 
 def scheduled_adam_lr(adam_lr: float, group: dict[str, Any]) -> float:
@@ -150,6 +209,11 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
         torch._foreach_mul_(params, 1 - lr * weight_decay)
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself in fp32 or fp64, else an fp32 copy (bf16 weights are updated in fp32)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 class AdamW(LowmemOptimizer):
     """AdamW over ordinary params or role groups (roles are accepted and ignored: every tensor is Adam's)."""
 
@@ -163,22 +227,32 @@ class AdamW(LowmemOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         foreach: bool = True,
+        state_bits: int | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         betas = as_pair(betas)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+                        state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
+
+    def reset_param_state(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
+        reset_adam_state(self.state[param], param, mask)
 
     def _step(self) -> None:
+        position = 0
         for group in self.param_groups:
-            batch = AdamBatch()
+            batch = AdamBatch(group["state_bits"], group["stochastic_rounding"])
             for p in group["params"]:
+                position += 1
                 if p.grad is not None:
                     check_grad(p)
-                    batch.add(p, self.state[p])
+                    batch.add(p, self.state[p], position)
             beta1, beta2 = group["betas"]
             batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], foreach=group["foreach"])

@@ -1,0 +1,212 @@
+"""Optimizer state held in 8 bits: blockwise codes with one fp32 scale per block, the one mechanism
+every method's moments use (`--opt state_bits=8`).
+
+References: Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
+arXiv 2110.02861 (blockwise absmax scaling, the dynamic tree map); Li, Chen & Zhu, "Memory Efficient
+Optimizers with 4-bit States", arXiv 2309.01507 (the zero-point problem: a second moment that
+quantizes to 0 turns m / (sqrt(v) + eps) into an update of m / eps, so its map has no zero).
+
+Algorithm, for a state tensor x of a parameter shaped like x:
+  x is viewed as rows [shape[0], -1]; each row is cut into blocks of BLOCK elements (the last block of a
+  row may be shorter); per block absmax = max |x|, and each x / absmax in [-1, 1] is stored as the
+  uint8 index of the nearest of 256 map values (or, with stochastic rounding, one of the two
+  neighbours with probability by distance, so the rounding is unbiased). Dequantized: map[code] * absmax.
+  A step dequantizes to fp32, updates there, and requantizes (`dequantized`, the one place this happens);
+  the parameter's update uses the fp32 moments of this step, before their requantization.
+
+Maps (`dynamic_map`): the dynamic tree of Dettmers et al. Its decades 10^-6 ... 10^0 of |value| hold
+2^d (signed) or 2^(d+1) (unsigned: no sign bit) values for decade d = 0..6, the midpoints of that many
+equal parts of [0.1, 1] scaled by 10^(d-6), plus 0 and 1: 127 + 127 + 2 (signed) or 254 + 2 (unsigned)
+= 256. These are the same 256 values as bitsandbytes' `create_dynamic_map` (tests/test_quantized_state.py).
+First moments and momenta use the signed map. Second moments use the unsigned map without zero: the
+code that would be 0 becomes the one value of a seventh decade down (0.55e-7: a code with all seven
+exponent bits set leaves no fraction bit), so a positive v never dequantizes to 0 unless its whole block is 0.
+
+Why blocks never cross a row: FSDP2 shards a parameter (and so its state) on dim 0, by whole rows. With
+every block inside one row, a shard's codes and scales are exactly the blocks of its rows: codes are
+shaped like the parameter and scales are [rows, ceil(row_length / BLOCK)], both sharded on dim 0 like
+the parameter (DTensors with its placements), so a checkpoint reshards to any number of processes and
+each rank quantizes alone, without communication.
+
+Which tensors: only those with >= 2 dimensions and >= MIN_QUANTIZED_NUMEL elements, decided from the
+parameter's GLOBAL shape (a DTensor's `shape`), so every rank, and a run at another world size,
+decides alike. Vectors (norm gains, biases) stay in full precision: they have no rows to align
+blocks with and are a negligible part of the state.
+
+State is plain tensors: `<key>_codes` (uint8, shaped like the parameter) and `<key>_absmax` (fp32), for
+key in the method's moment names ("exp_avg", "exp_avg_sq"); it loads with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from lowmem.optim.base import is_dtensor, local_tensor
+
+STATE_BITS = (None, 32, 8)  # None and 32: full precision (the default); 8: blockwise 8-bit codes
+BLOCK = 256  # elements per block (bitsandbytes' and torchao's 8-bit optimizers use 256 too)
+MIN_QUANTIZED_NUMEL = 4096  # smaller tensors stay in full precision (as bitsandbytes' min_8bit_size)
+CODES, ABSMAX = "_codes", "_absmax"
+# State keys whose values are >= 0 (second moments): the unsigned map without zero. Every other
+# quantized key (first moments, momenta) gets the signed map.
+UNSIGNED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+DECADES = 7  # 10^-6 ... 10^0
+
+
+def dynamic_map(signed: bool, with_zero: bool = True) -> torch.Tensor:
+    """The 256 sorted fp32 values of the dynamic tree map (module docstring); `with_zero=False` (unsigned
+    only) puts 0.55e-7 where 0 would be."""
+    if signed and not with_zero:
+        raise ValueError("the signed map keeps its zero: first moments change sign")
+    values: list[float] = [1.0, 0.0 if with_zero else 0.55e-7]
+    for decade in range(DECADES):
+        parts = 2 ** decade if signed else 2 ** (decade + 1)
+        edges = torch.linspace(0.1, 1, parts + 1, dtype=torch.float32)  # all in fp32, as the reference
+        decade_values = 10.0 ** (decade - (DECADES - 1)) * ((edges[:-1] + edges[1:]) / 2)
+        values += decade_values.tolist()
+        if signed:
+            values += (-decade_values).tolist()
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+SIGNED_MAP = dynamic_map(signed=True)
+UNSIGNED_MAP = dynamic_map(signed=False, with_zero=False)
+
+
+def map_for(key: str) -> torch.Tensor:
+    return UNSIGNED_MAP if key in UNSIGNED_KEYS else SIGNED_MAP
+
+
+def check_state_bits(value: Any) -> None:
+    if not (value is None or type(value) is int) or value not in STATE_BITS:
+        raise ValueError(f"invalid state_bits: {value!r}; choose one of: 32 (or None: full precision), 8")
+
+
+def quantizes(shape: torch.Size | tuple[int, ...], state_bits: int | None) -> bool:
+    """Whether a parameter of GLOBAL shape `shape` keeps its moments in `state_bits` codes."""
+    return state_bits == 8 and len(shape) >= 2 and math.prod(shape) >= MIN_QUANTIZED_NUMEL
+
+
+def blocks_per_row(shape: torch.Size | tuple[int, ...], block: int = BLOCK) -> int:
+    row_length = math.prod(shape[1:])
+    return -(-row_length // block)
+
+
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`x` as [rows, blocks per row, block], each row zero-padded to whole blocks (zeros change no absmax)."""
+    rows = x.reshape(x.shape[0], -1)
+    pad = blocks_per_row(x.shape, block) * block - rows.shape[1]
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], -1, block)
+
+
+def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block: int = BLOCK,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like `x`, fp32 absmax [rows, blocks per row]) of `x`, whose dim 0 is its rows
+    (to block a 1-D tensor as one row, pass `x.view(1, -1)`). Nearest map value (a tie, x / absmax exactly between two values, takes the lower); with a
+    `generator`, stochastic rounding between the two neighbours."""
+    blocks = _blocked(x.float(), block)
+    absmax = blocks.abs().amax(dim=-1)
+    # Times the reciprocal, as bitsandbytes' kernels scale (x / absmax can differ in the last bit, which
+    # moves a value sitting on a midpoint). A zero block stays zero whatever its codes (value * 0);
+    # scaling it by 1 keeps it finite.
+    normalized = (blocks * (1 / torch.where(absmax > 0, absmax, 1.0)).unsqueeze(-1)).clamp_(-1, 1)
+    qmap = qmap.to(x.device)
+    if generator is None:
+        midpoints = (qmap[:-1] + qmap[1:]) / 2
+        codes = torch.bucketize(normalized, midpoints)
+    else:
+        lower = (torch.bucketize(normalized, qmap, right=True) - 1).clamp_(0, qmap.numel() - 2)
+        low, high = qmap[lower], qmap[lower + 1]
+        up = (normalized - low) / (high - low)  # in [0, 1] where normalized is inside the map's range
+        draw = torch.rand(normalized.shape, generator=generator, device="cpu").to(normalized.device)
+        codes = lower + (draw < up)
+    row_length = math.prod(x.shape[1:])
+    codes = codes.reshape(x.shape[0], -1)[:, :row_length].to(torch.uint8).reshape(x.shape)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor,
+                         block: int = BLOCK) -> torch.Tensor:
+    """The fp32 values of `codes` (shaped like the tensor) with per-block `absmax` [rows, blocks per row]."""
+    values = qmap.to(codes.device)[codes.long()]
+    blocks = _blocked(values, block) * absmax.unsqueeze(-1)
+    row_length = math.prod(codes.shape[1:])
+    return blocks.reshape(codes.shape[0], -1)[:, :row_length].reshape(codes.shape)
+
+
+def _like_param(local: torch.Tensor, param: torch.Tensor, global_shape: tuple[int, ...]) -> torch.Tensor:
+    """`local` as a DTensor sharded as `param` (rows on dim 0) when `param` is one, else `local`."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=global_shape, stride=stride,
+                              run_check=False)
+
+
+def init_quantized(state: dict[str, Any], key: str, param: torch.Tensor, block: int = BLOCK) -> None:
+    """Zero state `key` of `param` in codes: `<key>_codes` at the map's code nearest 0, `<key>_absmax` 0."""
+    local = local_tensor(param)
+    zero_code = int(torch.argmin(map_for(key).abs()))
+    codes = torch.full(local.shape, zero_code, dtype=torch.uint8, device=local.device)
+    absmax = torch.zeros(local.shape[0], blocks_per_row(local.shape, block), device=local.device)
+    state[key + CODES] = _like_param(codes, param, tuple(param.shape))
+    state[key + ABSMAX] = _like_param(absmax, param, (param.shape[0], absmax.shape[1]))
+
+
+def is_quantized(state: dict[str, Any], key: str) -> bool:
+    return key + CODES in state
+
+
+def reset_quantized(state: dict[str, Any], key: str, mask: torch.Tensor | None = None) -> None:
+    """Zero quantized state `key` (whole, or the `mask` entries: a dequantize-zero-requantize)."""
+    if mask is None:
+        local_tensor(state[key + ABSMAX]).zero_()  # every value of a block with absmax 0 is 0
+        return
+    with dequantized(state, (key,)) as (values,):
+        values.masked_fill_(local_tensor(mask).to(values.device), 0)
+
+
+@contextmanager
+def dequantized(state: dict[str, Any], keys: tuple[str, ...], block: int = BLOCK,
+                generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> Iterator[list[torch.Tensor]]:
+    """The values of quantized state `keys` (this rank's part) in `dtype` (fp32; fp64 beside fp64
+    weights), to update in place; on leaving, each is requantized into its codes and absmax (not if the
+    block raised: the state stays as it was)."""
+    codes = [local_tensor(state[key + CODES]) for key in keys]
+    absmaxes = [local_tensor(state[key + ABSMAX]) for key in keys]
+    values = [dequantize_blockwise(c, a, map_for(key), block).to(dtype) for key, c, a in zip(keys, codes, absmaxes)]
+    yield values
+    for key, value, c, a in zip(keys, values, codes, absmaxes):
+        new_codes, new_absmax = quantize_blockwise(value, map_for(key), block, generator)
+        c.copy_(new_codes)
+        a.copy_(new_absmax)
+
+
+__all__ = [
+    "BLOCK",
+    "MIN_QUANTIZED_NUMEL",
+    "SIGNED_MAP",
+    "STATE_BITS",
+    "UNSIGNED_MAP",
+    "blocks_per_row",
+    "check_state_bits",
+    "dequantize_blockwise",
+    "dequantized",
+    "dynamic_map",
+    "init_quantized",
+    "is_quantized",
+    "map_for",
+    "quantize_blockwise",
+    "quantizes",
+    "reset_quantized",
+]
