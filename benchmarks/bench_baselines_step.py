@@ -1,15 +1,22 @@
-"""Optimizer step time of lowmem's Muon and Adam-mini against their reference implementations.
+"""Optimizer step time of lowmem's Muon and Adam-mini against their reference implementations, and of
+Muon's batched Newton–Schulz against its per-matrix path.
 
   muon       lowmem Muon (bf16 Newton–Schulz, AdamW core on embedding/head/vectors)
              vs torch.optim.Muon on the hidden matrices + torch.optim.AdamW(foreach=True) on the rest
   adam-mini  lowmem AdamMini(adam_mini_param_groups(model)) vs the official adam_mini.Adam_mini
+  muon-batched  lowmem Muon with one batched Newton–Schulz call per shape (the default off the CPU)
+             vs one call per matrix (the CPU's default), both forced whatever the device, NS in --ns-dtype; also how far apart two copies of the
+             model end after --check-steps steps with the same gradients, relative to how far they moved.
+             float32 by default: this CPU has no bf16 matrix units, where a bf16 NS of one 512 x 512
+             matrix takes seconds (torch's `muon` pair above is bf16, torch.optim.Muon's only choice)
 
 The real model of the chosen preset (default llama-60m, fp32, CPU) with fixed random gradients; all
 contenders step the same parameters, each with its own state. Within each round the contenders of
 a pair take turns (order alternated per round) so drift on a shared machine hits both alike; each
 round gives the ratio lowmem / reference, and the median ratio over rounds is reported.
 
-    python benchmarks/bench_baselines_step.py [--model llama-60m] [--rounds 7] [--steps 2] [--threads 1]
+    python benchmarks/bench_baselines_step.py [--model llama-60m] [--pairs muon adam-mini muon-batched]
+        [--rounds 7] [--steps 2] [--threads 1] [--ns-dtype float32] [--check-steps 3]
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from lowmem.assembly import build_model
 from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
+from lowmem.optim.newton_schulz import BATCH_ELEMENTS
+from lowmem.testing import max_relative_difference
 
 
 def _muon_pair(model):
@@ -50,7 +59,33 @@ def _adam_mini_pair(model):
     return ours.step, official.step
 
 
-PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair}
+def _muon_batched_pair(model, ns_dtype: str = "float32"):
+    batched = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
+    per_matrix = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
+    batched.ns_batch_elements, per_matrix.ns_batch_elements = BATCH_ELEMENTS, 0  # both whatever the device
+    return batched.step, per_matrix.step
+
+
+def muon_batched_difference(model_name: str, steps: int, ns_dtype: str) -> tuple[float, float]:
+    """(max over tensors of ||batched - per-matrix|| / ||W||, max of ||W_end - W_0|| / ||W_0||) after
+    `steps` Muon steps of two copies of the model with the same fixed random gradients."""
+    models = []
+    for ns_batch_elements in (BATCH_ELEMENTS, 0):
+        torch.manual_seed(0)
+        model = build_model(model_name)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
+        optimizer.ns_batch_elements = ns_batch_elements
+        for _ in range(steps):
+            optimizer.step()
+        models.append(dict(model.named_parameters()))
+    torch.manual_seed(0)
+    initial = dict(build_model(model_name).named_parameters())
+    return max_relative_difference(*models), max_relative_difference(initial, models[0])
+
+
+PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair}
 
 
 def main() -> None:
@@ -60,6 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ns-dtype", default="float32", help="muon-batched: Newton–Schulz dtype")
+    parser.add_argument("--check-steps", type=int, default=3, help="muon-batched: steps of the difference check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,7 +109,13 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps} steps per contender")
 
     for name in args.pairs:
-        ours, reference = PAIRS[name](model)
+        if name == "muon-batched":
+            difference, moved = muon_batched_difference(args.model, args.check_steps, args.ns_dtype)
+            print(f"muon-batched (NS in {args.ns_dtype}) after {args.check_steps} steps: batched vs per-matrix max "
+                  f"relative difference {difference:.3g}, weights moved up to {moved:.3g} relative")
+            ours, reference = _muon_batched_pair(model, args.ns_dtype)
+        else:
+            ours, reference = PAIRS[name](model)
         # One warm-up step each (allocate state, fault in pages), then the two alternate round by round.
         times = interleaved({"lowmem": ours, "reference": reference}, args.rounds,
                             lambda step: seconds_per_step(step, args.steps))

@@ -10,7 +10,7 @@ import torch
 import lowmem.optim
 from lowmem.models import build_model
 from lowmem.optim.muon import Muon, adjusted_lr
-from lowmem.optim.newton_schulz import ns_batches
+from lowmem.optim.newton_schulz import BATCH_ELEMENTS, default_batch_elements, ns_batches
 from lowmem.testing import TINY, max_relative_difference, train_steps
 
 torch_muon = pytest.importorskip("torch.optim._muon", reason="torch.optim.Muon (PyTorch >= 2.9) is the oracle")
@@ -180,16 +180,16 @@ def test_rejects_bad_hyperparameters():
 @pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("name", ["muon", "muon-all"])
 def test_batched_newton_schulz_gives_the_per_matrix_bits(name, ns_dtype):
-    # One batched NS call per shape (the default) against one call per matrix (ns_batch_elements 0):
+    # One batched NS call per shape (the default on GPUs) against one call per matrix (the CPU's):
     # baddbmm rounds as addmm per matrix, so 20 steps agree to the bit on the CPU. (Batching with
     # b*A + c*(A@A) instead differs by ~5e-2 relative in bf16 after one NS: this test would fail.)
     batched_model, single_model = _model(), _model()
     batched = lowmem.optim.build(name, batched_model, ns_dtype=ns_dtype, **CASES[0])
     single = lowmem.optim.build(name, single_model, ns_dtype=ns_dtype, **CASES[0])
-    single.ns_batch_elements = 0
+    batched.ns_batch_elements, single.ns_batch_elements = BATCH_ELEMENTS, 0
     matrices = [p for g in batched.param_groups for p in g["params"] if p.dim() >= 2]
-    assert max(len(b) for b in ns_batches(matrices)) > 1  # the comparison does batch matrices
-    assert max(len(b) for b in ns_batches(matrices, max_elements=0)) == 1
+    assert max(len(b) for b in ns_batches(matrices, max_elements=BATCH_ELEMENTS)) > 1  # it does batch
+    assert max(len(b) for b in ns_batches(matrices)) == 1  # the CPU's default: one at a time
     train_steps(batched_model, batched, 20, lr_schedule=False)
     train_steps(single_model, single, 20, lr_schedule=False)
     batched_params = dict(batched_model.named_parameters())
@@ -199,7 +199,9 @@ def test_batched_newton_schulz_gives_the_per_matrix_bits(name, ns_dtype):
 
 def test_ns_batches_group_by_shape_key_and_size():
     a, b, c, d = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3, 4), torch.zeros(4, 3, dtype=torch.float64)
-    assert ns_batches([a, c, b, d]) == [[0, 2], [1], [3]]
-    assert ns_batches([a, b, c], keys=[1, 0, 1]) == [[0], [1], [2]]
+    assert ns_batches([a, c, b, d], max_elements=BATCH_ELEMENTS) == [[0, 2], [1], [3]]
+    assert ns_batches([a, b, c], keys=[1, 0, 1], max_elements=BATCH_ELEMENTS) == [[0], [1], [2]]
+    assert ns_batches([a, b]) == [[0], [1]]  # on the CPU, one at a time unless asked
+    assert default_batch_elements(torch.device("cuda")) == BATCH_ELEMENTS
     assert ns_batches([a, b, a, b, a], max_elements=24) == [[0, 1], [2, 3], [4]]
     assert ns_batches([a, b], max_elements=0) == [[0], [1]]

@@ -334,8 +334,34 @@ def test_newton_schulz_matches_torch_muon_and_orthogonalizes(shape):
     assert X.shape == G.shape and X.dtype == G.dtype
     s = torch.linalg.svdvals(X.double())
     assert s.min() > 0.5 and s.max() < 1.3  # the quintic's band around 1, not exactly 1
-    if len(shape) == 2:
-        torch.testing.assert_close(X, _torch_newton_schulz()(G).float(), rtol=0, atol=0)
+    # A batch is each matrix's torch.optim.Muon NS to the bit (baddbmm rounds as addmm per matrix).
+    for G_i, X_i in zip(G.reshape(-1, *shape[-2:]), X.reshape(-1, *shape[-2:])):
+        torch.testing.assert_close(X_i, _torch_newton_schulz()(G_i).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,hparams", [("sgd-singular", {}), ("scale", {"normalization": "singular",
+                                                                           "momentum_on": "all"})])
+def test_batched_singular_normalization_gives_the_per_matrix_bits(name, hparams):
+    # Batched NS is the default off the CPU only; forced here, 20 steps equal one matrix at a time.
+    from lowmem.optim.newton_schulz import BATCH_ELEMENTS, ns_batches
+
+    models, optimizers = [], []
+    for ns_batch_elements in (BATCH_ELEMENTS, 0):
+        torch.manual_seed(0)
+        models.append(build_model("cpu-tiny", vocab_size=VOCAB))
+        optimizers.append(lowmem.optim.build(name, models[-1], lr=1e-2, **hparams))
+        optimizers[-1].ns_batch_elements = ns_batch_elements
+    matrices = [p for p in models[0].parameters() if p.dim() >= 2]
+    assert max(len(b) for b in ns_batches(matrices, max_elements=BATCH_ELEMENTS)) > 1
+    initial = [p.detach().clone() for p in models[0].parameters()]
+    for step in range(20):
+        for model, opt in zip(models, optimizers):
+            _loss(model, step).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for batched, single in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(batched, single)
+    assert max((p.detach() - w).norm() / w.norm() for p, w in zip(models[0].parameters(), initial)) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -57,7 +57,7 @@ from lowmem.optim.base import (
     check_positive_int,
     local_tensor,
 )
-from lowmem.optim.newton_schulz import BATCH_ELEMENTS, newton_schulz, ns_batches, orthogonalize
+from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
 
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -87,16 +87,15 @@ def muon_update(
     ns_steps: int,
     ns_dtype: torch.dtype,
     input_dims: list[int] | None = None,
-    ns_batch_elements: int = BATCH_ELEMENTS,
+    ns_batch_elements: int | None = None,
 ) -> None:
     """One Muon step over hidden matrices (the functional core of `Muon`); `input_dims[i]` 0 marks a
     weight stored [in, out] (Conv1D), whose shape factor takes rows = size(1).
 
     Matrices of one shape are orthogonalized together, one batched Newton–Schulz call per batch of at
-    most `ns_batch_elements` (lowmem.optim.newton_schulz.ns_batches; 0: one matrix at a time). On the
-    CPU both give the same bits; batching is the default because it runs a group's ~25 NS kernels
-    once instead of once per matrix (what a GPU step is made of), and costs no time on the CPU
-    (benchmarks/bench_baselines_step.py --pairs muon-batched; docs/results.md, issue 28).
+    most `ns_batch_elements` (lowmem.optim.newton_schulz.ns_batches; 0: one matrix at a time; None:
+    batched off the CPU, one at a time on it, where batching measured slower: default_batch_elements).
+    On the CPU both give the same bits.
     """
     if not params:
         return
@@ -150,8 +149,9 @@ class Muon(LowmemOptimizer):
     """
 
     updates_per_parameter = True  # Newton–Schulz orthogonalizes one matrix; momentum and Adam are per tensor
-    # Elements per batched Newton–Schulz call (muon_update); 0 runs one matrix at a time, the same bits.
-    ns_batch_elements: int = BATCH_ELEMENTS
+    # Elements per batched Newton–Schulz call (muon_update); 0 runs one matrix at a time, the same bits;
+    # None: newton_schulz.default_batch_elements (batched on GPUs, one at a time on the CPU).
+    ns_batch_elements: int | None = None
 
     def __init__(
         self,

@@ -22,7 +22,8 @@ FSDP2 shard) in, this rank's rows of NS out. `ns_batches` groups their plain mat
 that each group is one batched `newton_schulz` call on a stack: the same ~25 kernels for a group as
 for one matrix (llama-60m's 56 hidden matrices are 3 shapes). The batched iteration runs the same
 fused multiply-adds per matrix (baddbmm where one matrix takes addmm): on the CPU the result is
-bitwise the per-matrix one, in bf16 and fp32 (tests/test_muon.py checks it over 20 steps).
+bitwise the per-matrix one, in bf16 and fp32 (tests/test_muon.py checks it over 20 steps). Batching
+is the default off the CPU only (`default_batch_elements` says why).
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ EPS = 1e-7  # torch.optim.Muon's and Keller Jordan's
 # batching bounds the step's transient memory whatever the model: llama-60m's groups are one batch
 # each (at most 11.3M elements), from 4096 x 4096 (7B) on a batch is one matrix, as without batching.
 BATCH_ELEMENTS = 2**24
+
+
+def default_batch_elements(device: torch.device) -> int:
+    """`ns_batches`' cap when the caller sets none: BATCH_ELEMENTS, except 0 (one matrix at a time) on the
+    CPU. Measured on the CPU (llama-60m, fp32 NS, one thread; docs/results.md, issue 28) a batched Muon
+    step took 1.33x the per-matrix one (1.11-1.43 over rounds): the CPU's bmm is no faster than its
+    mm per matrix and the stack is a larger working set, and there is no launch cost to save. A GPU
+    step is ~25 small kernel launches per matrix, which batching makes ~25 per shape; its time is not
+    yet measured (benchmarks/bench_baselines_step.py --pairs muon-batched on a GPU)."""
+    return 0 if device.type == "cpu" else BATCH_ELEMENTS
 
 
 def newton_schulz(
@@ -85,11 +96,14 @@ def orthogonalize(tensor: torch.Tensor, *, steps: int = 5, dtype: torch.dtype = 
 
 
 def ns_batches(tensors: Sequence[torch.Tensor], keys: Sequence[Hashable] | None = None, *,
-               max_elements: int = BATCH_ELEMENTS) -> list[list[int]]:
+               max_elements: int | None = None) -> list[list[int]]:
     """Indices of `tensors` grouped for one batched `newton_schulz` call each: the same shape, dtype,
     device and key (`keys[i]`, a caller's further condition such as Muon's input dim), at most
-    `max_elements` in a batch (a larger tensor alone; 0: every tensor alone, the per-matrix path).
-    A DTensor is always alone: its NS needs the gathered whole matrix (`orthogonalize`)."""
+    `max_elements` in a batch (a larger tensor alone; 0: every tensor alone, the per-matrix path;
+    None: `default_batch_elements` of the tensors' device). A DTensor is always alone: its NS needs
+    the gathered whole matrix (`orthogonalize`)."""
+    if max_elements is None:
+        max_elements = default_batch_elements(tensors[0].device) if tensors else 0
     batches: list[list[int]] = []
     open_batches: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -105,4 +119,4 @@ def ns_batches(tensors: Sequence[torch.Tensor], keys: Sequence[Hashable] | None 
     return batches
 
 
-__all__ = ["BATCH_ELEMENTS", "COEFFICIENTS", "newton_schulz", "ns_batches", "orthogonalize"]
+__all__ = ["BATCH_ELEMENTS", "COEFFICIENTS", "default_batch_elements", "newton_schulz", "ns_batches", "orthogonalize"]

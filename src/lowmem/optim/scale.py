@@ -156,10 +156,11 @@ def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tens
     torch._foreach_addcmul_(params, directions, factors, [-lr * s for s in sqrt_ns])
 
 
-def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *, lr: float, ns_steps: int) -> None:
+def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *, lr: float, ns_steps: int,
+                   ns_batch_elements: int | None = None) -> None:
     """`param -= lr * sqrt(max(rows, cols)) * NS(direction)` for each pair, NS on the whole matrix
-    (gathered if sharded), matrices of one shape in one batched call (newton_schulz.ns_batches: the
-    per-matrix bits on the CPU, as for Muon).
+    (gathered if sharded), matrices of one shape in one batched call off the CPU (newton_schulz.ns_batches,
+    as for Muon: the per-matrix bits).
 
     NS is exactly Muon's (the same lowmem.optim.newton_schulz.orthogonalize Muon calls): cast to bf16,
     divide by max(||D||_F, 1e-7), five quintic iterations -- torch.optim.Muon's normalization to the
@@ -170,7 +171,7 @@ def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *
     input's precision before the cast, to make up for an NS that divided by ||D|| + eps; with max()
     inside NS that extra division only changed bf16 rounding, so Muon dropped it and both run this.)
     """
-    for batch in ns_batches(directions):
+    for batch in ns_batches(directions, max_elements=ns_batch_elements):
         first = directions[batch[0]]
         rows = first.size(0)
         alpha = -lr * math.sqrt(max(rows, first.numel() // max(1, rows)))
@@ -193,6 +194,7 @@ def scale_update(
     weight_decay: float,
     normalization: str,
     ns_steps: int = 5,
+    ns_batch_elements: int | None = None,
 ) -> None:
     """One SCALE step over matrices (any normalization); a `None` momentum buffer: use the raw gradient.
 
@@ -215,7 +217,7 @@ def scale_update(
         for p, d in zip(params, directions):  # one temporary at a time, not a model-sized list
             p.add_(d.sign(), alpha=-lr)
     elif normalization == "singular":
-        singular_step_(params, directions, lr=lr, ns_steps=ns_steps)
+        singular_step_(params, directions, lr=lr, ns_steps=ns_steps, ns_batch_elements=ns_batch_elements)
     else:
         check_choice("normalization", normalization, NORMALIZATIONS)
 
@@ -239,6 +241,9 @@ class SCALE(LowmemOptimizer):
     # Every normalization is of one matrix (its columns, rows, signs or singular values), momentum and
     # Adam are per tensor: the update of a parameter needs its own gradient only.
     updates_per_parameter = True
+    # "singular": elements per batched Newton–Schulz call, None for newton_schulz.default_batch_elements
+    # (batched on GPUs, one matrix at a time on the CPU), as Muon's.
+    ns_batch_elements: int | None = None
 
     def __init__(
         self,
@@ -305,7 +310,8 @@ class SCALE(LowmemOptimizer):
             dims.append(normalized_dim(role, normalization, group_input_dim(group, p)))
 
         scale_update(params, grads, buffers, dims, lr=group["lr"], momentum=group["momentum"],
-                     weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"])
+                     weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"],
+                     ns_batch_elements=self.ns_batch_elements)
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
                   eps=group["adam_eps"], weight_decay=group["weight_decay"], eps_placement="uncorrected")
