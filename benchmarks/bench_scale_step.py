@@ -14,6 +14,7 @@ for the floor, to compare each pass of the step with the floor's one add_.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -63,8 +64,10 @@ def main() -> None:
         print(f"  {name:>14}: median {statistics.median(times[name]) * 1e3:8.1f} ms/step")
     vs_adamw = statistics.median(s / a for s, a in zip(times[args.optimizer], times["adamw"]))
     vs_floor = statistics.median(s / f for s, f in zip(times[args.optimizer], times["floor"]))
-    print(f"  {args.optimizer} / adamw(foreach) = {vs_adamw:.3f}   (goal <= 0.5)")
-    print(f"  {args.optimizer} / add_ floor     = {vs_floor:.3f}   (goal <= 2)")
+    print(f"  {args.optimizer} / adamw(foreach) = {vs_adamw:.3f}   (issue 28's goal <= 0.2)")
+    print(f"  {args.optimizer} / add_ floor     = {vs_floor:.3f}   (issue 28's goal <= 1.5)")
+    # The ratios are measured side by side, but a loaded machine shifts them: say what the load was.
+    print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile:
         for name in (args.optimizer, "floor"):
             _print_profile(name, contenders[name], args.steps)
