@@ -306,3 +306,28 @@ def test_a_momentum_reset_zeroes_quantized_moments_whole_or_by_entries():
     assert torch.all(moment("exp_avg") == 0) and torch.all(moment("exp_avg_sq") == 0) and state["step"] == 0
     _train(model, optimizer, 1, first=2)  # and it trains on
     assert state["step"] == 1 and moment("exp_avg").abs().max() > 0
+
+
+def test_the_memory_estimate_counts_codes_and_scales_to_the_byte():
+    """cpu-tiny: every matrix keeps a uint8 code per element and an fp32 absmax per block of a row
+    (rows of 128: one block; of 352: two), every vector fp32 moments; each parameter a float32 step."""
+    from lowmem.assembly import build_model
+    from lowmem.memory.estimate import estimate_memory
+    from lowmem.memory.measure import optimizer_state_bytes
+    from lowmem.testing import train_steps
+
+    est = estimate_memory("cpu-tiny", "adamw", {"state_bits": 8}, vocab_size=320, precision="fp32")
+    torch.manual_seed(0)
+    model = build_model("cpu-tiny", vocab_size=320)
+    optimizer = lowmem.optim.build("adamw", model, state_bits=8)
+    train_steps(model, optimizer, steps=2, batch=4, seq=16)
+    expected = 0
+    for param in model.parameters():
+        if qs.quantizes(param.shape, 8):
+            expected += 2 * (param.numel() + 4 * param.shape[0] * qs.blocks_per_row(param.shape))
+        else:
+            expected += 2 * 4 * param.numel()
+        expected += 4  # step
+    assert optimizer_state_bytes(optimizer) == est.optimizer_states == expected
+    full = estimate_memory("cpu-tiny", "adamw", {}, vocab_size=320, precision="fp32").optimizer_states
+    assert est.optimizer_states < 0.27 * full  # 1 + 4/128 (or 8/352) bytes per element instead of 4
