@@ -22,6 +22,7 @@ from conftest import tiny_run_overrides
 from test_loader import corpus  # noqa: F401 - the fixture: the loader tests' 47 documents and their BPE
 
 from lowmem.config import load_config
+from lowmem.errors import CheckpointError
 from lowmem.train import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -188,7 +189,6 @@ def _documents(loader, batches: int) -> list[int]:
 @pytest.mark.parametrize("new_size", [1, 3])
 def test_the_loader_continues_the_global_order_at_another_number_of_processes(corpus, new_size):  # noqa: F811
     from lowmem.data import TokenLoader
-    from lowmem.errors import CheckpointError
 
     source, tokenizer = corpus
     order = _documents(TokenLoader(source, tokenizer, 24, 2, seed=7), 30)  # one process: the global order
@@ -213,3 +213,19 @@ def test_the_loader_continues_the_global_order_at_another_number_of_processes(co
     packed = [TokenLoader(source, tokenizer, 16, 2, mode="pack", rank=r, world_size=2) for r in range(2)]
     with pytest.raises(CheckpointError, match="in pack mode each rank stands inside its own document"):
         TokenLoader(source, tokenizer, 16, 2, mode="pack").load_resharded([p.state_dict() for p in packed])
+
+
+def test_state_that_is_a_ranks_own_refuses_another_world_size_and_names_it(tmp_path):
+    """Optimizer state of layout "rank" (LowmemOptimizer.state_layout) cannot be split over another
+    number of processes: the load says which state and how many processes to use."""
+    payload = {"step": 1, "optimizer": {"state": {}, "param_groups": [],
+                                        checkpoint.RANK_LOCAL: {0: {"blocks": torch.arange(3.0)}}}}
+    step = checkpoint.save(tmp_path, 1, payload)
+    assert "rank-0/optimizer/rank-local/0/blocks" in checkpoint.read_metadata(step).state_dict_metadata
+    same = checkpoint.with_tensors({}, checkpoint.load(step))
+    assert torch.equal(same["optimizer"][checkpoint.RANK_LOCAL][0]["blocks"], torch.arange(3.0))
+    # The same files as a second rank would have written them: now a checkpoint of 2 processes.
+    (step / "values-rank-1.pt").write_bytes((step / "values-rank-0.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and its optimizer state 'rank-local/0/blocks' "
+                                              r"is each process's own .* resume with 2 processes"):
+        checkpoint.with_tensors({}, checkpoint.load(step))
