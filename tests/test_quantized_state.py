@@ -331,3 +331,14 @@ def test_the_memory_estimate_counts_codes_and_scales_to_the_byte():
     assert optimizer_state_bytes(optimizer) == est.optimizer_states == expected
     full = estimate_memory("cpu-tiny", "adamw", {}, vocab_size=320, precision="fp32").optimizer_states
     assert est.optimizer_states < 0.27 * full  # 1 + 4/128 (or 8/352) bytes per element instead of 4
+
+
+@pytest.mark.parametrize("qmap", ["signed", "unsigned"])
+def test_the_bucket_lookup_is_bucketize_over_the_midpoints_ties_and_edges_included(qmap):
+    table = qs.SIGNED_MAP if qmap == "signed" else qs.UNSIGNED_MAP
+    midpoints = (table[:-1] + table[1:]) / 2
+    edges = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                       torch.nextafter(midpoints, torch.tensor(-2.0)), table, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40])])
+    sample = _sample(64, 1024, seed=5).flatten()
+    values = torch.cat([edges, sample / sample.abs().max()]).clamp(-1, 1)
+    assert torch.equal(qs.nearest_codes(values, table).long(), torch.bucketize(values, midpoints))
