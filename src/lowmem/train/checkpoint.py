@@ -137,10 +137,6 @@ def gather_sharded_model_state(model: nn.Module, saved_by_rank: list[dict[str, t
             for name, first in saved_by_rank[0].items()}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return _local(optimizer.state_dict())
-
-
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load a saved optimizer state; state tensors shaped like a DTensor parameter's shard become
     DTensors again with that parameter's mesh and placements."""
