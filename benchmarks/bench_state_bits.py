@@ -9,7 +9,14 @@ The 8-bit step dequantizes each matrix's moments to fp32, updates them, and requ
 over the map per element): that work is the price of the smaller state. The machine's load average
 is printed with the figures.
 
+`--staleness N`: instead, N training steps of a small LLaMA (width 256, one block; random tokens) with
+8-bit states, nearest and stochastic rounding, beside an fp32 shadow of each quantized moment fed the
+same gradients: per reported step, the fraction of codes that requantized back to their old code
+(stale: the step's change was smaller than the rounding), and how far the dequantized moments are
+from the shadow (||deq - shadow|| / ||shadow|| over all quantized matrices).
+
     python benchmarks/bench_state_bits.py [--model llama-60m] [--rounds 7] [--steps 2] [--threads 1]
+    python benchmarks/bench_state_bits.py --staleness 200
 """
 
 from __future__ import annotations
@@ -20,10 +27,50 @@ import statistics
 
 import torch
 
+import lowmem.optim.quantized_state as qs
 from lowmem.assembly import build_model
 from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.memory.measure import optimizer_state_bytes
-from lowmem.optim.adamw import AdamW
+from lowmem.models.llama import Llama, LlamaConfig
+from lowmem.optim.adamw import ADAM_MOMENTS, AdamW
+
+REPORT_AT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def staleness(steps: int, stochastic_rounding: bool) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_heads=4, num_layers=1, vocab_size=96,
+                         max_seq_len=32)
+    model = Llama(config)
+    optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, state_bits=8,
+                      stochastic_rounding=stochastic_rounding)
+    matrices = [p for p in model.parameters() if qs.quantizes(p.shape, 8)]
+    shadow = {id(p): {key: torch.zeros_like(p) for key in ADAM_MOMENTS} for p in matrices}
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    print(f"rounding {'stochastic' if stochastic_rounding else 'nearest'}: step, stale codes m / v, "
+          "||deq - fp32 shadow|| / ||shadow|| m / v")
+    for step in range(1, steps + 1):
+        tokens = torch.randint(0, config.vocab_size, (8, 17), generator=torch.Generator().manual_seed(1000 + step))
+        (model(tokens[:, :-1], labels=tokens[:, 1:]) / (8 * 16)).backward()
+        before = {(id(p), key): optimizer.state[p][key + qs.CODES].clone()
+                  for p in matrices if optimizer.state[p] for key in ADAM_MOMENTS}
+        for p in matrices:
+            shadow[id(p)]["exp_avg"].lerp_(p.grad, 1 - beta1)
+            shadow[id(p)]["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step not in REPORT_AT or not before:
+            continue
+        stale, distance = [], []
+        for key in ADAM_MOMENTS:
+            same = sum(int((optimizer.state[p][key + qs.CODES] == before[(id(p), key)]).sum()) for p in matrices)
+            stale.append(same / sum(p.numel() for p in matrices))
+            err = sum(float((qs.dequantize_blockwise(optimizer.state[p][key + qs.CODES], optimizer.state[p][key + qs.ABSMAX],
+                                                     qs.map_for(key)) - shadow[id(p)][key]).square().sum())
+                      for p in matrices)
+            norm = sum(float(shadow[id(p)][key].square().sum()) for p in matrices)
+            distance.append((err / norm) ** 0.5)
+        print(f"  {step:5d}   {stale[0]:.3f} / {stale[1]:.3f}   {distance[0]:.4f} / {distance[1]:.4f}")
 
 
 def main() -> None:
@@ -32,8 +79,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--staleness", type=int, default=0, help="measure staleness over this many steps instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.staleness:
+        for stochastic_rounding in (False, True):
+            staleness(args.staleness, stochastic_rounding)
+        return
     torch.manual_seed(0)
 
     model = build_model(args.model)
