@@ -342,3 +342,25 @@ def test_the_bucket_lookup_is_bucketize_over_the_midpoints_ties_and_edges_includ
     sample = _sample(64, 1024, seed=5).flatten()
     values = torch.cat([edges, sample / sample.abs().max()]).clamp(-1, 1)
     assert torch.equal(qs.nearest_codes(values, table).long(), torch.bucketize(values, midpoints))
+
+
+@pytest.mark.distributed
+def test_a_two_process_fsdp2_run_with_8bit_states_resumes_to_the_uninterrupted_losses(tiny_corpus, token_cache, tmp_path):
+    """Codes and scales are DTensors sharded on dim 0 like their parameter, saved and read back by DCP."""
+    from test_distributed_train import _config, _losses, _run
+
+    settings = {"train.distributed": "fsdp2", "optim.name": "adamw", "optim.hparams": {"state_bits": 8}}
+    whole = _config(tmp_path, "whole", tiny_corpus, token_cache, **settings)
+    split = _config(tmp_path, "split", tiny_corpus, token_cache, **settings,
+                    **{"train.checkpoint_every": 3, "train.keep_checkpoints": 5})
+    _run(whole, 2)
+    _run(split, 2)
+    _run(split, 2, "--resume", str(tmp_path / "split" / "checkpoints" / "step-00000003"))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    assert sorted(_losses(tmp_path / "whole")) == list(range(1, 7))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(tmp_path / "split" / "checkpoints" / "step-00000003")).read_metadata()
+    codes = {key: meta for key, meta in saved.state_dict_metadata.items() if key.endswith("exp_avg_codes")}
+    assert codes and all(meta.properties.dtype == torch.uint8 for meta in codes.values())
+    assert any(key.endswith("exp_avg_sq_absmax") for key in saved.state_dict_metadata)
