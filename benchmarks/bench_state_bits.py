@@ -16,7 +16,7 @@ same gradients: per reported step, the fraction of codes that requantized back t
 from the shadow (||deq - shadow|| / ||shadow|| over all quantized matrices).
 
     python benchmarks/bench_state_bits.py [--model llama-60m] [--rounds 7] [--steps 2] [--threads 1]
-    python benchmarks/bench_state_bits.py --staleness 200
+    python benchmarks/bench_state_bits.py --staleness 200 [--reset-every 30]
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.memory.measure import optimizer_state_bytes
 from lowmem.models.llama import Llama, LlamaConfig
 from lowmem.optim.adamw import ADAM_MOMENTS, AdamW
+from lowmem.optim.reset import reset_moments
 
 REPORT_AT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
-def staleness(steps: int, stochastic_rounding: bool) -> None:
+def staleness(steps: int, stochastic_rounding: bool, reset_every: int = 0) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_heads=4, num_layers=1, vocab_size=96,
                          max_seq_len=32)
@@ -47,7 +48,8 @@ def staleness(steps: int, stochastic_rounding: bool) -> None:
     matrices = [p for p in model.parameters() if qs.quantizes(p.shape, 8)]
     shadow = {id(p): {key: torch.zeros_like(p) for key in ADAM_MOMENTS} for p in matrices}
     beta1, beta2 = optimizer.param_groups[0]["betas"]
-    print(f"rounding {'stochastic' if stochastic_rounding else 'nearest'}: step, stale codes m / v, "
+    reset = f", momentum reset after every {reset_every} steps" if reset_every else ""
+    print(f"rounding {'stochastic' if stochastic_rounding else 'nearest'}{reset}: step, stale codes m / v, "
           "||deq - fp32 shadow|| / ||shadow|| m / v")
     for step in range(1, steps + 1):
         tokens = torch.randint(0, config.vocab_size, (8, 17), generator=torch.Generator().manual_seed(1000 + step))
@@ -59,18 +61,26 @@ def staleness(steps: int, stochastic_rounding: bool) -> None:
             shadow[id(p)]["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step not in REPORT_AT or not before:
-            continue
-        stale, distance = [], []
-        for key in ADAM_MOMENTS:
-            same = sum(int((optimizer.state[p][key + qs.CODES] == before[(id(p), key)]).sum()) for p in matrices)
-            stale.append(same / sum(p.numel() for p in matrices))
-            err = sum(float((qs.dequantize_blockwise(optimizer.state[p][key + qs.CODES], optimizer.state[p][key + qs.ABSMAX],
-                                                     qs.map_for(key)) - shadow[id(p)][key]).square().sum())
-                      for p in matrices)
-            norm = sum(float(shadow[id(p)][key].square().sum()) for p in matrices)
-            distance.append((err / norm) ** 0.5)
-        print(f"  {step:5d}   {stale[0]:.3f} / {stale[1]:.3f}   {distance[0]:.4f} / {distance[1]:.4f}")
+        if step in REPORT_AT and before:
+            _report(step, optimizer, matrices, before, shadow)
+        if reset_every and step % reset_every == 0:  # as the momentum-reset intervention: after the step
+            reset_moments(optimizer)
+            for moments in shadow.values():
+                for moment in moments.values():
+                    moment.zero_()
+
+
+def _report(step: int, optimizer: AdamW, matrices: list, before: dict, shadow: dict) -> None:
+    stale, distance = [], []
+    for key in ADAM_MOMENTS:
+        same = sum(int((optimizer.state[p][key + qs.CODES] == before[(id(p), key)]).sum()) for p in matrices)
+        stale.append(same / sum(p.numel() for p in matrices))
+        err = sum(float((qs.dequantize_blockwise(optimizer.state[p][key + qs.CODES], optimizer.state[p][key + qs.ABSMAX],
+                                                 qs.map_for(key)) - shadow[id(p)][key]).square().sum())
+                  for p in matrices)
+        norm = sum(float(shadow[id(p)][key].square().sum()) for p in matrices)
+        distance.append((err / norm) ** 0.5)
+    print(f"  {step:5d}   {stale[0]:.3f} / {stale[1]:.3f}   {distance[0]:.4f} / {distance[1]:.4f}")
 
 
 def main() -> None:
@@ -80,11 +90,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--staleness", type=int, default=0, help="measure staleness over this many steps instead")
+    parser.add_argument("--reset-every", type=int, default=0, help="--staleness: also nearest rounding with a "
+                        "momentum reset after every N steps (reported steps are not reset steps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.staleness:
         for stochastic_rounding in (False, True):
             staleness(args.staleness, stochastic_rounding)
+        if args.reset_every:
+            staleness(args.staleness, False, args.reset_every)
         return
     torch.manual_seed(0)
 

@@ -364,3 +364,20 @@ def test_a_two_process_fsdp2_run_with_8bit_states_resumes_to_the_uninterrupted_l
     codes = {key: meta for key, meta in saved.state_dict_metadata.items() if key.endswith("exp_avg_codes")}
     assert codes and all(meta.properties.dtype == torch.uint8 for meta in codes.values())
     assert any(key.endswith("exp_avg_sq_absmax") for key in saved.state_dict_metadata)
+
+
+def test_the_momentum_reset_intervention_restarts_8bit_moments():
+    from lowmem.optim.reset import reset_moments
+
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    optimizer = AdamW(model.parameters(), lr=1e-3, state_bits=8)
+    _train(model, optimizer, 3)
+    reset_moments(optimizer)
+    for state in optimizer.state.values():
+        assert state["step"] == 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            if qs.is_quantized(state, key):
+                assert torch.all(qs.dequantize_blockwise(state[key + "_codes"], state[key + "_absmax"], qs.map_for(key)) == 0)
+            else:
+                assert torch.all(state[key] == 0)

@@ -235,6 +235,12 @@ class AdamW(LowmemOptimizer):
                         state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
