@@ -329,6 +329,9 @@ def test_the_memory_estimate_counts_codes_and_scales_to_the_byte():
             expected += 2 * 4 * param.numel()
         expected += 4  # step
     assert optimizer_state_bytes(optimizer) == est.optimizer_states == expected
+    with_noise = estimate_memory("cpu-tiny", "adamw", {"state_bits": 8, "stochastic_rounding": True},
+                                 vocab_size=320, precision="fp32")  # on meta: shapes only, nothing drawn
+    assert with_noise.optimizer_states == est.optimizer_states
     full = estimate_memory("cpu-tiny", "adamw", {}, vocab_size=320, precision="fp32").optimizer_states
     assert est.optimizer_states < 0.27 * full  # 1 + 4/128 (or 8/352) bytes per element instead of 4
 

@@ -111,13 +111,17 @@ class AdamBatch:
         """One `adamw_update` over the gathered tensors (hparams: its keyword arguments)."""
         adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, **hparams)
         for position, param, state in self.quantized:
-            _quantized_adamw_update(param, state, self._rounding(position, state), **hparams)
+            _quantized_adamw_update(param, state, self._rounding(position, param, state), **hparams)
 
-    def _rounding(self, position: int, state: dict[str, Any]) -> torch.Generator | None:
+    def _rounding(self, position: int, param: torch.Tensor, state: dict[str, Any]) -> torch.Generator | None:
+        """Stochastic rounding's generator, seeded by the parameter's position and the step about to be
+        taken; on the parameter's device (the CPU for a meta parameter). Under FSDP2 each rank draws
+        for its own rows, so two processes round alike in distribution, not bit for bit like one."""
         if not self.stochastic_rounding:
             return None
-        step = int(state["step"].item()) + 1  # the step about to be taken
-        return torch.Generator().manual_seed(position * 1_000_003 + step)
+        step = int(state["step"].item()) + 1
+        device = "cpu" if param.is_meta else local_tensor(param).device
+        return torch.Generator(device=device).manual_seed(position * 1_000_003 + step)
 
 
 def _quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator: torch.Generator | None,

@@ -164,7 +164,10 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block: int = BLOCK,
         lower = (torch.bucketize(normalized, qmap, right=True) - 1).clamp_(0, qmap.numel() - 2)
         low, high = qmap[lower], qmap[lower + 1]
         up = (normalized - low) / (high - low)  # in [0, 1] where normalized is inside the map's range
-        draw = torch.rand(normalized.shape, generator=generator, device="cpu").to(normalized.device)
+        if normalized.is_meta:  # the memory estimate: shapes only, nothing to draw
+            draw = torch.empty_like(normalized)
+        else:  # drawn where the generator lives (the parameter's device, or the CPU)
+            draw = torch.rand(normalized.shape, generator=generator, device=generator.device).to(normalized.device)
         codes = lower + (draw < up)
     row_length = math.prod(x.shape[1:])
     codes = codes.reshape(x.shape[0], -1)[:, :row_length].to(torch.uint8).reshape(x.shape)
