@@ -384,3 +384,12 @@ def test_the_momentum_reset_intervention_restarts_8bit_moments():
                 assert torch.all(qs.dequantize_blockwise(state[key + "_codes"], state[key + "_absmax"], qs.map_for(key)) == 0)
             else:
                 assert torch.all(state[key] == 0)
+
+
+@pytest.mark.distributed
+def test_8bit_states_saved_by_2_fsdp2_processes_resume_at_1_and_3(tiny_corpus, token_cache, tmp_path):
+    """DCP reads each rank's rows of the codes and of the absmax (blocks never cross a row) at another
+    world size: the losses after the resume are the 2-process run's within fp32 reduction order."""
+    from test_dcp import assert_resumes_at
+
+    assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "adamw", {"state_bits": 8}, (1, 3))
