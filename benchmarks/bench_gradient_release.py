@@ -1,7 +1,7 @@
 """The update inside backward (`--gradient-release`, issue 25): peak memory with and without it beside
 the estimate, and step time side by side.
 
-    # peak memory, each (model, optimizer, release) in its own process; fp32 on CPU
+    # peak memory, each (model, optimizer, release) in its own process; fp32 (or --precision bf16-pure) on CPU
     OMP_NUM_THREADS=1 python benchmarks/bench_gradient_release.py memory --models llama-60m,cpu-base
     # step time, llama-60m, SCALE and AdamW with and without release, interleaved
     OMP_NUM_THREADS=1 python benchmarks/bench_gradient_release.py time --rounds 5
@@ -57,17 +57,18 @@ def preset_vocab(model_name: str, vocab: int) -> int | None:
 
 
 def _run(model_name: str, optimizer_name: str, release: bool, batch: int, seq: int, vocab: int,
-         checkpointing: str = "none", chunked_loss: str = "auto", loss_chunk: int = 1024):
-    """(model, optimizer, update, step): the trainer's step on random tokens."""
+         checkpointing: str = "none", chunked_loss: str = "auto", loss_chunk: int = 1024, precision: str = "fp32"):
+    """(model, optimizer, update, step): the trainer's step on random tokens (`precision` fp32 or
+    bf16-pure: the weights' dtype)."""
     import torch
 
-    from lowmem.assembly import build_model, build_optimizer, configure_memory
+    from lowmem.assembly import build_model, build_optimizer, configure_memory, weight_dtype
     from lowmem.distributed import DistInfo
     from lowmem.train.step import AfterBackward, InBackward, train_step
 
     vocab = preset_vocab(model_name, vocab)
     torch.manual_seed(0)
-    model = build_model(model_name, vocab_size=vocab)
+    model = build_model(model_name, vocab_size=vocab, dtype=weight_dtype(precision))
     configure_memory(model, checkpointing, chunked_loss, loss_chunk, tokens=batch * seq)
     optimizer = build_optimizer(optimizer_name, model, preset=model_name)
     update = InBackward(optimizer, model) if release else AfterBackward(optimizer)
@@ -92,7 +93,7 @@ def memory_child(args: argparse.Namespace) -> dict:
     baseline = baseline_bytes("cpu")
     release = args.release == "on"
     model, optimizer, update, step = _run(args.model, args.optimizer, release, args.batch_size, args.seq_len,
-                                          args.vocab_size, *_memory_settings(args))
+                                          args.vocab_size, *_memory_settings(args), precision=args.precision)
     step()  # the optimizer's state comes to exist
     weights, states = parameter_bytes(model), optimizer_state_bytes(optimizer)
     rss_before = rss_bytes()
@@ -103,7 +104,7 @@ def memory_child(args: argparse.Namespace) -> dict:
         step()
     rss_peak = peak_memory()["peak_bytes"]
     est = estimate_memory(args.model, args.optimizer, vocab_size=preset_vocab(args.model, args.vocab_size),
-                          batch_size=args.batch_size, seq_len=args.seq_len, precision="fp32",
+                          batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
                           activation_checkpointing=args.activation_checkpointing, chunked_loss=args.chunked_loss,
                           loss_chunk=args.loss_chunk, gradient_release=release)
     return {
@@ -132,10 +133,10 @@ def memory(args: argparse.Namespace) -> None:
                         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                         "--vocab-size", str(args.vocab_size), "--activation-checkpointing",
                         args.activation_checkpointing, "--chunked-loss", args.chunked_loss,
-                        "--loss-chunk", str(args.loss_chunk)]
+                        "--loss-chunk", str(args.loss_chunk), "--precision", args.precision]
                 records.append(run_child(argv, env=mmap_threshold_env(MMAP_THRESHOLD)))
     first = records[0]
-    print(f"micro-batch {first['batch_size']} x {first['seq_len']}, fp32, activation checkpointing "
+    print(f"micro-batch {first['batch_size']} x {first['seq_len']}, {args.precision}, activation checkpointing "
           f"{args.activation_checkpointing}, loss chunk {first['loss_chunk'] or 'none (full logits)'}, CPU, one thread, "
           f"torch {first['torch']}; MiB = 2^20 bytes; measured = weights + states + the step's tensor peak (TensorMemory)")
     print(f"{'model':<11}{'optimizer':<10}{'release':<8}{'measured':>10}{'estimate':>10}{'est/meas':>9}"
@@ -272,8 +273,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="time: steps per contender per round")
     parser.add_argument("--device", default="cpu", help="device-peak: where the model is built and trained")
-    parser.add_argument("--precision", default="bf16-pure", choices=("fp32", "bf16-autocast", "bf16-pure"),
-                        help="device-peak: the trainer's --precision")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16-autocast", "bf16-pure"),
+                        help="the trainer's --precision (memory: fp32 or bf16-pure)")
     parser.add_argument("--output", help="device-peak: write the record here as JSON")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", help="device-peak: the optimizer (default scale); memory's child: its optimizer")

@@ -196,13 +196,15 @@ def _activation_terms(config: LlamaConfig, batch_size: int, seq_len: int, precis
         chunk = min(loss_chunk, tokens)
         terms["head"] = norm + tokens * h * resid + vocab * h * weight_bytes
         terms["logits_held"] = 0
-        # Per chunk: the fp32 logits and the log-sum-exp's temporary (and the bf16 logits); then the
-        # logits' gradient in the compute dtype beside d W's product for the chunk (V*h, and under bf16
-        # its fp32 copy).
-        chunk_moment = max(chunk * vocab * (8 + (2 if act == 2 else 0)),
+        # Per chunk: the fp32 logits (beside the bf16 ones they are cast from; torch's log-sum-exp
+        # makes no temporary of their size: measured on CPU); then the logits' gradient in the compute
+        # dtype beside d W's product for the chunk (V*h, and under bf16 its fp32 copy).
+        chunk_moment = max(chunk * vocab * (4 + (2 if act == 2 else 0)),
                            chunk * vocab * act + vocab * h * (4 if act == 4 else 6))
         autocast_head = vocab * h * 2 if precision == "bf16-autocast" else 0  # the head's bf16 copy in the loop
-        terms["loss_forward"] = tokens * h * resid + chunk_moment + autocast_head
+        # d W accumulates in fp32 (`head` counts it at the weight's bytes, as it is saved): the rest
+        fp32_accumulator = vocab * h * (4 - weight_bytes)
+        terms["loss_forward"] = tokens * h * resid + chunk_moment + autocast_head + fp32_accumulator
         terms["loss_backward"] = tokens * h * resid
         terms["head_backward"] = tokens * h * resid  # d hidden times the incoming scale, as d W's is made
     else:
@@ -261,9 +263,10 @@ def activation_peak_bytes(config: LlamaConfig, batch_size: int, seq_len: int, pr
     The largest of three moments, each on top of what the blocks keep (activation_bytes' terms):
       the loss's forward   the head's saved tensors plus, for a moment, the plain loss's logits
                            (b*s*V*A) and under bf16 their fp32 copy (b*s*V*4) — or, chunked, the
-                           head's input (b*s*h*X) and one chunk of c = min(loss_chunk, b*s) tokens:
-                           fp32 logits turned in place into their gradient, the log-sum-exp's fp32
-                           temporary and under bf16 the bf16 logits or gradient (c*V*(8 + 2))
+                           head's input (b*s*h*X), d W's fp32 accumulator (V*h*4) and one chunk of
+                           c = min(loss_chunk, b*s) tokens: fp32 logits (c*V*4, beside their bf16
+                           original under bf16), or the logits' gradient (c*V*A) beside the chunk's
+                           d W product (V*h*4; under bf16 V*h*2 and its fp32 copy)
       the loss's backward  plain: the gradient of the log-softmax and of the logits (b*s*V*8);
                            chunked: the head's input gradient times the incoming scale (b*s*h*X)
       a block's backward   the recomputed block or MLP sublayer (checkpointing) and the gradients
