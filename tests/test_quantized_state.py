@@ -393,3 +393,36 @@ def test_8bit_states_saved_by_2_fsdp2_processes_resume_at_1_and_3(tiny_corpus, t
     from test_dcp import assert_resumes_at
 
     assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "adamw", {"state_bits": 8}, (1, 3))
+
+
+def _quantized_only_optimizer() -> tuple[AdamW, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    matrices = [p for p in model.parameters() if qs.quantizes(p.shape, 8)]
+    optimizer = AdamW(matrices, lr=1e-3, state_bits=8)
+    _train(model, optimizer, 3)
+    return optimizer, matrices
+
+
+def test_momentum_reset_counts_an_optimizer_whose_every_moment_is_8bit():
+    from lowmem.optim.reset import reset_moments
+
+    optimizer, matrices = _quantized_only_optimizer()
+    # Before: no plain exp_avg anywhere, so the reset refused it as "not Adam-family".
+    assert reset_moments(optimizer) == len(matrices)
+
+
+@pytest.mark.parametrize("mode", ["random", "magnitude"])
+def test_relora_pruning_prunes_8bit_moments_and_keeps_the_steps(mode):
+    from lowmem.optim.state import prune_moments
+
+    optimizer, matrices = _quantized_only_optimizer()
+    steps = [int(optimizer.state[p]["step"]) for p in matrices]
+    fraction = prune_moments(optimizer, matrices, mode, 0.9, torch.Generator().manual_seed(0))
+    # Counted before requantization: a pruned second moment comes back as the map's least value (no zero).
+    assert 0.88 < fraction < 0.97
+    for param, step in zip(matrices, steps):
+        state = optimizer.state[param]
+        assert int(state["step"]) == step
+        first = qs.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], qs.map_for("exp_avg"))
+        assert 0.85 < float((first == 0).float().mean()) < 0.97

@@ -48,7 +48,7 @@ from lowmem.optim.base import (
     is_dtensor,
     local_tensor,
 )
-from lowmem.optim.state import reset_entries, reset_whole
+from lowmem.optim.state import ADAM_MOMENTS, reset_entries, reset_whole
 
 EPS_PLACEMENTS = ("corrected", "uncorrected")
 DECAY_PLACEMENTS = ("before", "after")
@@ -56,7 +56,6 @@ DECAY_PLACEMENTS = ("before", "after")
 RELEASED_LOW_RANK_ADAM = {"eps_placement": "uncorrected", "decay": "after"}
 
 
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int | None = None) -> None:

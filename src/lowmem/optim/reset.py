@@ -34,10 +34,9 @@ from torch.optim import Optimizer
 
 from lowmem.interventions import BaseIntervention
 from lowmem.optim.base import check_positive_int
-from lowmem.optim.state import reset_state
+from lowmem.optim.quantized_state import is_quantized
+from lowmem.optim.state import ADAM_MOMENTS, reset_state
 from lowmem.registry import INTERVENTIONS
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def reset_moments(optimizer: Optimizer) -> int:
@@ -46,7 +45,8 @@ def reset_moments(optimizer: Optimizer) -> int:
     """
     adam_params = sum(
         1 for state in optimizer.state.values()
-        if isinstance(state, dict) and any(isinstance(state.get(key), torch.Tensor) for key in ADAM_MOMENTS)
+        if isinstance(state, dict) and any(isinstance(state.get(key), torch.Tensor) or is_quantized(state, key)
+                                           for key in ADAM_MOMENTS)
     )
     if optimizer.state and adam_params == 0:
         raise ValueError(

@@ -33,6 +33,7 @@ import torch
 from torch.optim import Optimizer
 
 from lowmem.errors import ConfigError, check_choice
+from lowmem.optim import quantized_state
 from lowmem.optim.base import is_dtensor, rows_of
 
 # Moment tensors an Adam-family or momentum optimizer keeps per parameter.
@@ -100,7 +101,8 @@ def reset_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = No
 
 
 PRUNE_MODES = ("random", "magnitude")
-ADAM_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# The Adam family's moments, by their state keys (8-bit states keep them as <key>_codes/<key>_absmax).
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @torch.no_grad()
@@ -127,26 +129,43 @@ def prune_moments(optimizer: Optimizer, params: Iterable[torch.Tensor], mode: st
         state = optimizer.state.get(param)
         if not state:
             continue
-        keys = [key for key in ADAM_MOMENT_KEYS if isinstance(state.get(key), torch.Tensor)]
-        if not keys:
+        keys = [key for key in ADAM_MOMENTS if isinstance(state.get(key), torch.Tensor)]
+        quantized = [key for key in ADAM_MOMENTS if quantized_state.is_quantized(state, key)]
+        if not keys and not quantized:
             raise ConfigError(
-                f"{type(optimizer).__name__} keeps no Adam moments ({', '.join(ADAM_MOMENT_KEYS)}) to prune "
+                f"{type(optimizer).__name__} keeps no Adam moments ({', '.join(ADAM_MOMENTS)}) to prune "
                 f"(its state holds {sorted(state)}); use lora-merge:prune=reset, or an Adam-family optimizer"
             )
         for key in keys:
-            value = state[key]
-            local = value.to_local() if is_dtensor(value) else value
-            if mode == "random":
-                draw = torch.rand(tuple(value.shape), generator=generator, dtype=torch.float32)
-                keep = rows_of(draw.to(local.device), value) > ratio
-            else:
-                whole = value.full_tensor() if is_dtensor(value) else value
-                threshold = torch.quantile(whole.abs().flatten().to(torch.float32), ratio).to(value.dtype)
-                keep = local.abs() > threshold
-            local.mul_(keep.to(local.dtype))
-            zeros += int((local == 0).sum())
-            total += local.numel()
+            zeros, total = _prune(state[key], state[key], mode, ratio, generator, zeros, total)
+        if quantized:  # 8-bit moments: pruned in fp32 and requantized, as their update does
+            with quantized_state.dequantized(state, tuple(quantized)) as values:
+                for key, value in zip(quantized, values):
+                    zeros, total = _prune(state[key + quantized_state.CODES], value, mode, ratio, generator, zeros, total)
     return zeros / total if total else 0.0
+
+
+def _prune(like: torch.Tensor, local: torch.Tensor, mode: str, ratio: float, generator: torch.Generator,
+           zeros: int, total: int) -> tuple[int, int]:
+    """Prune this rank's values `local` of a moment laid out like `like` (its global shape, its shards)."""
+    local = local.to_local() if is_dtensor(local) else local
+    if mode == "random":
+        draw = torch.rand(tuple(like.shape), generator=generator, dtype=torch.float32)
+        keep = rows_of(draw.to(local.device), like) > ratio
+    else:
+        whole = _gathered(local, like) if is_dtensor(like) else local
+        threshold = torch.quantile(whole.abs().flatten().to(torch.float32), ratio).to(local.dtype)
+        keep = local.abs() > threshold
+    local.mul_(keep.to(local.dtype))
+    return zeros + int((local == 0).sum()), total + local.numel()
+
+
+def _gathered(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `local` is this rank's dim-0 shard, laid out like DTensor `like`."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
 
 
 def replace_parameter(optimizer: Optimizer, old: torch.Tensor, new: torch.Tensor,
