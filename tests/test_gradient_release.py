@@ -264,3 +264,38 @@ def test_the_main_job_is_scale_with_the_update_inside_backward():
     assert off.optim.name == "scale" and not off.train.gradient_release and is_main_job(off)
     other = train_config_from_args(build_parser().parse_args(["train", "--steps", "5"]))
     assert other.optim.name == "adamw" and not other.train.gradient_release and not is_main_job(other)
+
+
+def test_a_run_whose_gradient_turns_non_finite_stops_naming_the_last_checkpoint(tiny_corpus, token_cache, tmp_path, monkeypatch):
+    from lowmem.train.trainer import TrainingStopped
+
+    real_backward = InBackward.backward
+    calls = {"n": 0}
+
+    def backward_with_a_bad_gradient_at_step_3(self, loss, last):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self.optimizer.param_groups[0]["params"][0].register_hook(lambda grad: grad * float("inf"))
+        return real_backward(self, loss, last)
+
+    monkeypatch.setattr(InBackward, "backward", backward_with_a_bad_gradient_at_step_3)
+    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "run", **{
+        "train.gradient_release": True, "optim.name": "scale", "train.steps": 6, "train.checkpoint_every": 2}))
+    with pytest.raises(TrainingStopped, match="step 3: non-finite gradient of .* the last good checkpoint is .*step-00000002"):
+        train(config)
+
+
+def test_the_summarys_estimate_counts_the_runs_accumulation(tiny_corpus, token_cache, tmp_path):
+    from lowmem.memory.estimate import estimate_memory
+
+    config = load_config(overrides=tiny_run_overrides(tiny_corpus, token_cache, tmp_path / "run", **{
+        "train.steps": 2, "train.batch_size": 8, "train.micro_batch_size": 4}))
+    summary = train(config)
+    t = config.train
+    common = dict(vocab_size=summary["vocab_size"], batch_size=4, seq_len=config.data.seq_len, precision=t.precision,
+                  structure=config.structure, activation_checkpointing=t.activation_checkpointing,
+                  chunked_loss=t.chunked_loss, loss_chunk=t.loss_chunk)
+    accumulating = estimate_memory(config.model, config.optim.name, {"lr": 3e-3}, accumulation=2, **common)
+    assert summary["memory"]["estimate_total_bytes"] == accumulating.total
+    # Accumulating holds every gradient through the second micro-batch's backward: a higher peak.
+    assert accumulating.total > estimate_memory(config.model, config.optim.name, {"lr": 3e-3}, accumulation=1, **common).total

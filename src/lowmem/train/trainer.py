@@ -54,7 +54,7 @@ from lowmem.train.log import MetricsLog, plot_loss_curve, progress_bar, summary_
 from lowmem.train.rundir import RunDirectory, open_run_dir
 from lowmem.train.schedule import lr_factor
 from lowmem.train.sinks import check_sinks, open_sinks
-from lowmem.train.step import AfterBackward, InBackward, StepResult, train_step
+from lowmem.train.step import AfterBackward, InBackward, NonFiniteGradient, StepResult, train_step
 from lowmem.train.trained import init_from_tokenizer
 
 
@@ -253,7 +253,7 @@ def _memory_snapshot(run: Run) -> dict[str, Any]:
     return snapshot(run.core, run.optimizer)
 
 
-def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]) -> dict[str, Any]:
+def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any], accumulation: int) -> dict[str, Any]:
     from lowmem.memory.estimate import estimate_memory
 
     est = estimate_memory(config.model, config.optim.name, hparams, vocab_size=vocab_size,
@@ -261,7 +261,7 @@ def _memory_estimate(config: RunConfig, vocab_size: int, hparams: dict[str, Any]
                           precision=config.train.precision, structure=config.structure,
                           activation_checkpointing=config.train.activation_checkpointing,
                           chunked_loss=config.train.chunked_loss, loss_chunk=config.train.loss_chunk,
-                          gradient_release=config.train.gradient_release)
+                          gradient_release=config.train.gradient_release, accumulation=accumulation)
     return {"estimate_paper_gb": est.paper_gb, "estimate_total_bytes": est.total,
             "estimate_optimizer_state_bytes": est.optimizer_states, "estimate_gradient_bytes": est.gradients}
 
@@ -380,9 +380,14 @@ class Trainer:
         t, run = self.config.train, self.run
         started, step = time.perf_counter(), self.progress.step + 1
         factor = self._set_lr(step)
-        result = train_step(run.model, self.update, next(self.batches), info=self.info, autocast=self.autocast,
-                            before_update=self._before_update, distributed=t.distributed,
-                            while_computing=self.batches.read_ahead)
+        try:
+            result = train_step(run.model, self.update, next(self.batches), info=self.info, autocast=self.autocast,
+                                before_update=self._before_update, distributed=t.distributed,
+                                while_computing=self.batches.read_ahead)
+        except NonFiniteGradient as err:  # under release the update already ran: stop, naming where to resume
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was saved yet")
+            raise TrainingStopped(f"step {step}: {err}; {where}") from None
         if not result.updated:
             self._skip_nonfinite(result.loss, step)
         log_now = step % t.log_every == 0 or step == t.steps
@@ -555,7 +560,7 @@ class Trainer:
             "skipped_steps": progress.skipped, "checkpoint": str(self.last_checkpoint), "compiled": config.train.compile,
             "continued_from": progress.continued_from,
             "memory": {**_memory_snapshot(run), "gradient_bytes": self.gradient_bytes, **self._gradient_release(),
-                       **_memory_estimate(config, run.core.config.vocab_size, run.hparams)},
+                       **_memory_estimate(config, run.core.config.vocab_size, run.hparams, self.accumulation)},
         }
 
 
