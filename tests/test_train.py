@@ -168,13 +168,14 @@ def test_tokens_per_second_is_the_steady_rate_and_the_table_says_which_steps():
     for step, seconds in zip(range(11, 16), [5.0, 3.0, 1.0, 1.0, 2.0]):  # a resumed process: steps 11-15
         rate.add(step, seconds, 100)
     assert rate.summary() == {"tokens_per_second": 300 / 4.0, "tokens_per_second_steps": [13, 15],
-                              "warmup_steps_excluded": 2, "wall_seconds": 12.0}
+                              "warmup_steps_excluded": 2, "wall_seconds": 12.0,
+                              "first_step_seconds": 5.0}  # this process's first step (with --compile: the compilation)
     few = Throughput(warmup=3)
     few.add(1, 2.0, 100)
     few.add(2, 2.0, 100)
     assert few.take_window_rate() is None  # nothing but warm-up yet
     assert few.summary() == {"tokens_per_second": 50.0, "tokens_per_second_steps": [1, 2],
-                             "warmup_steps_excluded": 0, "wall_seconds": 4.0}
+                             "warmup_steps_excluded": 0, "wall_seconds": 4.0, "first_step_seconds": 2.0}
     summary = {"model": "m", "optimizer": "o", "data": "d", "val_perplexity": 2.0, "initial_val_perplexity": 9.0,
                "tokens": 500, "wall_seconds": 12.0, **rate.summary()}
     assert "tokens/s (steady, steps 13-15)" in summary_table(summary)
