@@ -28,7 +28,7 @@ import torch
 
 import lowmem.optim
 from lowmem.assembly import build_model
-from lowmem.bench.timing import interleaved, seconds_per_step
+from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
 from lowmem.optim.newton_schulz import BATCH_ELEMENTS
@@ -99,12 +99,7 @@ def main() -> None:
     parser.add_argument("--check-steps", type=int, default=3, help="muon-batched: steps of the difference check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    model = build_model(args.model)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    n = sum(p.numel() for p in model.parameters())
+    model, n = model_with_gradients(args.model)
     print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps per contender")
 

@@ -28,8 +28,7 @@ import statistics
 import torch
 
 import lowmem.optim.quantized_state as qs
-from lowmem.assembly import build_model
-from lowmem.bench.timing import interleaved, seconds_per_step
+from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
 from lowmem.memory.measure import optimizer_state_bytes
 from lowmem.models.llama import Llama, LlamaConfig
 from lowmem.optim.adamw import ADAM_MOMENTS, AdamW
@@ -100,12 +99,7 @@ def main() -> None:
         if args.reset_every:
             staleness(args.staleness, False, args.reset_every)
         return
-    torch.manual_seed(0)
-
-    model = build_model(args.model)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    n = sum(p.numel() for p in model.parameters())
+    model, n = model_with_gradients(args.model)
     print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps per contender; load average before: {os.getloadavg()}")
 

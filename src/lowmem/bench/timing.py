@@ -62,3 +62,17 @@ def interleaved(contenders: Mapping[str, Callable[[], object]], rounds: int,
         for name in names[shift:] + names[:shift]:
             results[name].append(measure(contenders[name]))
     return results
+
+
+def model_with_gradients(preset: str, scale: float = 1e-3, seed: int = 0) -> tuple[Any, int]:
+    """The optimizer-step benchmarks' subject: model `preset` whose every parameter holds a fixed random
+    gradient (N(0, scale^2), from `seed`), so a step can be timed again and again; and its parameter count."""
+    import torch
+
+    from lowmem.assembly import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(preset)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * scale
+    return model, sum(p.numel() for p in model.parameters())
