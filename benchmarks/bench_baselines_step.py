@@ -9,13 +9,18 @@ Muon's batched Newton–Schulz against its per-matrix path.
              model end after --check-steps steps with the same gradients, relative to how far they moved.
              float32 by default: this CPU has no bf16 matrix units, where a bf16 NS of one 512 x 512
              matrix takes seconds (torch's `muon` pair above is bf16, torch.optim.Muon's only choice)
+  adamw-compiled  lowmem AdamW(compiled=True), each bucket's update one torch.compile'd graph (inductor),
+             vs the eager AdamW (foreach), the baseline of every comparison; also the first compiled
+             step's seconds (the compilation: run with TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) for a cold
+             cache) and how far apart two copies of the model end after --check-steps steps (a new lr
+             each step) with the same gradients, relative to how far they moved
 
 The real model of the chosen preset (default llama-60m, fp32, CPU) with fixed random gradients; all
 contenders step the same parameters, each with its own state. Within each round the contenders of
 a pair take turns (order alternated per round) so drift on a shared machine hits both alike; each
 round gives the ratio lowmem / reference, and the median ratio over rounds is reported.
 
-    python benchmarks/bench_baselines_step.py [--model llama-60m] [--pairs muon adam-mini muon-batched]
+    python benchmarks/bench_baselines_step.py [--model llama-60m] [--pairs muon adam-mini muon-batched adamw-compiled]
         [--rounds 7] [--steps 2] [--threads 1] [--ns-dtype float32] [--check-steps 3]
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -30,6 +36,7 @@ import lowmem.optim
 from lowmem.assembly import build_model
 from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
+from lowmem.optim.adamw import AdamW
 from lowmem.optim.muon import Muon
 from lowmem.optim.newton_schulz import BATCH_ELEMENTS
 from lowmem.testing import max_relative_difference
@@ -85,7 +92,41 @@ def muon_batched_difference(model_name: str, steps: int, ns_dtype: str) -> tuple
     return max_relative_difference(*models), max_relative_difference(initial, models[0])
 
 
-PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair}
+def _adamw_compiled_pair(model):
+    compiled = AdamW(lowmem.optim.param_groups(model), lr=1e-3, compiled=True)
+    eager = AdamW(lowmem.optim.param_groups(model), lr=1e-3)
+    return compiled.step, eager.step
+
+
+def adamw_compiled_difference(model_name: str, steps: int) -> tuple[float, float, float]:
+    """(max over tensors of ||compiled - eager|| / ||eager - W_0||, max of ||W_end - W_0|| / ||W_0||,
+    seconds of the first compiled step: the compilation) after `steps` AdamW steps, lr 1e-3 ramped
+    from 1e-4 (a new lr each step), of two copies of the model with the same fixed random gradients."""
+    ends, first_step = [], 0.0
+    for compiled in (False, True):
+        model, _ = model_with_gradients(model_name)
+        initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer = AdamW(lowmem.optim.param_groups(model), lr=1e-3, compiled=compiled)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * (step + 1) / steps
+            start = time.perf_counter()
+            optimizer.step()
+            if compiled and step == 0:
+                first_step = time.perf_counter() - start
+        ends.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        del model, optimizer
+    eager, compiled = ends
+    moved = {name: eager[name] - initial[name] for name in eager}
+    apart = max(((compiled[name] - eager[name]).double().norm() / moved[name].double().norm()).item()
+                for name in eager)
+    return apart, max_relative_difference(initial, eager), first_step
+
+
+PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair,
+         "adamw-compiled": _adamw_compiled_pair}
+# How a pair's two contenders are printed (the ratio is first / second); lowmem vs reference unless named.
+LABELS = {"adamw-compiled": ("compiled", "eager")}
 
 
 def main() -> None:
@@ -96,7 +137,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ns-dtype", default="float32", help="muon-batched: Newton–Schulz dtype")
-    parser.add_argument("--check-steps", type=int, default=3, help="muon-batched: steps of the difference check")
+    parser.add_argument("--check-steps", type=int, default=3,
+                        help="muon-batched, adamw-compiled: steps of the difference check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, n = model_with_gradients(args.model)
@@ -109,15 +151,22 @@ def main() -> None:
             print(f"muon-batched (NS in {args.ns_dtype}) after {args.check_steps} steps: batched vs per-matrix max "
                   f"relative difference {difference:.3g}, weights moved up to {moved:.3g} relative")
             ours, reference = _muon_batched_pair(model, args.ns_dtype)
+        elif name == "adamw-compiled":
+            apart, moved, compilation = adamw_compiled_difference(args.model, args.check_steps)
+            print(f"adamw-compiled: first compiled step (the compilation) {compilation:.1f} s; after "
+                  f"{args.check_steps} steps compiled vs eager max difference {apart:.3g} of how far each "
+                  f"tensor moved, weights moved up to {moved:.3g} relative")
+            ours, reference = _adamw_compiled_pair(model)
         else:
             ours, reference = PAIRS[name](model)
         # One warm-up step each (allocate state, fault in pages), then the two alternate round by round.
         times = interleaved({"lowmem": ours, "reference": reference}, args.rounds,
                             lambda step: seconds_per_step(step, args.steps))
         ratios = [a / b for a, b in zip(times["lowmem"], times["reference"])]
-        print(f"{name:10s} lowmem {statistics.median(times['lowmem']) * 1e3:8.1f} ms/step   "
-              f"reference {statistics.median(times['reference']) * 1e3:8.1f} ms/step   "
-              f"ratio lowmem/reference: median {statistics.median(ratios):.3f} "
+        first, second = LABELS.get(name, ("lowmem", "reference"))
+        print(f"{name:10s} {first} {statistics.median(times['lowmem']) * 1e3:8.1f} ms/step   "
+              f"{second} {statistics.median(times['reference']) * 1e3:8.1f} ms/step   "
+              f"ratio {first}/{second}: median {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
