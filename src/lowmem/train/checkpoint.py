@@ -36,9 +36,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lowmem.distributed import any_rank, broadcast_object, current_info, unwrap
+from lowmem.distributed import all_reduce, any_rank, broadcast, broadcast_object, current_info, unwrap
 from lowmem.errors import CheckpointError
 from lowmem.optim.base import default_state_layout, is_dtensor, local_tensor
 
@@ -348,6 +349,43 @@ def check_same_state_keys(optimizer: torch.optim.Optimizer) -> None:
         raise CheckpointError(f"after loading, the processes hold different optimizer state keys (e.g. {missing}); "
                               "the checkpoint's state does not cover every rank: resume with the number of "
                               "processes it was written with")
+
+
+def check_replicated_state_agrees(optimizer: torch.optim.Optimizer) -> None:
+    """CheckpointError on every rank unless each plain state tensor of an FSDP2 (DTensor) parameter
+    laid out `replicated` (LowmemOptimizer.state_layout; by default every 0-dim value) holds the same
+    values on every rank (a collective under torchrun; nothing to do without DTensor parameters).
+    A checkpoint saves such a tensor once, so one that differed per rank would load as one rank's copy
+    on every rank, silently (DCP's own behaviour): the save refuses it instead, naming it."""
+    info = current_info()
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    if not info.enabled or not any(is_dtensor(param) for param in params):
+        return
+    layout = getattr(optimizer, "state_layout", None) or default_state_layout
+    names, values = [], []
+    for index, param in enumerate(params):
+        for key, value in optimizer.state.get(param, {}).items():
+            if (is_dtensor(param) and isinstance(value, torch.Tensor) and not is_dtensor(value)
+                    and layout(param, key, value) == "replicated"):
+                names.append(f"state {index} ({tuple(param.shape)}) {key!r}")
+                values.append(value.detach().reshape(-1).to(info.device, torch.float64))
+    sizes = [v.numel() for v in values]
+    if any_rank(broadcast_object(sizes) != sizes, info):
+        raise CheckpointError("the processes hold differently shaped 'replicated' optimizer state, which a "
+                              "checkpoint saves once; the method must lay such state out as 'rank' "
+                              "(LowmemOptimizer.state_layout)")
+    if not values:
+        return
+    mine = torch.cat(values)
+    first = broadcast(mine.clone(), src=0, info=info)
+    differs = torch.stack([(a != b).any() for a, b in zip(mine.split(sizes), first.split(sizes))]).to(torch.int64)
+    all_reduce(differs, ReduceOp.MAX, info=info)
+    if differs.any():
+        name = names[int(differs.argmax())]
+        raise CheckpointError(
+            f"optimizer {name} differs between the processes, but its layout is 'replicated', which a checkpoint "
+            "saves once (one process's copy would come back on every process). The optimizer must declare it "
+            "'rank' in its state_layout (tied to the number of processes) or keep it equal on every process")
 
 
 def _templates(components: dict[str, Stateful], body: DcpBody, world_size: int) -> dict[str, torch.Tensor | None]:

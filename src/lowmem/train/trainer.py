@@ -481,6 +481,7 @@ class Trainer:
                 "(or clip gradients with --clip-grad-norm) and resume from that checkpoint"
             )
         info = self.info
+        checkpoint.check_replicated_state_agrees(self.run.optimizer)
         payload = {**checkpoint.components_state(self.components), "config": self.config.to_dict()}
         self.last_checkpoint = checkpoint.save(
             self.run_dir, self.progress.step, payload, info.rank, info.world_size, self.config.train.keep_checkpoints,
