@@ -64,12 +64,12 @@ def _saved_names(step_dir: Path) -> set[str]:
 
 def assert_resumes_at(tmp_path: Path, texts: Path, cache: Path, mode: str, optimizer: str, hparams: dict,
                       sizes: tuple[int, ...], relative: float = RELATIVE, plugins: tuple[Path, ...] = (),
-                      **extra) -> dict[int, float]:
+                      saved_at: int = 2, **extra) -> dict[int, float]:
     """Returns each size's largest relative loss difference over steps RESUME_AT+1..STEPS (the figures
     the tolerances below were set from)."""
     config = _config(tmp_path, texts, cache, mode, optimizer, hparams, **extra)
     loaded = [arg for plugin in plugins for arg in ("--plugin", str(plugin))]  # every run loads them, resumes too
-    _train(2, "--config", str(config), *loaded)
+    _train(saved_at, "--config", str(config), *loaded)
     whole = tmp_path / "whole"
     uninterrupted = _losses(whole)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
@@ -159,6 +159,17 @@ def _plugins(tmp_path: Path, optimizer: str) -> tuple[Path, ...]:
 def test_fsdp2_method_saved_at_2_resumes_at_1_and_3(optimizer, tiny_corpus, token_cache, tmp_path):
     assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", optimizer, METHODS[optimizer], (1, 3),
                       plugins=_plugins(tmp_path, optimizer))
+
+
+# A checkpoint of one process holds every state whole; under FSDP2 the projection methods keep some as
+# row-split DTensors (their right-side moments, left-side bases): LowmemOptimizer.whole_state_layout
+# says which, so each rank reads its rows. Before it, the 2-process resume of a 1-process GaLore run
+# stopped at its first step on a [128, 8] moment beside a [64, 8] gradient projection.
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["galore", "apollo"])
+def test_fsdp2_projection_method_saved_at_1_resumes_at_2_and_3(optimizer, tiny_corpus, token_cache, tmp_path):
+    assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", optimizer, METHODS[optimizer], (2, 3),
+                      plugins=_plugins(tmp_path, optimizer), saved_at=1)
 
 
 # Muon as it runs by default, Newton-Schulz in bf16: resumed at 1 and 3 its losses differ from the

@@ -236,6 +236,14 @@ class LowmemOptimizer(torch.optim.Optimizer):
         at any number of processes; `rank` state only at the number that wrote it."""
         return default_state_layout(param, key, value)
 
+    def whole_state_layout(self, param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
+        """How state `key` of `param`, saved whole (global `shape`) by a run without DTensors (one process,
+        DDP), lies over the ranks of an FSDP2 run that resumes it: `param` (rows split as the parameter's),
+        `replicated`, or None (loaded whole on every rank as a plain tensor, as such a run keeps it). By
+        default a state shaped like the parameter is `param`; a method whose other state is a DTensor
+        under FSDP2 (the projection methods' row-split moments and bases) says so here."""
+        return "param" if shape == param.shape else None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after which every state tensor has the dtype it was saved with, and its values.
 

@@ -331,6 +331,16 @@ class ProjectedAdam(LowmemOptimizer):
                     stacklevel=3,
                 )
 
+    def whole_state_layout(self, param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
+        # Under FSDP2 (state_like): the [rows, r] moments of a right projection and the [rows, r] basis of
+        # a left one are split by rows as the parameter is; the other side's tensors are whole on every rank.
+        group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+        if group is None or key not in ("exp_avg", "exp_avg_sq", "projection") or not self._projectable(group, param):
+            return super().whole_state_layout(param, key, shape)
+        side = projection_side(*matrix_shape(param), group["proj_type"])
+        row_split = side == "right" if key != "projection" else side == "left"
+        return "param" if row_split else "replicated"
+
     @staticmethod
     def _projectable(group: dict[str, Any], param: torch.Tensor) -> bool:
         if param.dim() < 2 or group_role(group, param) != "hidden" or not projects(group):  # factors: AdamW (lowmem.optim.kinds)

@@ -227,9 +227,10 @@ class OptimizerComponent:
         load_optimizer_state(self.optimizer, {"state": merged, "param_groups": state["param_groups"]})
 
     def dcp_template(self, name: str, size: torch.Size, dtype: torch.dtype, saved: dict[str, Any]) -> torch.Tensor | None:
-        """A state tensor saved as a DTensor (or, from a run without DTensors, shaped like its
-        parameter) is read as a DTensor laid out over this run's ranks as it was over the saving
-        run's, so DCP reads this rank's part of it whatever wrote it."""
+        """A state tensor saved as a DTensor is read as a DTensor laid out over this run's ranks as it
+        was over the saving run's, so DCP reads this rank's part of it whatever wrote it; one saved whole
+        by a run without DTensors is laid out as the optimizer's `whole_state_layout` says (by default:
+        shaped like its parameter, as the parameter)."""
         parts = name.split("/")
         if len(parts) != 3 or parts[0] != "state":
             return None
@@ -239,7 +240,10 @@ class OptimizerComponent:
             return None
         from torch.distributed.tensor import Replicate, zeros
 
-        layout = saved.get(self.PLACEMENTS, {}).get(index, {}).get(parts[2], "param" if param.shape == size else None)
+        layout = saved.get(self.PLACEMENTS, {}).get(index, {}).get(parts[2])
+        if layout is None:  # saved whole, by a run without DTensors: the method says how it lies here
+            whole_layout = getattr(self.optimizer, "whole_state_layout", None)
+            layout = whole_layout(param, parts[2], size) if whole_layout else ("param" if param.shape == size else None)
         if layout is None:
             return None
         placements = param.placements if layout == "param" else [Replicate()] * param.device_mesh.ndim
