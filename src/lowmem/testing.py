@@ -18,6 +18,7 @@ is taking down), and a worker that succeeded leaves with os._exit(0) once its ou
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import tempfile
@@ -50,11 +51,20 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
+def comparison_batch(world_size: int) -> int:
+    """The batch both sides of a `world_size`-process comparison train on: 8 rows, or the least multiple
+    of 8 that `world_size` divides (at 3 processes a batch of 8 would leave 2 rows untrained there)."""
+    return 8 * world_size // math.gcd(8, world_size)
+
+
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, batch: int = 8,
                 seq: int = 16, rank: int = 0, world_size: int = 1, lr_schedule: bool = True,
                 interventions: list[Any] = ()) -> None:
     """The training loop both sides of the comparison run (each rank takes its slice of the batch);
     each intervention's `after_step(step, model, optimizer)` runs after every step (steps from 1)."""
+    if batch % world_size:
+        raise ValueError(f"a batch of {batch} rows does not split over {world_size} processes; use "
+                         f"comparison_batch({world_size}) = {comparison_batch(world_size)}")
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     for step in range(steps):
         if lr_schedule:  # vary the LR so methods that scale by lr_t / lr_max are exercised
@@ -96,7 +106,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str, cases: li
                 fully_shard(model)
                 optimizer = build_optimizer(case["name"], model, hparams=case["hparams"])
                 steps = case["steps"]
-                train_steps(model, optimizer, steps, rank=rank, world_size=world_size,
+                train_steps(model, optimizer, steps, batch=comparison_batch(world_size), rank=rank, world_size=world_size,
                             interventions=build_interventions(case["interventions"], RunContext(steps, rank, world_size)))
                 states.append(_full_state(model))
                 del model, optimizer
@@ -172,7 +182,7 @@ def fsdp_matches_single_many(cases: Sequence[dict[str, Any]], world_size: int = 
         torch.manual_seed(0)
         model = build_model(case["config"], structure=case["structure"]).to(dtype)
         optimizer = build_optimizer(case["name"], model, hparams=case["hparams"])
-        train_steps(model, optimizer, case["steps"],
+        train_steps(model, optimizer, case["steps"], batch=comparison_batch(world_size),
                     interventions=build_interventions(case["interventions"], RunContext(case["steps"])))
         singles.append(_full_state(model))
 
