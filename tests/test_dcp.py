@@ -184,6 +184,26 @@ def test_fsdp2_muon_with_bf16_newton_schulz_saved_at_2_resumes_at_1_and_3(tiny_c
     assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "muon", {}, (1, 3), relative=BF16_MUON)
 
 
+# The rest of the registry's per-parameter methods and the other structures, at 1 and 3 as above.
+MORE_METHODS = {"sgd-sign": {}, "sgd-column": {}, "muon-all": {"ns_dtype": "float32"},
+                "apollo-mini": {"update_proj_gap": 3}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", sorted(MORE_METHODS))
+def test_fsdp2_more_methods_saved_at_2_resume_at_1_and_3(optimizer, tiny_corpus, token_cache, tmp_path):
+    assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", optimizer, MORE_METHODS[optimizer], (1, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", [{"name": "lora", "rank": 8, "dropout": 0.0},
+                                       {"name": "sltrain", "rank": 8, "alpha": 8, "density": 0.05}],
+                         ids=["lora", "sltrain"])
+def test_fsdp2_structure_saved_at_2_resumes_at_1_and_3(structure, tiny_corpus, token_cache, tmp_path):
+    # LoRA without dropout: its masks are drawn per rank, so 1 and 3 processes would drop other entries.
+    assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "adamw", {}, (1, 3), **{"model.structure": structure})
+
+
 @pytest.mark.slow
 def test_fsdp2_lowrank_with_restarts_saved_at_2_resumes_at_1_and_3(tiny_corpus, token_cache, tmp_path):
     # Restarts every 3 steps: one before the checkpoint at 4, two after it.
