@@ -180,6 +180,64 @@ def test_reference_comparison_can_fail():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Cache-sized chunks: the same bits as whole matrices.
+
+@pytest.mark.parametrize("name,hparams,dtype,threads", [
+    ("scale", {"weight_decay": 0.1}, torch.float32, 1),
+    ("scale", {"momentum_on": "all"}, torch.bfloat16, 2),
+    ("sgd-row", {"momentum_on": "embedding+head"}, torch.float32, 2),
+])
+def test_chunked_step_gives_the_bits_of_whole_matrices(monkeypatch, name, hparams, dtype, threads):
+    # Blocks of 3-8 rows (chunks of 2^10 elements; cpu-tiny's rows are 128-352 long) against every
+    # matrix whole in one chunk (the step before chunking: one foreach call per pass over all matrices).
+    # A row's norm is reduced in the same order in a block as in its whole matrix, so 3 steps agree to
+    # the bit, on one thread and on two (where torch reduces a whole matrix's rows in parallel).
+    import lowmem.optim.scale as scale
+
+    torch.set_num_threads(threads)
+    models = []
+    for chunk_elements in (2**10, 2**62):
+        monkeypatch.setattr(scale, "CHUNK_ELEMENTS", chunk_elements)
+        torch.manual_seed(0)
+        model = build_model("cpu-tiny", vocab_size=VOCAB).to(dtype)
+        opt = lowmem.optim.build(name, model, lr=1e-2, **hparams)
+        for step in range(3):
+            _loss(model, step).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        models.append(model)
+    torch.set_num_threads(1)
+    for (n, chunked), whole in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(chunked, whole), n
+
+
+def test_chunks_cut_rows_of_plain_cpu_matrices_only():
+    from lowmem.optim.scale import cache_sized_chunks
+
+    rows = [torch.randn(40, 8) for _ in range(3)]  # dim 1: cut into blocks of >= 2 rows
+    column = torch.randn(40, 8)  # dim 0, a norm across rows: whole
+    strided = torch.randn(8, 40).t()  # not contiguous: whole, in the last chunk
+    meta = torch.empty(40, 8, device="meta")
+    params = [*rows, column, strided, meta]
+    grads = [torch.randn_like(p) if p.device.type == "cpu" else torch.empty_like(p) for p in params]
+    grads[4] = torch.randn(8, 40).t()
+    buffers = [torch.zeros_like(rows[0]), None, None, None, None, None]
+    chunks = cache_sized_chunks(params, grads, buffers, [1, 1, 1, 0, 1, 1], max_elements=64)
+    *plain, last = chunks
+    assert last[0] == [strided, meta] and last[3] == [1, 1]
+    pieces = [piece for chunk in plain for piece in zip(*chunk)]
+    assert all(sum(p.numel() for p in chunk[0]) <= 64 or len(chunk[0]) == 1 for chunk in plain)
+    for i, matrix in enumerate(rows):
+        blocks = [(p, g, m) for p, g, m, _ in pieces if p.untyped_storage().data_ptr() == matrix.untyped_storage().data_ptr()]
+        assert len(blocks) == 5
+        assert torch.equal(torch.cat([p for p, _, _ in blocks]), matrix)  # views covering every row once
+        assert torch.equal(torch.cat([g for _, g, _ in blocks]), grads[i])
+        assert all((m is not None) == (i == 0) for _, _, m in blocks)
+        assert all(p._base is matrix for p, _, _ in blocks)
+    assert [p for p, _, _, dim in pieces if dim == 0] == [column]
+
+
+# ----------------------------------------------------------------------------------------------------
 # State: exactly the head's momentum plus the vectors' Adam state.
 
 def _state_bytes(opt) -> int:

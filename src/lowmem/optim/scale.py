@@ -92,6 +92,11 @@ MOMENTUM_PLACEMENTS = {
     "all": frozenset({"hidden", "embedding", "head"}),
 }
 RMS_FLOOR = 1e-8
+# Elements of the matrices per chunk of the column/row-normalized step (`cache_sized_chunks`): 2 MiB of
+# fp32 direction, as much of weights and momentum, so a chunk stays in the L3 between the step's passes
+# over it while its few Python calls stay small against its work. At llama-60m, 2^19 beat 2^17, 2^18,
+# 2^20 and 2^21 (docs/results.md, issue 28).
+CHUNK_ELEMENTS = 2**19
 
 
 def normalized_dim(role: str, normalization: str, input_dim: int = 1) -> int:
@@ -183,6 +188,67 @@ def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *
                             alpha=alpha)
 
 
+def cache_sized_chunks(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    dims: list[int],
+    max_elements: int | None = None,
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], list[int]]]:
+    """The matrices as chunks of about `max_elements` (default CHUNK_ELEMENTS) elements, each (params,
+    grads, buffers, dims).
+
+    A step that passes over each chunk in turn (decay, momentum, norm, multiply-add) reads its tensors
+    from DRAM once, not once per pass. A plain contiguous CPU matrix normalized along dim 1 (its rows
+    independent) is cut into blocks of rows, as 2-D views of its [size(0), -1] view: torch reduces a
+    row in the same order in a block as in the whole matrix, so the bits do not change (tests). Whole
+    matrices share a chunk up to the limit. A norm across rows (dim 0) needs the whole matrix, so such a
+    matrix stays whole. DTensors and other devices (meta, CUDA: one foreach call over every tensor is
+    what counts there) form one last chunk, unchanged.
+    """
+    max_elements = CHUNK_ELEMENTS if max_elements is None else max_elements
+    pieces, rest = [], []
+    for p, g, m, dim in zip(params, grads, momentum_buffers, dims):
+        tensors = [p, g] if m is None else [p, g, m]
+        if any(is_dtensor(t) or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            rest.append((p, g, m, dim))
+            continue
+        rows = p.size(0)
+        blocks = min(rows, -(-p.numel() // max_elements)) if dim == 1 else 1
+        if blocks <= 1:
+            pieces.append((p, g, m, dim))
+            continue
+        split = [t.view(rows, -1).tensor_split(blocks) for t in tensors]
+        if m is None:
+            split.append([None] * blocks)
+        pieces.extend((pb, gb, mb, dim) for pb, gb, mb in zip(*split))
+    chunks, size = [], 0
+    for piece in pieces:
+        if not chunks or size + piece[0].numel() > max_elements:
+            chunks.append(([], [], [], []))
+            size = 0
+        for column, value in zip(chunks[-1], piece):
+            column.append(value)
+        size += piece[0].numel()
+    if rest:
+        chunks.append(tuple(list(column) for column in zip(*rest)))
+    return chunks
+
+
+def decay_and_momentum_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                        momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
+                        weight_decay: float) -> list[torch.Tensor]:
+    """Decoupled weight decay of `params` and the EMA of the momentum buffers, in place; returns the
+    directions to normalize: each buffer, or the raw gradient where the buffer is `None`."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    with_momentum = [(m, g) for m, g in zip(momentum_buffers, grads) if m is not None]
+    if with_momentum:
+        buffers, buffer_grads = (list(t) for t in zip(*with_momentum))
+        torch._foreach_lerp_(buffers, buffer_grads, 1 - momentum)
+    return [g if m is None else m for g, m in zip(grads, momentum_buffers)]
+
+
 def scale_update(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -198,20 +264,23 @@ def scale_update(
 ) -> None:
     """One SCALE step over matrices (any normalization); a `None` momentum buffer: use the raw gradient.
 
-    `dims[i]` is the dim of the [size(0), -1] view that column/row normalization reduces over.
+    `dims[i]` is the dim of the [size(0), -1] view that column/row normalization reduces over. Column
+    and row normalization run chunk by chunk (`cache_sized_chunks`), so the norm and the multiply-add
+    read a direction that the momentum's lerp (or the norm) has just brought into cache: the same
+    arithmetic on every element as over whole matrices, with about one DRAM read of each tensor.
     """
     if not params:
         return
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    with_momentum = [(m, g) for m, g in zip(momentum_buffers, grads) if m is not None]
-    if with_momentum:
-        buffers, buffer_grads = (list(t) for t in zip(*with_momentum))
-        torch._foreach_lerp_(buffers, buffer_grads, 1 - momentum)
-    directions = [g if m is None else m for g, m in zip(grads, momentum_buffers)]
     if normalization in ("column", "row"):
-        rms_normalized_step_(params, directions, dims, lr=lr)
-    elif normalization == "none":
+        for chunk_params, chunk_grads, chunk_buffers, chunk_dims in cache_sized_chunks(
+                params, grads, momentum_buffers, dims):
+            directions = decay_and_momentum_(chunk_params, chunk_grads, chunk_buffers, lr=lr, momentum=momentum,
+                                             weight_decay=weight_decay)
+            rms_normalized_step_(chunk_params, directions, chunk_dims, lr=lr)
+        return
+    directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                                     weight_decay=weight_decay)
+    if normalization == "none":
         torch._foreach_add_(params, directions, alpha=-lr)
     elif normalization == "sign":
         for p, d in zip(params, directions):  # one temporary at a time, not a model-sized list
