@@ -214,3 +214,26 @@ def test_meta_parameters_and_8_bit_states_keep_the_eager_path(compile_counter):
     assert compile_counter.frame_count == 1
     differences = _moved_relative(results[1], results[0], start)
     assert max(differences.values()) <= 1e-6, differences
+
+
+def test_inside_backward_the_compiled_step_gives_bitwise_the_weights_of_the_compiled_step_after_it():
+    # --gradient-release runs the step one parameter at a time (a graph per bucket shape, 7 here):
+    # the same elementwise code per tensor, so the same bits as the whole step's graphs.
+    from lowmem.distributed import DistInfo
+    from lowmem.testing import TINY
+    from lowmem.train.step import AfterBackward, InBackward, train_step
+
+    def trained(release: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(TINY)
+        optimizer = AdamW(model.parameters(), lr=1e-3, compiled=True)
+        update = InBackward(optimizer, model) if release else AfterBackward(optimizer)
+        for step in range(6):
+            optimizer.param_groups[0]["lr"] = _lr(step)
+            tokens = torch.randint(0, TINY.vocab_size, (8, 17), generator=torch.Generator().manual_seed(step))
+            train_step(model, update, [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}], info=DistInfo())
+            optimizer.zero_grad(set_to_none=True)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    after, inside = trained(release=False), trained(release=True)
+    assert [name for name in after if not torch.equal(after[name], inside[name])] == []
