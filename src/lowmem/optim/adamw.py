@@ -30,7 +30,7 @@ rounding, drawn from a generator seeded by the parameter's position and its step
 whatever order parameters are updated in: inside backward or after it).
 
 `compiled=True` (issue 28, default off; `--opt compiled=true`) updates the full-precision moments of
-each (device, dtype) bucket of a group in one torch.compile'd graph (`compiled_adamw_update`, backend
+each (device, dtype) bucket of a group in one torch.compile'd graph (`adamw_update(compiled=True)`, backend
 `COMPILE_BACKEND`: inductor): the same math as the foreach path, both eps and both decay placements,
 fused into one pass per tensor. What the schedule changes is a tensor: the lr arrives as a 0-dim
 float64 tensor built from `group["lr"]` each step (the trainer writes a Python float there; a new lr
@@ -103,7 +103,7 @@ class AdamBatch:
     """The parameters one optimizer step leaves to Adam: those in full precision gathered for a single
     `adamw_update` call, those with 8-bit moments (`state_bits=8`) updated one at a time."""
 
-    compiled = False  # AdamW(compiled=True) sets it: the full-precision tensors go to `compiled_adamw_update`
+    compiled = False  # AdamW(compiled=True) sets it: the full-precision tensors go to `adamw_update(compiled=True)`
 
     def __init__(self, state_bits: int | None = None, stochastic_rounding: bool = False) -> None:
         self.state_bits, self.stochastic_rounding = state_bits, stochastic_rounding
@@ -128,10 +128,10 @@ class AdamBatch:
         self.steps.append(state["step"])
 
     def step(self, **hparams: Any) -> None:
-        """One `adamw_update` over the gathered tensors (hparams: its keyword arguments);
-        `compiled_adamw_update` when `self.compiled`."""
-        update = compiled_adamw_update if self.compiled else adamw_update
-        update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, **hparams)
+        """One `adamw_update` over the gathered tensors (hparams: its keyword arguments), compiled when
+        `self.compiled`."""
+        adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, compiled=self.compiled,
+                     **hparams)
         for position, param, state in self.quantized:
             _quantized_adamw_update(param, state, self._rounding(position, param, state), **hparams)
 
@@ -181,14 +181,25 @@ def adamw_update(
     foreach: bool = True,
     eps_placement: str = "corrected",
     decay: str = "before",
+    compiled: bool = False,
 ) -> None:
     """One AdamW step over lists of tensors (steps are incremented here); see the module docstring
-    for `eps_placement` ("corrected" | "uncorrected") and `decay` ("before" | "after")."""
+    for `eps_placement` ("corrected" | "uncorrected") and `decay` ("before" | "after").
+
+    `compiled`: each (device, dtype) bucket in one torch.compile'd graph (`_adamw_tensor_core`): the lr
+    goes in as a 0-dim float64 tensor, the bias corrections come from the step tensors inside, so neither
+    a new lr nor a new step compiles anything. DTensor and meta parameters take the eager path."""
     check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
     check_choice("decay", decay, DECAY_PLACEMENTS)
     if not params:
         return
     corrected, decay_first = eps_placement == "corrected", decay == "before"
+    if compiled and not any(is_dtensor(p) or p.is_meta for p in params):
+        core, lr_tensor = _compiled_core(), torch.tensor(float(lr), dtype=torch.float64)
+        for bucket in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+            core(*bucket, lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 corrected=corrected, decay_first=decay_first)
+        return
     if foreach and not any(is_dtensor(p) for p in params):
         for group in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
             _adamw_foreach(*group, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -233,41 +244,6 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
     torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
     if weight_decay and not decay_first:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-
-
-def compiled_adamw_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    foreach: bool = True,
-    eps_placement: str = "corrected",
-    decay: str = "before",
-) -> None:
-    """`adamw_update` with each (device, dtype) bucket in one torch.compile'd graph (`_adamw_tensor_core`):
-    the lr goes in as a 0-dim float64 tensor, the bias corrections come from the step tensors inside,
-    so neither a new lr nor a new step compiles anything. DTensor and meta parameters take the eager
-    `adamw_update` (with `foreach`, which the compiled path does not need)."""
-    check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-    check_choice("decay", decay, DECAY_PLACEMENTS)
-    if not params:
-        return
-    if any(is_dtensor(p) or p.is_meta for p in params):
-        adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                     weight_decay=weight_decay, foreach=foreach, eps_placement=eps_placement, decay=decay)
-        return
-    core = _compiled_core()
-    lr_tensor = torch.tensor(float(lr), dtype=torch.float64)
-    for bucket in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
-        core(*bucket, lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-             corrected=eps_placement == "corrected", decay_first=decay == "before")
 
 
 def _compiled_core() -> Callable[..., None]:
