@@ -33,7 +33,6 @@ import time
 import torch
 
 import lowmem.optim
-from lowmem.assembly import build_model
 from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.adamw import AdamW
@@ -78,17 +77,13 @@ def muon_batched_difference(model_name: str, steps: int, ns_dtype: str) -> tuple
     `steps` Muon steps of two copies of the model with the same fixed random gradients."""
     models = []
     for ns_batch_elements in (BATCH_ELEMENTS, 0):
-        torch.manual_seed(0)
-        model = build_model(model_name)
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
+        model, _ = model_with_gradients(model_name)
+        initial = {name: p.detach().clone() for name, p in model.named_parameters()}
         optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
         optimizer.ns_batch_elements = ns_batch_elements
         for _ in range(steps):
             optimizer.step()
         models.append(dict(model.named_parameters()))
-    torch.manual_seed(0)
-    initial = dict(build_model(model_name).named_parameters())
     return max_relative_difference(*models), max_relative_difference(initial, models[0])
 
 

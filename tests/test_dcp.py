@@ -64,30 +64,25 @@ def _saved_names(step_dir: Path) -> set[str]:
 
 def assert_resumes_at(tmp_path: Path, texts: Path, cache: Path, mode: str, optimizer: str, hparams: dict,
                       sizes: tuple[int, ...], relative: float = RELATIVE, plugins: tuple[Path, ...] = (),
-                      saved_at: int = 2, **extra) -> dict[int, float]:
-    """Returns each size's largest relative loss difference over steps RESUME_AT+1..STEPS (the figures
-    the tolerances below were set from)."""
+                      saved_at: int = 2, **extra) -> None:
     config = _config(tmp_path, texts, cache, mode, optimizer, hparams, **extra)
     loaded = [arg for plugin in plugins for arg in ("--plugin", str(plugin))]  # every run loads them, resumes too
     _train(saved_at, "--config", str(config), *loaded)
     whole = tmp_path / "whole"
     uninterrupted = _losses(whole)
     assert sorted(uninterrupted) == list(range(1, STEPS + 1))
-    worst = {}
     for size in sizes:
         run = tmp_path / f"at-{size}"
         shutil.copytree(whole, run)
         _train(size, "--resume", str(run / "checkpoints" / f"step-{RESUME_AT:08d}"), *loaded)
         resumed = _losses(run)
         assert sorted(resumed) == list(range(1, STEPS + 1)), size
-        worst[size] = max(abs(resumed[s] - uninterrupted[s]) / abs(uninterrupted[s]) for s in range(RESUME_AT + 1, STEPS + 1))
         for step in range(RESUME_AT + 1, STEPS + 1):
             assert resumed[step] == pytest.approx(uninterrupted[step], rel=relative), (size, step)
-        # The resumed run's checkpoint holds the same state names as the 2-process one's: nothing lost.
+        # The resumed run's checkpoint holds the same state names as the saving run's: nothing lost.
         final = run / "checkpoints" / f"step-{STEPS:08d}"
         assert _saved_names(final) == _saved_names(whole / "checkpoints" / f"step-{STEPS:08d}"), size
         assert len(list(final.glob("values-rank-*.pt"))) == size
-    return worst
 
 
 def test_fsdp2_adamw_saved_at_2_resumes_at_1_and_3(tiny_corpus, token_cache, tmp_path):

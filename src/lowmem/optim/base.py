@@ -194,6 +194,13 @@ def default_state_layout(param: torch.Tensor, key: str, value: torch.Tensor) -> 
     return "rank"
 
 
+def default_whole_state_layout(param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
+    """How a state saved whole (global `shape`) by a run without DTensors lies over an FSDP2 run's ranks
+    unless its method says otherwise (`LowmemOptimizer.whole_state_layout`): shaped like its parameter,
+    split as the parameter (`param`); anything else whole on every rank as a plain tensor (None)."""
+    return "param" if shape == param.shape else None
+
+
 class LowmemOptimizer(torch.optim.Optimizer):
     """A torch Optimizer with lowmem's two seams for a method:
 
@@ -239,10 +246,10 @@ class LowmemOptimizer(torch.optim.Optimizer):
     def whole_state_layout(self, param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
         """How state `key` of `param`, saved whole (global `shape`) by a run without DTensors (one process,
         DDP), lies over the ranks of an FSDP2 run that resumes it: `param` (rows split as the parameter's),
-        `replicated`, or None (loaded whole on every rank as a plain tensor, as such a run keeps it). By
-        default a state shaped like the parameter is `param`; a method whose other state is a DTensor
-        under FSDP2 (the projection methods' row-split moments and bases) says so here."""
-        return "param" if shape == param.shape else None
+        `replicated`, or None (loaded whole on every rank as a plain tensor, as such a run keeps it).
+        `default_whole_state_layout` unless a method whose other state is a DTensor under FSDP2 (the
+        projection methods' row-split moments and bases) says so here."""
+        return default_whole_state_layout(param, key, shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after which every state tensor has the dtype it was saved with, and its values.
@@ -294,6 +301,7 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "default_state_layout",
+    "default_whole_state_layout",
     "full_matrix_op",
     "group_by_device_dtype",
     "is_dtensor",

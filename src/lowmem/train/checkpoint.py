@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lowmem.distributed import all_reduce, any_rank, broadcast, broadcast_object, current_info, unwrap
 from lowmem.errors import CheckpointError
-from lowmem.optim.base import default_state_layout, is_dtensor, local_tensor
+from lowmem.optim.base import default_state_layout, default_whole_state_layout, is_dtensor, local_tensor
 
 FORMAT = "lowmem-checkpoint-2"  # DCP's files + each rank's values file
 LEGACY_FORMAT = "lowmem-checkpoint-1"  # one torch.save file per rank, resumable at its own world size only
@@ -242,8 +242,8 @@ class OptimizerComponent:
 
         layout = saved.get(self.PLACEMENTS, {}).get(index, {}).get(parts[2])
         if layout is None:  # saved whole, by a run without DTensors: the method says how it lies here
-            whole_layout = getattr(self.optimizer, "whole_state_layout", None)
-            layout = whole_layout(param, parts[2], size) if whole_layout else ("param" if param.shape == size else None)
+            whole_layout = getattr(self.optimizer, "whole_state_layout", None) or default_whole_state_layout
+            layout = whole_layout(param, parts[2], size)
         if layout is None:
             return None
         placements = param.placements if layout == "param" else [Replicate()] * param.device_mesh.ndim
@@ -368,9 +368,10 @@ def check_replicated_state_agrees(optimizer: torch.optim.Optimizer) -> None:
     layout = getattr(optimizer, "state_layout", None) or default_state_layout
     names, values = [], []
     for index, param in enumerate(params):
+        if not is_dtensor(param):
+            continue
         for key, value in optimizer.state.get(param, {}).items():
-            if (is_dtensor(param) and isinstance(value, torch.Tensor) and not is_dtensor(value)
-                    and layout(param, key, value) == "replicated"):
+            if isinstance(value, torch.Tensor) and not is_dtensor(value) and layout(param, key, value) == "replicated":
                 names.append(f"state {index} ({tuple(param.shape)}) {key!r}")
                 values.append(value.detach().reshape(-1).to(info.device, torch.float64))
     sizes = [v.numel() for v in values]

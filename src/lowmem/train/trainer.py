@@ -385,9 +385,7 @@ class Trainer:
                                 before_update=self._before_update, distributed=t.distributed,
                                 while_computing=self.batches.read_ahead)
         except NonFiniteGradient as err:  # under release the update already ran: stop, naming where to resume
-            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint was saved yet")
-            raise TrainingStopped(f"step {step}: {err}; {where}") from None
+            raise TrainingStopped(f"step {step}: {err}; {self._last_good_checkpoint()}") from None
         if not result.updated:
             self._skip_nonfinite(result.loss, step)
         log_now = step % t.log_every == 0 or step == t.steps
@@ -468,16 +466,19 @@ class Trainer:
                 print(f"{self.stop.signal_name} received after the last step; the run was finished and written first")
         return summary
 
+    def _last_good_checkpoint(self) -> str:
+        """Where a stopped run resumes from, for its message."""
+        return (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was saved yet")
+
     def save_checkpoint(self) -> Path:
         """Write the components' state at the current step; never when a weight or state is non-finite."""
         # Checked before anything is written, so no checkpoint with NaN/inf weights is ever called good.
         bad = first_nonfinite(self.run)
         if any_rank(bad is not None, self.info):
-            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint was saved before")
             raise TrainingStopped(
                 f"non-finite values in {bad or 'the weights or optimizer state of another process'} after step "
-                f"{self.progress.step}; no checkpoint was written for it, {where}. Lower the learning rate "
+                f"{self.progress.step}; no checkpoint was written for it, {self._last_good_checkpoint()}. Lower the learning rate "
                 "(or clip gradients with --clip-grad-norm) and resume from that checkpoint"
             )
         info = self.info
@@ -511,10 +512,8 @@ class Trainer:
         self.progress.skipped += 1
         allowed = self.config.train.skip_nonfinite
         if self.progress.skipped > allowed:
-            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint was saved yet")
             raise TrainingStopped(
-                f"{what} at step {step}; {where}. Lower the learning rate or "
+                f"{what} at step {step}; {self._last_good_checkpoint()}. Lower the learning rate or "
                 "resume from that checkpoint; --skip-nonfinite K skips up to K such steps"
             )
         if self.info.is_main:
