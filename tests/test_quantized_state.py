@@ -426,3 +426,13 @@ def test_relora_pruning_prunes_8bit_moments_and_keeps_the_steps(mode):
         assert int(state["step"]) == step
         first = qs.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], qs.map_for("exp_avg"))
         assert 0.85 < float((first == 0).float().mean()) < 0.97
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_8bit_states_saved_by_1_process_resume_under_fsdp2_at_2(tiny_corpus, token_cache, tmp_path):
+    """A whole absmax ([rows, blocks per row]) saved without DTensors is split by rows like its codes
+    when an FSDP2 run resumes it (base.default_whole_state_layout)."""
+    from test_dcp import assert_resumes_at
+
+    assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "adamw", {"state_bits": 8}, (2,), saved_at=1)

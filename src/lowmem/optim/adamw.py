@@ -82,22 +82,13 @@ def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int 
     """Zero moments and step; in 8-bit codes when `state_bits` quantizes a parameter of this global shape."""
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     for key in ADAM_MOMENTS:
-        if quantized_state.quantizes(param.shape, state_bits):
-            quantized_state.init_quantized(state, key, param)
-        else:
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        quantized_state.init_moment(state, key, param, state_bits)
 
 
 def reset_adam_state(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor | None) -> None:
     """lowmem.optim.state's reset of one parameter's Adam state (whole, or the `mask` entries), quantized
     moments included: zeroed through their codes (a masked reset dequantizes, zeroes and requantizes)."""
-    if not quantized_state.is_quantized(state, "exp_avg"):
-        reset_whole(state) if mask is None else reset_entries(state, param, mask)
-        return
-    for key in ADAM_MOMENTS:
-        quantized_state.reset_quantized(state, key, mask)
-    if mask is None:
-        state["step"].zero_()
+    reset_whole(state) if mask is None else reset_entries(state, param, mask)
 
 
 class AdamBatch:
@@ -139,11 +130,7 @@ class AdamBatch:
         """Stochastic rounding's generator, seeded by the parameter's position and the step about to be
         taken; on the parameter's device (the CPU for a meta parameter). Under FSDP2 each rank draws
         for its own rows, so two processes round alike in distribution, not bit for bit like one."""
-        if not self.stochastic_rounding:
-            return None
-        step = int(state["step"].item()) + 1
-        device = "cpu" if param.is_meta else local_tensor(param).device
-        return torch.Generator(device=device).manual_seed(position * 1_000_003 + step)
+        return quantized_state.rounding_generator(self.stochastic_rounding, position, state["step"], param)
 
 
 def _quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator: torch.Generator | None,

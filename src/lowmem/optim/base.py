@@ -179,6 +179,7 @@ def _as_saved(loaded: Any, saved: Any) -> Any:
 
 
 STATE_LAYOUTS = ("param", "replicated", "rank")
+ABSMAX_SUFFIX = "_absmax"  # an 8-bit moment's scales (lowmem.optim.quantized_state.ABSMAX)
 
 
 def default_state_layout(param: torch.Tensor, key: str, value: torch.Tensor) -> str:
@@ -197,8 +198,14 @@ def default_state_layout(param: torch.Tensor, key: str, value: torch.Tensor) -> 
 def default_whole_state_layout(param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
     """How a state saved whole (global `shape`) by a run without DTensors lies over an FSDP2 run's ranks
     unless its method says otherwise (`LowmemOptimizer.whole_state_layout`): shaped like its parameter,
-    split as the parameter (`param`); anything else whole on every rank as a plain tensor (None)."""
-    return "param" if shape == param.shape else None
+    split as the parameter (`param`), and so is an 8-bit moment's per-row scales (`<key>_absmax`,
+    [rows, blocks per row]: blocks never cross a row, lowmem.optim.quantized_state); anything else whole
+    on every rank as a plain tensor (None)."""
+    if shape == param.shape:
+        return "param"
+    if key.endswith(ABSMAX_SUFFIX) and len(shape) == 2 and param.dim() >= 2 and shape[0] == param.shape[0]:
+        return "param"
+    return None
 
 
 class LowmemOptimizer(torch.optim.Optimizer):

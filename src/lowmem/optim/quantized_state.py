@@ -45,12 +45,12 @@ from typing import Any, Iterator
 
 import torch
 
-from lowmem.optim.base import is_dtensor, local_tensor
+from lowmem.optim.base import ABSMAX_SUFFIX, is_dtensor, local_tensor
 
 STATE_BITS = (None, 32, 8)  # None and 32: full precision (the default); 8: blockwise 8-bit codes
 BLOCK = 256  # elements per block (bitsandbytes' and torchao's 8-bit optimizers use 256 too)
 MIN_QUANTIZED_NUMEL = 4096  # smaller tensors stay in full precision (as bitsandbytes' min_8bit_size)
-CODES, ABSMAX = "_codes", "_absmax"
+CODES, ABSMAX = "_codes", ABSMAX_SUFFIX
 # State keys whose values are >= 0 (second moments): the unsigned map without zero. Every other
 # quantized key (first moments, momenta) gets the signed map.
 UNSIGNED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
@@ -204,6 +204,28 @@ def init_quantized(state: dict[str, Any], key: str, param: torch.Tensor, block: 
     state[key + ABSMAX] = _like_param(absmax, param, (param.shape[0], absmax.shape[1]))
 
 
+def init_moment(state: dict[str, Any], key: str, param: torch.Tensor, state_bits: int | None) -> None:
+    """Zero moment `key` of `param`: in codes when `state_bits` quantizes a parameter of its global shape,
+    else a full-precision tensor shaped like the parameter (the one place a method decides which)."""
+    if quantizes(param.shape, state_bits):
+        init_quantized(state, key, param)
+    else:
+        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def rounding_generator(stochastic: bool, position: int, step: torch.Tensor | int,
+                       param: torch.Tensor) -> torch.Generator | None:
+    """Stochastic rounding's generator for the update of the parameter at `position` (its place in its
+    optimizer) that makes its step `step` + 1, or None for nearest rounding. Seeded by both, so the draws
+    do not depend on the order parameters are updated in (inside backward or after it); on the
+    parameter's device (the CPU for a meta parameter). Under FSDP2 each rank draws for its own rows."""
+    if not stochastic:
+        return None
+    seed = position * 1_000_003 + int(step) + 1
+    device = "cpu" if param.is_meta else local_tensor(param).device
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def is_quantized(state: dict[str, Any], key: str) -> bool:
     return key + CODES in state
 
@@ -245,10 +267,12 @@ __all__ = [
     "dequantize_blockwise",
     "dequantized",
     "dynamic_map",
+    "init_moment",
     "init_quantized",
     "is_quantized",
     "map_for",
     "quantize_blockwise",
     "quantizes",
     "reset_quantized",
+    "rounding_generator",
 ]

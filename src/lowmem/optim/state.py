@@ -51,6 +51,8 @@ def reset_whole(state: dict[str, Any]) -> None:
     for key in MOMENT_KEYS:
         if isinstance(state.get(key), torch.Tensor):
             state[key].zero_()
+        elif quantized_state.is_quantized(state, key):
+            quantized_state.reset_quantized(state, key)
     for key in STEP_KEYS:
         step = state.get(key)
         if isinstance(step, torch.Tensor):
@@ -62,15 +64,23 @@ def reset_whole(state: dict[str, Any]) -> None:
 def reset_entries(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero the moments (and per-entry counters) of the `mask` entries of one parameter's state."""
     for key in MOMENT_KEYS + STEP_KEYS:
+        if quantized_state.is_quantized(state, key):
+            _check_shaped_like(key, state[key + quantized_state.CODES], param)
+            quantized_state.reset_quantized(state, key, mask)  # dequantize, zero, requantize
+            continue
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
-        if value.shape != param.shape:
-            raise ConfigError(
-                f"cannot reset entries of optimizer state {key!r} of shape {tuple(value.shape)}: it is not "
-                f"shaped like its parameter {tuple(param.shape)} (a projected state); reset whole parameters instead"
-            )
+        _check_shaped_like(key, value, param)
         value.masked_fill_(mask.to(value.device), 0)
+
+
+def _check_shaped_like(key: str, value: torch.Tensor, param: torch.Tensor) -> None:
+    if value.shape != param.shape:
+        raise ConfigError(
+            f"cannot reset entries of optimizer state {key!r} of shape {tuple(value.shape)}: it is not "
+            f"shaped like its parameter {tuple(param.shape)} (a projected state); reset whole parameters instead"
+        )
 
 
 def reset_state(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = None,
