@@ -19,6 +19,13 @@ the step size, as the released code: lowmem.optim.adamw's eps_placement="uncorre
 `adam_lr * lr_t / lr_max`.
 Optimizer state: the head's momentum plus Adam's (step, exp_avg, exp_avg_sq) of the 1-D parameters.
 
+`state_bits=8` (issue 26, lowmem.optim.quantized_state; default None: full precision) keeps the momentum
+of every matrix of >= 4096 elements (the head's, or whichever `momentum_on` names) as 8-bit codes
+(`momentum_buffer_codes`/`momentum_buffer_absmax`, signed map) plus a float32 `step` (its count of
+updates, which seeds `stochastic_rounding`), and the 1-D parameters' Adam moments go through
+lowmem.optim.adamw.AdamBatch with the same setting (vectors stay full precision). Such a matrix is
+updated on its own: its momentum dequantized to fp32, the same step as below, requantized.
+
 The paper's ablations are the same class with two switches (registered as named variants below):
 
   normalization  "column"   the rule above (dim = 1 for Linear/head, dim = 0 for the embedding)
@@ -62,17 +69,19 @@ on the meta device with meta gradients and creates state of the right shapes (th
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
-from lowmem.optim import Method, register
+from lowmem.optim import Method, quantized_state, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
     check_beta,
     check_betas,
+    check_bool,
     check_choice,
     check_grad,
     check_nonneg,
@@ -92,6 +101,7 @@ MOMENTUM_PLACEMENTS = {
     "all": frozenset({"hidden", "embedding", "head"}),
 }
 RMS_FLOOR = 1e-8
+MOMENTUM = "momentum_buffer"  # the state key of a matrix's momentum (lowmem.optim.state.MOMENT_KEYS)
 # Elements of the matrices per chunk of the column/row-normalized step (`cache_sized_chunks`): 2 MiB of
 # fp32 direction, as much of weights and momentum, so a chunk stays in the L3 between the step's passes
 # over it while its few Python calls stay small against its work. At llama-60m, 2^19 beat 2^17, 2^18,
@@ -291,6 +301,53 @@ def scale_update(
         check_choice("normalization", normalization, NORMALIZATIONS)
 
 
+def init_momentum(state: dict[str, Any], param: torch.Tensor, state_bits: int | None) -> None:
+    """Zero momentum of a matrix: full precision, or 8-bit codes (with a float32 `step`, the count of its
+    updates, which seeds stochastic rounding) when `state_bits` quantizes its global shape. SCALE's and
+    Muon's."""
+    quantized_state.init_moment(state, MOMENTUM, param, state_bits)
+    if quantized_state.is_quantized(state, MOMENTUM):
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+@contextmanager
+def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
+                         position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(weights, gradient, momentum) of `param`, whose momentum is 8-bit codes, for a full-precision
+    update core to update in place: the weights and gradient in at least fp32 (the parameter and its
+    gradient themselves when they are; else fp32 copies, the weights written back on leaving), the
+    momentum dequantized (quantized_state.dequantized: requantized on leaving, rounding seeded by
+    `position` and the state's `step`, which then counts this update). Each is shaped like the
+    parameter: a DTensor with its placements when the parameter is one (this rank's rows), so a core's
+    gathers and all-reduces apply as to a full-precision momentum. SCALE's and Muon's."""
+    local, local_grad = local_tensor(param), local_tensor(param.grad)
+    weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
+    grad = local_grad if local_grad.dtype == weights.dtype else local_grad.to(weights.dtype)
+    generator = quantized_state.rounding_generator(stochastic_rounding, position, state["step"], param)
+    with quantized_state.dequantized(state, (MOMENTUM,), generator=generator, dtype=weights.dtype) as (values,):
+        # Contiguous, as a full-precision buffer is: dequantized rows that end in a short block are a
+        # strided view, which SCALE's column norm and chunks would take another path for (other bits).
+        momentum = values.contiguous()
+        yield (param if weights is local else _shaped_like(weights, param),
+               param.grad if grad is local_grad else _shaped_like(grad, param), _shaped_like(momentum, param))
+        if momentum is not values:
+            values.copy_(momentum)
+    if weights is not local:
+        local.copy_(weights)
+    state["step"] += 1
+
+
+def _shaped_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`local` (this rank's part) as a DTensor laid out as `param` when that is one (a view: in-place
+    updates reach `local`), else `local`."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride(), run_check=False)
+
+
 class SCALE(LowmemOptimizer):
     """SCALE (column normalization + head momentum) and its ablations; see the module docstring.
 
@@ -305,6 +362,9 @@ class SCALE(LowmemOptimizer):
         normalization: "column" (SCALE), "row", "sign", "singular" or "none".
         momentum_on: which matrices keep momentum: "head" (SCALE), "none", "embedding+head", "all".
         ns_steps: Newton–Schulz iterations of the "singular" normalization.
+        state_bits: 8 keeps the matrices' momenta (and the vectors' Adam moments, where large enough)
+            in 8-bit codes; None or 32: full precision (see the module docstring).
+        stochastic_rounding: requantize 8-bit states with unbiased random rounding.
     """
 
     # Every normalization is of one matrix (its columns, rows, signs or singular values), momentum and
@@ -326,12 +386,20 @@ class SCALE(LowmemOptimizer):
         normalization: str = "column",
         momentum_on: str = "head",
         ns_steps: int = 5,
+        state_bits: int | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on,
-                        ns_steps=ns_steps)
+                        ns_steps=ns_steps, state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -349,38 +417,51 @@ class SCALE(LowmemOptimizer):
         check_choice("normalization", group["normalization"], NORMALIZATIONS)
         check_choice("momentum_on", group["momentum_on"], MOMENTUM_PLACEMENTS)
         check_positive_int("ns_steps", group["ns_steps"])
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
+        position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, position)
+            position += len(group["params"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], position: int) -> None:
         momentum_roles = MOMENTUM_PLACEMENTS[group["momentum_on"]]
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
-        adam = AdamBatch()
+        quantized = []  # (position, param, state, dim) of the matrices whose momentum is 8-bit codes
+        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
         for p in group["params"]:
+            position += 1
             if p.grad is None:
                 continue
             check_grad(p)
             role = "vector" if p.dim() < 2 else group_role(group, p)
             if role == "vector":
-                adam.add(p, self.state[p])
+                adam.add(p, self.state[p], position)
                 continue
+            dim = normalized_dim(role, normalization, group_input_dim(group, p))
             if role in momentum_roles:  # the only matrices with state: the rest leave self.state untouched
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buffers.append(state["momentum_buffer"])
+                if MOMENTUM not in state and not quantized_state.is_quantized(state, MOMENTUM):
+                    init_momentum(state, p, group["state_bits"])
+                if quantized_state.is_quantized(state, MOMENTUM):
+                    quantized.append((position, p, state, dim))
+                    continue
+                buffers.append(state[MOMENTUM])
             else:
                 buffers.append(None)
             params.append(p)
             grads.append(p.grad)
-            dims.append(normalized_dim(role, normalization, group_input_dim(group, p)))
+            dims.append(dim)
 
-        scale_update(params, grads, buffers, dims, lr=group["lr"], momentum=group["momentum"],
-                     weight_decay=group["weight_decay"], normalization=normalization, ns_steps=group["ns_steps"],
-                     ns_batch_elements=self.ns_batch_elements)
+        hparams = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                       normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
+        scale_update(params, grads, buffers, dims, **hparams)
+        for p_position, p, state, dim in quantized:  # one at a time: one matrix's fp32 momentum at most
+            with dequantized_momentum(p, state, group["stochastic_rounding"], p_position) as (weights, grad, buffer):
+                scale_update([weights], [grad], [buffer], [dim], **hparams)
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
                   eps=group["adam_eps"], weight_decay=group["weight_decay"], eps_placement="uncorrected")
