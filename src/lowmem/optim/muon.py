@@ -25,6 +25,13 @@ construction and the trainer or a torch scheduler rescales `lr`, so `adam_lr` is
 schedule's peak and follows the same warmup + cosine shape. State: `momentum_buffer` per hidden
 matrix; `step`, `exp_avg`, `exp_avg_sq` per Adam tensor.
 
+`state_bits=8` (issue 26, lowmem.optim.quantized_state; default None: full precision) keeps the momentum
+of every Muon matrix of >= 4096 elements as 8-bit codes (`momentum_buffer_codes`/`momentum_buffer_absmax`,
+signed map) plus a float32 `step` (its count of updates, which seeds `stochastic_rounding`), and the Adam
+tensors' moments through lowmem.optim.adamw.AdamBatch with the same setting (vectors stay full
+precision). Those matrices are updated batch by batch as below: each batch's momenta dequantized to
+fp32, the same `muon_update`, requantized, so at most one batch's fp32 momenta exist.
+
 FSDP2 (DTensor shards on dim 0): the momentum update is elementwise on the local shard; NS needs the
 whole matrix, so every rank all-gathers U, runs NS on the full matrix, and keeps its own rows
 (lowmem.optim.newton_schulz.orthogonalize, through lowmem.optim.base.full_matrix_op). Cost per hidden matrix and step: one all-gather
@@ -39,11 +46,12 @@ scatter of the results; not done here. Unsharded matrices of one shape share one
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 
-from lowmem.optim import Method, register
+from lowmem.optim import Method, quantized_state, register
 from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -59,6 +67,7 @@ from lowmem.optim.base import (
 )
 from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
 from lowmem.optim.roles import group_input_dim, group_role
+from lowmem.optim.scale import MOMENTUM, dequantized_momentum, init_momentum
 
 ADJUST_LR = ("original", "match_rms_adamw")
 # Which matrices get Muon: "hidden" (Keller Jordan's and torch's), or "all" (embedding and head too).
@@ -124,6 +133,22 @@ def muon_update(
                             alpha=alpha)
 
 
+def quantized_muon_update(params: list[torch.Tensor], states: list[dict[str, Any]], positions: list[int], *,
+                          stochastic_rounding: bool, input_dims: list[int], ns_batch_elements: int | None = None,
+                          **hparams: Any) -> None:
+    """`muon_update` of matrices whose momenta are 8-bit codes (`states[i]`, the state of `params[i]` at
+    `positions[i]` in its optimizer): batched by `ns_batches` as `muon_update` would batch them, each
+    batch's momenta dequantized to fp32 (weights and gradients in at least fp32), updated by one
+    `muon_update` and requantized before the next batch's are dequantized."""
+    for batch in ns_batches(params, input_dims, max_elements=ns_batch_elements):
+        with ExitStack() as stack:
+            work = [stack.enter_context(dequantized_momentum(params[i], states[i], stochastic_rounding, positions[i]))
+                    for i in batch]
+            weights, grads, buffers = (list(column) for column in zip(*work))
+            muon_update(weights, grads, buffers, input_dims=[input_dims[i] for i in batch],
+                        ns_batch_elements=ns_batch_elements, **hparams)
+
+
 def _dtype_name(dtype: str | torch.dtype) -> str:
     # Groups store the name, so configs, logs and state_dicts hold a plain string.
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
@@ -146,6 +171,9 @@ class Muon(LowmemOptimizer):
         adam_betas, adam_eps: AdamW's betas and eps for the other roles.
         matrices: "hidden" (Muon on hidden matrices only) or "all" (also the embedding and head, which
             then keep one momentum buffer each instead of Adam's two moments; see `muon-all`).
+        state_bits: 8 keeps the momenta (and the Adam tensors' moments, where large enough) in 8-bit
+            codes; None or 32: full precision (see the module docstring).
+        stochastic_rounding: requantize 8-bit states with unbiased random rounding.
     """
 
     updates_per_parameter = True  # Newton–Schulz orthogonalizes one matrix; momentum and Adam are per tensor
@@ -167,12 +195,21 @@ class Muon(LowmemOptimizer):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         matrices: str = "hidden",
+        state_bits: int | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
-                        adam_betas=adam_betas, adam_eps=adam_eps, matrices=matrices)
+                        adam_betas=adam_betas, adam_eps=adam_eps, matrices=matrices, state_bits=state_bits,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "ns_dtype" in param_group:
@@ -194,34 +231,47 @@ class Muon(LowmemOptimizer):
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         check_choice("matrices", group["matrices"], MATRICES)
         check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
+        position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, position)
+            position += len(group["params"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], position: int) -> None:
         matrices, matrix_grads, buffers, input_dims = [], [], [], []
-        adam = AdamBatch()
+        quantized: tuple[list, list, list, list] = ([], [], [], [])  # params, states, positions, input dims
+        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
         muon_roles = MATRICES[group["matrices"]]
         for p in group["params"]:
+            position += 1
             if p.grad is None:
                 continue
             check_grad(p)
             state = self.state[p]
             if p.dim() >= 2 and group_role(group, p) in muon_roles:
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if MOMENTUM not in state and not quantized_state.is_quantized(state, MOMENTUM):
+                    init_momentum(state, p, group["state_bits"])
+                if quantized_state.is_quantized(state, MOMENTUM):
+                    for column, value in zip(quantized, (p, state, position, group_input_dim(group, p))):
+                        column.append(value)
+                    continue
                 matrices.append(p)
                 matrix_grads.append(p.grad)
-                buffers.append(state["momentum_buffer"])
+                buffers.append(state[MOMENTUM])
                 input_dims.append(group_input_dim(group, p))
                 continue
-            adam.add(p, state)
+            adam.add(p, state, position)
 
-        muon_update(matrices, matrix_grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                    nesterov=group["nesterov"], weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
-                    ns_steps=group["ns_steps"], ns_dtype=NS_DTYPES[group["ns_dtype"]], input_dims=input_dims,
-                    ns_batch_elements=self.ns_batch_elements)
+        hparams = dict(lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+                       weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"], ns_steps=group["ns_steps"],
+                       ns_dtype=NS_DTYPES[group["ns_dtype"]], ns_batch_elements=self.ns_batch_elements)
+        muon_update(matrices, matrix_grads, buffers, input_dims=input_dims, **hparams)
+        params, states, positions, quantized_dims = quantized
+        quantized_muon_update(params, states, positions, stochastic_rounding=group["stochastic_rounding"],
+                              input_dims=quantized_dims, **hparams)
         beta1, beta2 = group["adam_betas"]
         adam.step(lr=scheduled_adam_lr(group["adam_lr"], group), beta1=beta1, beta2=beta2,
                   eps=group["adam_eps"], weight_decay=group["weight_decay"])
