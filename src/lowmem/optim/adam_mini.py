@@ -28,7 +28,10 @@ The registry entry names `adam_mini_param_groups` as its group builder, so
 `AdamMini(lowmem.optim.param_groups(model))` gives them per-row blocks.
 
 State per tensor: `step` (float32 scalar), `exp_avg` (the tensor's shape), `exp_avg_sq` (shape
-[n_blocks]). The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
+[n_blocks]). `state_bits=8` (issue 26, lowmem.optim.quantized_state; default None: full precision)
+keeps `exp_avg` of every tensor of >= 2 dims and >= 4096 elements as 8-bit codes (`exp_avg_codes`/
+`exp_avg_absmax`, signed map; dequantized to fp32 for its update, requantized after, one tensor at a
+time; `stochastic_rounding` as AdamW's); `exp_avg_sq`, one float per block, stays in full precision. The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
 `n_heads` arguments into the same blocks; tests/test_adam_mini.py checks equality with it.
 
 FSDP2 (DTensor shards). `exp_avg` is sharded like the parameter; `exp_avg_sq` is kept whole on every
@@ -47,12 +50,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem.optim import Method, register
+from lowmem.optim import Method, quantized_state, register
 from lowmem.optim.base import (
     LowmemOptimizer,
     all_reduce_partials,
     as_pair,
     check_adam_group,
+    check_bool,
     check_grad,
     check_positive_int,
     is_dtensor,
@@ -123,6 +127,8 @@ class AdamMini(LowmemOptimizer):
             A group may set `rows_per_block` (consecutive rows sharing one second moment).
         lr, betas, eps: as Adam (eps added to the bias-corrected sqrt(v)).
         weight_decay: decoupled, `W *= 1 - lr * weight_decay` before the update.
+        state_bits: 8 keeps `exp_avg` of the matrices in 8-bit codes; None or 32: full precision.
+        stochastic_rounding: requantize 8-bit states with unbiased random rounding.
     """
 
     # A block is rows of one tensor, so its second moment needs that tensor's gradient only (the one
@@ -136,10 +142,19 @@ class AdamMini(LowmemOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        state_bits: int | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         betas = as_pair(betas)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rows_per_block=None)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rows_per_block=None,
+                        state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
 
     def state_layout(self, param: torch.Tensor, key: str, value: torch.Tensor) -> str:
         # exp_avg_sq is whole on every rank, completed by the all-reduce of the blocks' partial sums.
@@ -148,6 +163,8 @@ class AdamMini(LowmemOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
         rows_per_block = group["rows_per_block"]
         if rows_per_block is None:  # the default blocks: rows of a matrix, a whole vector
             return
@@ -175,8 +192,10 @@ class AdamMini(LowmemOptimizer):
     def _step(self) -> None:
         # Pass 1: per-block partial sums of g^2 over local rows; then one all-reduce completes them.
         work, partials, shardings = [], [], []
+        position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
         for group in self.param_groups:
             for p in group["params"]:
+                position += 1
                 if p.grad is None:
                     continue
                 check_grad(p)
@@ -186,7 +205,7 @@ class AdamMini(LowmemOptimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    quantized_state.init_moment(state, "exp_avg", p, group["state_bits"])
                     state["exp_avg_sq"] = torch.zeros(n_blocks, dtype=p.dtype, device=_local_rows(p)[0].device)
                 grad, first_row = _local_rows(p.grad, transposed)
                 row_sq = torch.linalg.vector_norm(grad, dim=1).square_()
@@ -195,27 +214,45 @@ class AdamMini(LowmemOptimizer):
                     partial = row_sq
                 else:
                     partial = torch.zeros(n_blocks, dtype=row_sq.dtype, device=grad.device).index_add_(0, block_of_row, row_sq)
-                work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // n_blocks // rows_per_block), transposed))
+                work.append((group, p, grad, block_of_row, rows_per_block * (p.numel() // n_blocks // rows_per_block),
+                             transposed, position))
                 partials.append(partial)
                 shardings.append(sharded_groups(p))
         all_reduce_partials(partials, shardings)
         # Pass 2: the Adam-mini update of each rank's own rows.
-        for (group, p, grad, block_of_row, block_numel, transposed), block_sq in zip(work, partials):
+        for (group, p, grad, block_of_row, block_numel, transposed, position), block_sq in zip(work, partials):
             state = self.state[p]
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            state["step"] += 1
-            t = state["step"].item()
             param, _ = _local_rows(p, transposed)
-            exp_avg, _ = _local_rows(state["exp_avg"], transposed)
-            exp_avg_sq = state["exp_avg_sq"]
-            if group["weight_decay"]:
-                param.mul_(1 - lr * group["weight_decay"])
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-            row_denom = denom if block_of_row is None else denom[block_of_row]
-            param.addcdiv_(exp_avg, row_denom.unsqueeze(1), value=-lr / (1 - beta1**t))
+            if not quantized_state.is_quantized(state, "exp_avg"):
+                exp_avg, _ = _local_rows(state["exp_avg"], transposed)
+                _update(group, state, param, grad, exp_avg, block_sq, block_of_row, block_numel)
+                continue
+            # 8-bit exp_avg: this rank's rows dequantized, the same update in at least fp32, requantized.
+            weights = param if param.dtype in (torch.float32, torch.float64) else param.float()
+            generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
+            with quantized_state.dequantized(state, ("exp_avg",), generator=generator, dtype=weights.dtype) as (values,):
+                exp_avg, _ = _local_rows(values, transposed)
+                _update(group, state, weights, grad.to(weights.dtype), exp_avg, block_sq, block_of_row, block_numel)
+            if weights is not param:
+                param.copy_(weights)
+
+
+def _update(group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
+            exp_avg: torch.Tensor, block_sq: torch.Tensor, block_of_row: torch.Tensor | None, block_numel: int) -> None:
+    """The Adam-mini update of one tensor's local rows `param` ([rows, -1] views, as `grad` and `exp_avg`)
+    from its blocks' completed sums of g^2 `block_sq`; steps the tensor's counter."""
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    state["step"] += 1
+    t = state["step"].item()
+    exp_avg_sq = state["exp_avg_sq"]
+    if group["weight_decay"]:
+        param.mul_(1 - lr * group["weight_decay"])
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+    row_denom = denom if block_of_row is None else denom[block_of_row]
+    param.addcdiv_(exp_avg, row_denom.unsqueeze(1), value=-lr / (1 - beta1**t))
 
 
 register(
