@@ -33,6 +33,12 @@ float32), `exp_avg`, `exp_avg_sq`, and the scalars `max_abs_avg` (M), `norm_avg`
 in at least float32 (a bf16 T would stop at 256; LowmemOptimizer.load_state_dict keeps these dtypes
 across a resume, where torch would cast them to the weights' bf16).
 
+`state_bits=8` (issue 26, lowmem.optim.quantized_state; default None: full precision) keeps `exp_avg` and
+`exp_avg_sq` of every tensor of >= 2 dims and >= 4096 elements as 8-bit codes (`<key>_codes`/`<key>_absmax`;
+the signed map for exp_avg, the unsigned one without zero for exp_avg_sq), dequantized to fp32 for step 4
+one tensor at a time and requantized (`stochastic_rounding` seeded by the tensor's position and T); the
+reset of step 3 zeroes them through their scales (lowmem.optim.state.reset_whole). The scalars stay fp32.
+
 FSDP2 (DTensor shards): max|g| and ||g||^2 are reductions over the whole tensor, so each rank reduces
 its shard and two all-reduces per step (a max, then a sum; each one flat tensor holding one float per
 parameter tensor) complete them; everything else is elementwise on the local shard. No gather.
@@ -46,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowmem.optim import Method, register
+from lowmem.optim import Method, quantized_state, register
 from lowmem.optim.adamw import adamw_update
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -54,6 +60,7 @@ from lowmem.optim.base import (
     as_pair,
     check_adam_group,
     check_beta,
+    check_bool,
     check_grad,
     check_nonneg_int,
     check_positive_int,
@@ -61,6 +68,7 @@ from lowmem.optim.base import (
     sharded_groups,
 )
 from lowmem.optim.kinds import ELEMENTWISE_KINDS
+from lowmem.optim.state import ADAM_MOMENTS, reset_whole
 
 
 def beta1_decay(t: int, total_T: int | None, eta_min: float) -> float:
@@ -83,6 +91,8 @@ class StableSPAM(LowmemOptimizer):
         update_gap: reset Adam's moments every this many steps (the released script: 1000; the benchmark
             paper: 200; 0: never).
         total_T: steps over which the cosine factor decays from 1 to eta_min (the run length); None: no decay.
+        state_bits: 8 keeps the matrices' exp_avg and exp_avg_sq in 8-bit codes; None or 32: full precision.
+        stochastic_rounding: requantize 8-bit states with unbiased random rounding.
     """
 
     # Even the global step T is counted per tensor (`global_step` in its state), so a tensor's update
@@ -102,11 +112,20 @@ class StableSPAM(LowmemOptimizer):
         eta_min: float = 0.5,
         update_gap: int = 1000,
         total_T: int | None = None,
+        state_bits: int | None = None,
+        stochastic_rounding: bool = False,
     ) -> None:
         betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
-                        gamma2=gamma2, theta=theta, eta_min=eta_min, update_gap=update_gap, total_T=total_T)
+                        gamma2=gamma2, theta=theta, eta_min=eta_min, update_gap=update_gap, total_T=total_T,
+                        state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -118,34 +137,39 @@ class StableSPAM(LowmemOptimizer):
         check_nonneg_int("update_gap", group["update_gap"], zero_means="never reset")
         if group["total_T"] is not None:  # None: no decay
             check_positive_int("total_T", group["total_T"])
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
-    def _init_state(self, state: dict[str, Any], param: torch.Tensor) -> None:
+    def _init_state(self, state: dict[str, Any], param: torch.Tensor, state_bits: int | None) -> None:
         local = local_tensor(param)
         scalar = dict(dtype=torch.promote_types(param.dtype, torch.float32), device=local.device)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["global_step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        for key in ADAM_MOMENTS:
+            quantized_state.init_moment(state, key, param, state_bits)
         state["max_abs_avg"] = torch.zeros((), **scalar)
         state["norm_avg"] = torch.zeros((), **scalar)
         state["norm_sq_avg"] = torch.zeros((), **scalar)
 
     def _step(self) -> None:
-        work, shardings = [], []
+        work, shardings, positions = [], [], []
+        position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
         for group in self.param_groups:
             for p in group["params"]:
+                position += 1
                 if p.grad is None:
                     continue
                 check_grad(p)
                 state = self.state[p]
                 if not state:
-                    self._init_state(state, p)
+                    self._init_state(state, p, group["state_bits"])
                 state["global_step"] += 1
                 # k: this step's count of the tensor's own counter (adamw_update increments `step` later).
                 k = int(state["step"].item()) + 1
                 cosine = beta1_decay(int(state["global_step"].item()), group["total_T"], group["eta_min"])
                 work.append((group, p, state, local_tensor(p.grad), k, cosine))
                 shardings.append(sharded_groups(p))
+                positions.append(position)
         if not work:
             return
 
@@ -169,7 +193,9 @@ class StableSPAM(LowmemOptimizer):
         sum_sq = [n.square() for n in norms]
         all_reduce_partials(sum_sq, shardings)
         buckets: dict[tuple[int, float], list] = {}
-        for (group, p, state, _, k, cosine), grad, local_norm, sq, pgs in zip(work, clipped, norms, sum_sq, shardings):
+        quantized = []  # (group, beta1, param, state, grad, position): 8-bit moments, updated one at a time
+        for (group, p, state, _, k, cosine), grad, local_norm, sq, pgs, position in zip(
+                work, clipped, norms, sum_sq, shardings, positions):
             gamma1, gamma2 = group["gamma1"] * cosine, group["gamma2"]
             norm = sq.sqrt() if pgs else local_norm  # a whole tensor's norm, not sqrt(norm^2) (one rounding less)
             state["norm_avg"].copy_(gamma1 * state["norm_avg"] + (1 - gamma1) * norm)
@@ -182,11 +208,12 @@ class StableSPAM(LowmemOptimizer):
             # the counter goes to 0 and adamw_update's increment makes this step k = 1.
             gap = group["update_gap"]
             if gap and int(state["global_step"].item()) % gap == 0:
-                state["exp_avg"].zero_()
-                state["exp_avg_sq"].zero_()
-                state["step"].zero_()
+                reset_whole(state)  # exp_avg, exp_avg_sq (through their codes' scales if 8-bit) and step to 0
 
             beta1 = group["betas"][0] * cosine
+            if quantized_state.is_quantized(state, "exp_avg"):
+                quantized.append((group, beta1, p, state, grad, position))
+                continue
             lists = buckets.setdefault((id(group), beta1), [[], [], [], [], [], group])
             tensors = (local_tensor(p), grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
                        state["step"])
@@ -197,6 +224,20 @@ class StableSPAM(LowmemOptimizer):
         for (_, beta1), (params, grads, exp_avgs, exp_avg_sqs, steps, group) in buckets.items():
             adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
                          beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
+        for group, beta1, p, state, grad, position in quantized:
+            # This rank's rows of both moments dequantized, the same update in at least fp32, requantized.
+            local = local_tensor(p)
+            weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
+            # Seeded by T, which goes on through resets (k restarts at each).
+            generator = quantized_state.rounding_generator(group["stochastic_rounding"], position,
+                                                           state["global_step"] - 1, p)
+            with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as moments:
+                exp_avg, exp_avg_sq = moments
+                adamw_update([weights], [grad.to(weights.dtype)], [exp_avg], [exp_avg_sq], [state["step"]],
+                             lr=group["lr"], beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
+                             weight_decay=group["weight_decay"])
+            if weights is not local:
+                local.copy_(weights)
 
 
 register(
