@@ -33,6 +33,12 @@ parameter's GLOBAL shape (a DTensor's `shape`), so every rank, and a run at anot
 decides alike. Vectors (norm gains, biases) stay in full precision: they have no rows to align
 blocks with and are a negligible part of the state.
 
+State not shaped like its parameter (`quantizes_state`, `init_quantized_state`): a projected moment
+(GaLore, Fira, APOLLO: [rows, r] row-sharded like the parameter, or [r, cols] replicated) is blocked
+within its own rows and decided from its own global shape, and only where codes and scales are
+smaller than fp32 values (not rows of one element); SMET's compact moment (k*B active entries, never
+sharded) is viewed as one row [1, k*B].
+
 State is plain tensors: `<key>_codes` (uint8, shaped like the parameter) and `<key>_absmax` (fp32), for
 key in the method's moment names ("exp_avg", "exp_avg_sq"); it loads with torch.load(weights_only=True).
 """
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -50,6 +56,10 @@ from lowmem.optim.base import ABSMAX_SUFFIX, is_dtensor, local_tensor
 STATE_BITS = (None, 32, 8)  # None and 32: full precision (the default); 8: blockwise 8-bit codes
 BLOCK = 256  # elements per block (bitsandbytes' and torchao's 8-bit optimizers use 256 too)
 MIN_QUANTIZED_NUMEL = 4096  # smaller tensors stay in full precision (as bitsandbytes' min_8bit_size)
+# Elements (of whole rows) that quantize_blockwise / dequantize_blockwise work through at a time: their
+# temporaries (fp32 blocks and scaled values, int32 buckets, gathered thresholds) are ~6x the chunk's
+# fp32 bytes, which at a 7B model's head (131M elements) would add 3 GB to the step's peak whole.
+CHUNK_ELEMENTS = 2 ** 20
 CODES, ABSMAX = "_codes", ABSMAX_SUFFIX
 # State keys whose values are >= 0 (second moments): the unsigned map without zero. Every other
 # quantized key (first moments, momenta) gets the signed map.
@@ -145,11 +155,33 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
     return rows.reshape(rows.shape[0], -1, block)
 
 
+def _rows_per_chunk(shape: torch.Size | tuple[int, ...], block: int) -> int:
+    return max(1, CHUNK_ELEMENTS // (blocks_per_row(shape, block) * block))
+
+
 def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block: int = BLOCK,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes shaped like `x`, fp32 absmax [rows, blocks per row]) of `x`, whose dim 0 is its rows
-    (to block a 1-D tensor as one row, pass `x.view(1, -1)`). Nearest map value (a tie, x / absmax exactly between two values, takes the lower); with a
-    `generator`, stochastic rounding between the two neighbours."""
+    (to block a 1-D tensor as one row, pass `x.view(1, -1)`). Nearest map value (a tie, x / absmax
+    exactly between two values, takes the lower); with a `generator`, stochastic rounding between the
+    two neighbours. `out`: (codes, absmax) to write into. Works through CHUNK_ELEMENTS of rows at a
+    time, so its fp32 and index temporaries stay that small whatever the tensor's size."""
+    rows, step = x.shape[0], _rows_per_chunk(x.shape, block)
+    if out is None and rows <= step:
+        return _quantize_rows(x, qmap, block, generator)
+    codes, absmax = out if out is not None else (
+        torch.empty(x.shape, dtype=torch.uint8, device=x.device),
+        torch.empty(rows, blocks_per_row(x.shape, block), dtype=torch.float32, device=x.device))
+    for start in range(0, rows, step):
+        chunk_codes, chunk_absmax = _quantize_rows(x[start:start + step], qmap, block, generator)
+        codes[start:start + step].copy_(chunk_codes)
+        absmax[start:start + step].copy_(chunk_absmax)
+    return codes, absmax
+
+
+def _quantize_rows(x: torch.Tensor, qmap: torch.Tensor, block: int,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocked(x.float(), block)
     smallest, largest = torch.aminmax(blocks, dim=-1)  # no |x| temporary the size of the tensor
     absmax = torch.maximum(smallest.neg_(), largest)
@@ -176,7 +208,18 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor, block: int = BLOCK,
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor,
                          block: int = BLOCK) -> torch.Tensor:
-    """The fp32 values of `codes` (shaped like the tensor) with per-block `absmax` [rows, blocks per row]."""
+    """The fp32 values of `codes` (shaped like the tensor) with per-block `absmax` [rows, blocks per row],
+    CHUNK_ELEMENTS of rows at a time (no temporary larger than that beside the result)."""
+    rows, step = codes.shape[0], _rows_per_chunk(codes.shape, block)
+    if rows <= step:
+        return _dequantize_rows(codes, absmax, qmap, block)
+    values = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    for start in range(0, rows, step):
+        values[start:start + step] = _dequantize_rows(codes[start:start + step], absmax[start:start + step], qmap, block)
+    return values
+
+
+def _dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block: int) -> torch.Tensor:
     values = qmap.to(codes.device).index_select(0, codes.reshape(-1).int()).reshape(codes.shape)
     blocks = _blocked(values, block) * absmax.unsqueeze(-1)
     row_length = math.prod(codes.shape[1:])
@@ -211,6 +254,35 @@ def init_moment(state: dict[str, Any], key: str, param: torch.Tensor, state_bits
         init_quantized(state, key, param)
     else:
         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def quantizes_state(shape: torch.Size | tuple[int, ...], state_bits: int | None) -> bool:
+    """`quantizes`, for a state tensor with rows of its own, not shaped like its parameter (a projected
+    moment [rows, r] or [r, cols], SMET's compact moment viewed as one row [1, k*B]), of GLOBAL shape
+    `shape`: and only where its codes and scales take fewer bytes than its fp32 values, which rows of
+    one element (1 code + a 4-byte scale each: APOLLO-Mini's right-side rank-1 moments) do not."""
+    if not quantizes(shape, state_bits):
+        return False
+    row_length = math.prod(shape[1:])
+    return row_length + 4 * blocks_per_row(shape) < 4 * row_length
+
+
+def init_quantized_state(state: dict[str, Any], key: str, global_shape: tuple[int, ...], local_rows: int,
+                         device: torch.device,
+                         layout: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor] | None = None,
+                         block: int = BLOCK) -> None:
+    """Zero state `key` in codes, for a state tensor that is not shaped like its parameter (`init_quantized`
+    is for one that is): of GLOBAL shape `global_shape`, of which this rank holds `local_rows` rows (all
+    of them, or its rows of a row-sharded one). `<key>_codes` [local_rows, *global_shape[1:]] at the map's
+    code nearest 0, `<key>_absmax` [local_rows, blocks per row] 0. `layout(local, global_shape)` lays each
+    out as the state lies under FSDP2 (a DTensor: rows sharded like the parameter's, or replicated;
+    lowmem.optim.projection.state_like); None keeps them plain tensors."""
+    zero_code = int(torch.argmin(map_for(key).abs()))
+    codes = torch.full((local_rows, *global_shape[1:]), zero_code, dtype=torch.uint8, device=device)
+    absmax = torch.zeros(local_rows, blocks_per_row(global_shape, block), device=device)
+    wrap = layout or (lambda local, shape: local)
+    state[key + CODES] = wrap(codes, tuple(global_shape))
+    state[key + ABSMAX] = wrap(absmax, (global_shape[0], absmax.shape[1]))
 
 
 def rounding_generator(stochastic: bool, position: int, step: torch.Tensor | int,
@@ -251,9 +323,7 @@ def dequantized(state: dict[str, Any], keys: tuple[str, ...], block: int = BLOCK
     values = [dequantize_blockwise(c, a, map_for(key), block).to(dtype) for key, c, a in zip(keys, codes, absmaxes)]
     yield values
     for key, value, c, a in zip(keys, values, codes, absmaxes):
-        new_codes, new_absmax = quantize_blockwise(value, map_for(key), block, generator)
-        c.copy_(new_codes)
-        a.copy_(new_absmax)
+        quantize_blockwise(value, map_for(key), block, generator, out=(c, a))
 
 
 __all__ = [
@@ -269,10 +339,12 @@ __all__ = [
     "dynamic_map",
     "init_moment",
     "init_quantized",
+    "init_quantized_state",
     "is_quantized",
     "map_for",
     "quantize_blockwise",
     "quantizes",
+    "quantizes_state",
     "reset_quantized",
     "rounding_generator",
 ]
