@@ -26,6 +26,8 @@ ratio, so the order only matters through its 1e-8). Norms of G * s are taken as
 sqrt(sum_c s_c^2 ||G_c||^2), without a full-size temporary.
 
 Everything shared (Adam form, schedule, stagger, FSDP2, meta, state) is in lowmem.optim.projection.
+`state_bits=8` (with `stochastic_rounding`) keeps the r-side moments, and the AdamW moments of the other
+parameters, in 8-bit blockwise codes (there; s is computed from this step's dequantized moments).
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ class Apollo(ProjectedAdam):
     def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0,
                  proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
-                 scale_type: str = "channel", proj: str = "random", seed: int = 0) -> None:
+                 scale_type: str = "channel", proj: str = "random", seed: int = 0,
+                 state_bits: int | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                                      stagger=stagger, foreach=foreach, scale_type=scale_type, proj=proj, seed=seed))
+                                      stagger=stagger, foreach=foreach, scale_type=scale_type, proj=proj, seed=seed,
+                                      state_bits=state_bits, stochastic_rounding=stochastic_rounding))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

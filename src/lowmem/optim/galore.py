@@ -25,6 +25,9 @@ state, the meaning of the shared constructor arguments) is in lowmem.optim.proje
 into the step size there, so phi and the limiter see what the released code sees, and the embedding,
 head and norm gains get the released codes' AdamW (eps added to the uncorrected sqrt(v)).
 
+`state_bits=8` (with `stochastic_rounding`) keeps the r-side moments exp_avg / exp_avg_sq, and the
+AdamW moments of the other parameters, in 8-bit blockwise codes (lowmem.optim.projection says how).
+
 Defaults are the papers' 60M settings; registry presets give the per-size ones.
 """
 
@@ -57,10 +60,12 @@ class GaLore(ProjectedAdam):
 
     def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True) -> None:
+                 proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
+                 state_bits: int | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                                      stagger=stagger, foreach=foreach))
+                                      stagger=stagger, foreach=foreach, state_bits=state_bits,
+                                      stochastic_rounding=stochastic_rounding))
 
     def _apply_update(self, p, param, grad, low_rank, direction, projection, side, state, group, *, step_size):
         add_project_back(param, direction, projection, side, alpha=-step_size * group["scale"])
@@ -80,10 +85,11 @@ class Fira(ProjectedAdam):
     def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
-                 compat: str = "official") -> None:
+                 compat: str = "official", state_bits: int | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                                      stagger=stagger, foreach=foreach, compat=compat))
+                                      stagger=stagger, foreach=foreach, compat=compat, state_bits=state_bits,
+                                      stochastic_rounding=stochastic_rounding))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

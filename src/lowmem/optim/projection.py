@@ -47,6 +47,14 @@ dtype), `limiter_norm` (Fira, APOLLO: the norm-growth limiter's previous norm), 
 Python int, the seed of the next refresh; an int because load_state_dict casts tensors to the
 parameter's dtype, which would round a 63-bit seed).
 
+`state_bits=8` (lowmem.optim.quantized_state) keeps the r-side moments in 8-bit codes, as
+`exp_avg_codes`/`exp_avg_absmax` and `exp_avg_sq_codes`/`exp_avg_sq_absmax`: blocks of 256 within
+the moment's own rows ([rows, r]: one block per row at r <= 256; [r, cols]), decided from the
+moment's global shape (>= 4096 elements, and not rows of one element: APOLLO-Mini's rank-1 right-side
+moments stay fp32), laid out as the moment is (below). A step dequantizes them to fp32, runs Adam and
+the method's update on them, and requantizes (`stochastic_rounding`: unbiased, seeded by the
+parameter's position and step). The parameters left to AdamW take the same setting (AdamBatch).
+
 Meta device (the memory estimator steps optimizers on meta tensors): SVD and random generation
 cannot run there, so a projection on meta is an empty tensor of the right shape and dtype; every
 other operation runs on meta as usual, so the state has its real shapes and dtypes.
@@ -65,7 +73,9 @@ FSDP2 (DTensor parameters sharded on dim 0, i.e. rows; replicated mesh dims are 
   - Whole-tensor norms (the limiter, APOLLO-Mini's tensor scaling) all-reduce a scalar per step.
   State that is row-sharded (right-side moments, left-side bases) is a DTensor with the parameter's
   placements and state that every rank holds whole is a replicated DTensor, so distributed
-  checkpointing sees the layout.
+  checkpointing sees the layout; an 8-bit moment's codes and scales are laid out as the moment (its
+  blocks lie within its rows, so a rank's rows are whole blocks), and `whole_state_layout` places them
+  so when a one-process checkpoint resumes under FSDP2.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ from typing import Any
 
 import torch
 
+from lowmem.optim import quantized_state
 from lowmem.optim.adamw import RELEASED_LOW_RANK_ADAM, AdamBatch
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -93,6 +104,7 @@ from lowmem.optim.base import (
 )
 from lowmem.optim.kinds import projects
 from lowmem.optim.roles import group_role
+from lowmem.optim.state import ADAM_MOMENTS
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SVD_METHODS = ("exact", "randomized")
@@ -295,6 +307,8 @@ class ProjectedAdam(LowmemOptimizer):
         stagger: spread refreshes over the gap (parameter i refreshes when (step + offset_i) % gap == 0)
             so that no single step recomputes every projection.
         foreach: use the multi-tensor AdamW path for the parameters left to AdamW.
+        state_bits: None or 32 (full precision) or 8 (the moments, projected and AdamW's, in 8-bit codes).
+        stochastic_rounding: requantize 8-bit moments with unbiased random rounding instead of nearest.
     """
 
     method_name = "projected adam"
@@ -314,6 +328,14 @@ class ProjectedAdam(LowmemOptimizer):
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("svd", group["svd"], SVD_METHODS)
         check_bool("stagger", group["stagger"])
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
+            group.setdefault("state_bits", None)
+            group.setdefault("stochastic_rounding", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -334,11 +356,13 @@ class ProjectedAdam(LowmemOptimizer):
     def whole_state_layout(self, param: torch.Tensor, key: str, shape: torch.Size) -> str | None:
         # Under FSDP2 (state_like): the [rows, r] moments of a right projection and the [rows, r] basis of
         # a left one are split by rows as the parameter is; the other side's tensors are whole on every rank.
+        # An 8-bit moment's codes and scales ([rows, blocks per row]) lie as the moment does.
         group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
-        if group is None or key not in ("exp_avg", "exp_avg_sq", "projection") or not self._projectable(group, param):
+        name = key.removesuffix(quantized_state.CODES).removesuffix(quantized_state.ABSMAX)
+        if group is None or name not in ("exp_avg", "exp_avg_sq", "projection") or not self._projectable(group, param):
             return super().whole_state_layout(param, key, shape)
         side = projection_side(*matrix_shape(param), group["proj_type"])
-        row_split = side == "right" if key != "projection" else side == "left"
+        row_split = side == "right" if name != "projection" else side == "left"
         return "param" if row_split else "replicated"
 
     @staticmethod
@@ -373,7 +397,7 @@ class ProjectedAdam(LowmemOptimizer):
     def _step(self) -> None:
         schedule = self._schedule()
         for group in self.param_groups:
-            adam = AdamBatch()
+            adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -382,7 +406,7 @@ class ProjectedAdam(LowmemOptimizer):
                 if self._projectable(group, p):
                     self._projected_step(p, state, group, *schedule[p])
                 else:
-                    adam.add(p, state)
+                    adam.add(p, state, schedule[p][0])
             beta1, beta2 = group["betas"]
             adam.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], foreach=group["foreach"], **RELEASED_LOW_RANK_ADAM)
@@ -411,19 +435,50 @@ class ProjectedAdam(LowmemOptimizer):
         low_rank = project(grad, projection, side)
         if side == "left":
             low_rank = sum_over_shards(low_rank, p)
-        if "exp_avg" not in state:
-            moment_shape = (rows, group["rank"]) if side == "right" else (group["rank"], cols)
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = state_like(torch.zeros_like(low_rank), p, moment_shape, row_sharded=side == "right")
+        if "exp_avg" not in state and not quantized_state.is_quantized(state, "exp_avg"):
+            self._init_moments(p, state, group, side, low_rank)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        direction, bias_scale = low_rank_adam(low_rank, local_tensor(state["exp_avg"]),
-                                              local_tensor(state["exp_avg_sq"]), step + 1,
-                                              beta1=beta1, beta2=beta2, eps=group["eps"])
-        self._apply_update(p, param, grad, low_rank, direction, projection, side, state, group,
-                           step_size=group["lr"] * bias_scale)
+        if quantized_state.is_quantized(state, "exp_avg"):
+            # This step's moments in fp32 (fp64 beside fp64 weights) for Adam and the method's update
+            # (Fira's and APOLLO's scaling read them), requantized on leaving.
+            work = torch.promote_types(low_rank.dtype, torch.float32)
+            generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, step, p)
+            with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=work) as moments:
+                self._adam_and_update(p, param, grad, low_rank, *moments, projection, side, state, group, step + 1)
+        else:
+            self._adam_and_update(p, param, grad, low_rank, local_tensor(state["exp_avg"]),
+                                  local_tensor(state["exp_avg_sq"]), projection, side, state, group, step + 1)
         if group["weight_decay"]:
             param.mul_(1 - group["lr"] * group["weight_decay"])
+
+    def _adam_and_update(self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, low_rank: torch.Tensor,
+                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, projection: torch.Tensor, side: str,
+                         state: dict[str, Any], group: dict[str, Any], step: int) -> None:
+        """Adam on the r-side moments, in their dtype (the gradient's, or fp32 dequantized from codes), then
+        the method's update of the weights with N in the gradient's dtype."""
+        beta1, beta2 = group["betas"]
+        direction, bias_scale = low_rank_adam(low_rank.to(exp_avg.dtype), exp_avg, exp_avg_sq, step,
+                                              beta1=beta1, beta2=beta2, eps=group["eps"])
+        self._apply_update(p, param, grad, low_rank, direction.to(low_rank.dtype), projection, side, state, group,
+                           step_size=group["lr"] * bias_scale)
+
+    @staticmethod
+    def _init_moments(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str,
+                      low_rank: torch.Tensor) -> None:
+        """Zero r-side moments shaped like `low_rank` (this rank's part) and laid out as `state_like` lays
+        them: in 8-bit codes when `state_bits` quantizes a moment of their global shape."""
+        rows, cols = matrix_shape(p)
+        moment_shape = (rows, group["rank"]) if side == "right" else (group["rank"], cols)
+
+        def layout(local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+            return state_like(local, p, shape, row_sharded=side == "right")
+
+        for key in ADAM_MOMENTS:
+            if quantized_state.quantizes_state(moment_shape, group["state_bits"]):
+                quantized_state.init_quantized_state(state, key, moment_shape, low_rank.shape[0], low_rank.device,
+                                                     layout)
+            else:
+                state[key] = layout(torch.zeros_like(low_rank), moment_shape)
 
     def _new_projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str,
                         position: int, step: int) -> torch.Tensor:
