@@ -29,6 +29,16 @@ With compact storage the parameter itself is compact, so its gradient is; with d
 the gradient autograd gives is dense and SMET reads its active entries. A checkpoint written before
 `warmup_form` existed resumes with the step ramp it ran with (the group settings, density_lr
 included, come back from the checkpoint).
+
+`state_bits=8` (with `stochastic_rounding`; lowmem.optim.quantized_state) keeps each sparse layer's
+compact m and v in 8-bit codes when k*B >= 4096, held as one row [1, k*B] (`compact_rows`) cut into
+blocks of 256 that run across SMET's blocks: B is small (1 by default), and a row per SMET block would
+pay a 4-byte scale per B entries. No row needs to align with a shard: the compact vectors are never
+sharded (FSDP2 is refused, DDP keeps them whole and alike on every rank), so codes and scales are
+plain tensors saved and resumed whole, at any number of processes, as the compact vectors are. A step
+and a topology update's reset of regrown blocks dequantize, update or zero, and requantize through
+`quantized_state.dequantized` (slots keep their place: nothing is permuted); the dense parameters'
+AdamW moments are AdamW's 8-bit moments.
 """
 
 from __future__ import annotations
@@ -38,20 +48,22 @@ from typing import Any
 
 import torch
 
-from lowmem.optim import Method, register
-from lowmem.optim.adamw import AdamBatch, init_adam_state
+from lowmem.optim import Method, quantized_state, register
+from lowmem.optim.adamw import AdamBatch, _at_least_fp32, init_adam_state
 from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
     check_adam_group,
+    check_bool,
     check_choice,
     check_grad,
     check_nonneg_int,
     is_dtensor,
+    local_tensor,
 )
 from lowmem.optim.kinds import METHOD_KINDS
 from lowmem.optim.roles import group_kind
-from lowmem.optim.state import reset_entries, reset_whole
+from lowmem.optim.state import ADAM_MOMENTS, reset_entries, reset_whole
 
 SPARSE_KINDS = ("masked", "sparse-values")
 DENSITY_LR = ("inverse", "inverse_sqrt", "none")
@@ -65,6 +77,12 @@ def sparse_layout(param: torch.Tensor) -> Any:
         raise ValueError("SMET: a parameter of a sparse kind carries no sparse layout; build the model with "
                          "--structure sparse:density=... (lowmem.structure.sparse)")
     return layout
+
+
+def compact_rows(k: int, block: int) -> tuple[int, int]:
+    """The shape an 8-bit compact moment of k blocks of `block` entries is held in: one row, so its blocks
+    of quantized_state.BLOCK (256) entries run across SMET's blocks (see the module docstring)."""
+    return (1, k * block)
 
 
 def density_factor(rule: str, density: float) -> float:
@@ -83,16 +101,20 @@ class SMET(LowmemOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
-                 density_lr: str = "none", foreach: bool = True) -> None:
+                 density_lr: str = "none", foreach: bool = True, state_bits: int | None = None,
+                 stochastic_rounding: bool = False) -> None:
         betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup,
-                        warmup_form=warmup_form, density_lr=density_lr, foreach=foreach)
+                        warmup_form=warmup_form, density_lr=density_lr, foreach=foreach, state_bits=state_bits,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("warmup_form", "step_ramp")  # a checkpoint from before the key ran the ramp
+            group.setdefault("state_bits", None)  # ... and from before these, full-precision moments
+            group.setdefault("stochastic_rounding", False)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -100,38 +122,56 @@ class SMET(LowmemOptimizer):
         check_nonneg_int("warmup", group["warmup"], zero_means="no warm-up")
         check_choice("density_lr", group["density_lr"], DENSITY_LR)
         check_choice("warmup_form", group["warmup_form"], WARMUP_FORMS)
+        quantized_state.check_state_bits(group["state_bits"])
+        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
+        position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             if group_kind(group) in SPARSE_KINDS:
                 for p in group["params"]:
+                    position += 1
                     if p.grad is not None:
                         check_grad(p)
-                        self._sparse_step(p, group, beta1, beta2)
+                        self._sparse_step(p, group, beta1, beta2, position)
                 continue
             decay = group["warmup"] if group["warmup_form"] == "moment_decay" else 0
-            batch = AdamBatch()
+            batch = AdamBatch(group["state_bits"], group["stochastic_rounding"])
             for p in group["params"]:
+                position += 1
                 if p.grad is None:
                     continue
                 check_grad(p)
                 state = self.state[p]
                 if decay > 1 and (float(state["step"]) if state else 0.0) + 1 < decay:
-                    self._decayed_dense_step(p, state, group, beta1, beta2)
+                    self._decayed_dense_step(p, state, group, beta1, beta2, position)
                 else:
-                    batch.add(p, state)
+                    batch.add(p, state, position)
             batch.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], foreach=group["foreach"])
 
     def _decayed_dense_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], beta1: float,
-                            beta2: float) -> None:
+                            beta2: float, position: int) -> None:
         """AdamW (lowmem.optim.adamw's corrected form) with the stored first moment decayed by t / W after
         its update: a dense tensor's first W - 1 steps under moment_decay (from step W on the factor is 1,
-        and the tensor goes through the AdamW batch)."""
+        and the tensor goes through the AdamW batch). 8-bit moments: in fp32 on this rank's part, requantized."""
         if not state:
-            init_adam_state(state, p)
-        m, v, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
+            init_adam_state(state, p, group["state_bits"])
+        if not quantized_state.is_quantized(state, "exp_avg"):
+            self._decayed_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state, group, beta1, beta2)
+            return
+        local = local_tensor(p)
+        weights, grad = _at_least_fp32(local), _at_least_fp32(local_tensor(p.grad))
+        generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
+        with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as (m, v):
+            self._decayed_update(weights, grad, m, v, state, group, beta1, beta2)
+        if weights is not local:
+            local.copy_(weights)
+
+    @staticmethod
+    def _decayed_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, state: dict[str, Any],
+                        group: dict[str, Any], beta1: float, beta2: float) -> None:
         state["step"] += 1
         t = state["step"].item()
         lr = group["lr"]
@@ -142,22 +182,42 @@ class SMET(LowmemOptimizer):
         m.mul_(t / group["warmup"])
         p.addcdiv_(m, (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"]), value=-lr / (1 - beta1**t))
 
-    def _sparse_step(self, p: torch.Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
+    def _sparse_step(self, p: torch.Tensor, group: dict[str, Any], beta1: float, beta2: float, position: int) -> None:
         if is_dtensor(p):
             raise ValueError("SMET's sparse layers are not sharded (their block index is per layer); "
                              "train a sparse model with --distributed ddp, not fsdp2")
         layout = sparse_layout(p)
         block, index = layout.block_size, layout.block_index.long()
         k = index.numel()
-        compact = layout.storage == "compact"
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(k * block, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(k * block, dtype=p.dtype, device=p.device)
+            for key in ADAM_MOMENTS:
+                if quantized_state.quantizes_state(compact_rows(k, block), group["state_bits"]):
+                    quantized_state.init_quantized_state(state, key, compact_rows(k, block), 1, p.device)
+                else:
+                    state[key] = torch.zeros(k * block, dtype=p.dtype, device=p.device)
             state["block_step"] = torch.zeros(k, dtype=torch.int32, device=p.device)
-        grad = p.grad if compact else p.grad.view(-1, block).index_select(0, index).reshape(-1)
-        m, v, local = state["exp_avg"], state["exp_avg_sq"], state["block_step"]
+        grad = p.grad if layout.storage == "compact" else p.grad.view(-1, block).index_select(0, index).reshape(-1)
+        if not quantized_state.is_quantized(state, "exp_avg"):
+            self._sparse_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state, group, beta1, beta2)
+            return
+        # 8-bit compact moments: updated in fp32 (fp64 beside fp64 weights) as one row, then requantized.
+        work = torch.promote_types(p.dtype, torch.float32)
+        generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
+        with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=work) as (m, v):
+            self._sparse_update(p, grad.to(work), m.view(-1), v.view(-1), state, group, beta1, beta2)
+
+    @staticmethod
+    def _sparse_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, state: dict[str, Any],
+                       group: dict[str, Any], beta1: float, beta2: float) -> None:
+        """One SMET step of sparse parameter `p` from the active entries' gradient `grad` and compact
+        moments `m`, `v` (k*B, in the dtype the update is computed in)."""
+        layout = sparse_layout(p)
+        block, index = layout.block_size, layout.block_index.long()
+        k = index.numel()
+        compact = layout.storage == "compact"
+        local = state["block_step"]
         state["step"] += 1
         t = state["step"].item()
         local += 1
@@ -174,7 +234,7 @@ class SMET(LowmemOptimizer):
             scale = scale * torch.where(s < t, (s / warmup).clamp(max=1.0), torch.ones_like(s))
         bias2_sqrt = (1 - torch.pow(beta2, s)).sqrt()
         denom = (v.view(k, block).sqrt() / bias2_sqrt.unsqueeze(1).to(v.dtype)).add_(group["eps"])
-        update = (m.view(k, block) / denom).mul_(scale.unsqueeze(1).to(v.dtype))
+        update = (m.view(k, block) / denom).mul_(scale.unsqueeze(1).to(v.dtype)).to(p.dtype)
         if group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
         if compact:
@@ -202,8 +262,12 @@ class SMET(LowmemOptimizer):
         if layout.storage != "compact":
             mask = mask.index_select(0, layout.block_index.long())
         blocks = mask.any(1)
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key].view(-1, block).masked_fill_(blocks.unsqueeze(1), 0)
+        for key in ADAM_MOMENTS:
+            if quantized_state.is_quantized(state, key):  # dequantized, zeroed, requantized
+                entries = blocks.unsqueeze(1).expand(-1, block).reshape(state[key + quantized_state.CODES].shape)
+                quantized_state.reset_quantized(state, key, entries)
+            else:
+                state[key].view(-1, block).masked_fill_(blocks.unsqueeze(1), 0)
         restart = 1 if self._group_of(param)["warmup_form"] == "moment_decay" else 0
         state["block_step"].masked_fill_(blocks, restart)
 
