@@ -1,7 +1,8 @@
-"""Optimizer step time and state bytes of AdamW with 8-bit states (`state_bits=8`) beside full-precision
-states, side by side (issue 26).
+"""Optimizer step time and state bytes of each method with 8-bit states (`state_bits=8`) beside
+full-precision states, side by side (issue 26); and the memory table of every method at 1B and 7B.
 
-The real model of the chosen preset (default llama-60m, fp32, CPU) with fixed random gradients; both
+The real model of the chosen preset (default llama-60m, fp32, CPU) with fixed random gradients; for
+each method of `--methods` (default adamw; SMET on the sparse structure of `SMET_STRUCTURE`) both
 contenders step the same parameters, each with its own state, taking turns round by round (order
 rotated) so drift on a shared machine hits both alike. Reported: median ms/step of each, the median
 of the per-round ratios, and each one's state bytes (lowmem.memory.measure.optimizer_state_bytes).
@@ -15,8 +16,12 @@ same gradients: per reported step, the fraction of codes that requantized back t
 (stale: the step's change was smaller than the rounding), and how far the dequantized moments are
 from the shadow (||deq - shadow|| / ||shadow|| over all quantized matrices).
 
-    python benchmarks/bench_state_bits.py [--model llama-60m] [--rounds 7] [--steps 2] [--threads 1]
+`--memory`: instead, `lowmem memory`'s estimate (bf16-pure, micro-batch 1 x 256, the meta-step count)
+of every method of `METHODS` at llama-1b and llama-7b with and without `state_bits=8`: states and peak.
+
+    python benchmarks/bench_state_bits.py [--model llama-60m] [--methods adamw,scale,...] [--rounds 7] [--steps 2]
     python benchmarks/bench_state_bits.py --staleness 200 [--reset-every 30]
+    python benchmarks/bench_state_bits.py --memory [--models llama-1b,llama-7b]
 """
 
 from __future__ import annotations
@@ -27,14 +32,49 @@ import statistics
 
 import torch
 
+import lowmem.optim
 import lowmem.optim.quantized_state as qs
 from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
+from lowmem.memory.estimate import estimate_memory
 from lowmem.memory.measure import optimizer_state_bytes
 from lowmem.models.llama import Llama, LlamaConfig
 from lowmem.optim.adamw import ADAM_MOMENTS, AdamW
 from lowmem.optim.reset import reset_moments
 
 REPORT_AT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# Every method with moments (methods without, such as sgd-column, have nothing to quantize).
+METHODS = ("adamw", "scale", "muon", "muon-all", "galore", "fira", "apollo", "apollo-mini", "adam-mini",
+           "stable-spam", "smet")
+SMET_STRUCTURE = {"name": "sparse", "density": 0.5, "block": 16, "storage": "compact"}
+
+
+def _structure(method: str) -> dict | None:
+    return SMET_STRUCTURE if method == "smet" else None
+
+
+def memory_table(models: list[str]) -> None:
+    print("| method | model | states, 16-bit | states, 8-bit | 8-bit / 16-bit | peak 16-bit -> 8-bit |")
+    print("|---|---|---|---|---|---|")
+    for method in METHODS:
+        for model in models:
+            full, low = (estimate_memory(model, method, hparams, structure=_structure(method))
+                         for hparams in ({}, {"state_bits": 8}))
+            print(f"| {method} | {model} | {full.optimizer_states / 1e9:.2f} GB | {low.optimizer_states / 1e9:.2f} GB | "
+                  f"{low.optimizer_states / full.optimizer_states:.3f} | {full.peak / 1e9:.2f} -> {low.peak / 1e9:.2f} GB |")
+
+
+def step_times(preset: str, method: str, rounds: int, steps: int) -> None:
+    model, n = model_with_gradients(preset, structure=_structure(method))
+    optimizers = {"full precision": lowmem.optim.build(method, model, lr=1e-3),
+                  "8-bit states": lowmem.optim.build(method, model, lr=1e-3, state_bits=8)}
+    times = interleaved({name: opt.step for name, opt in optimizers.items()}, rounds,
+                        lambda step: seconds_per_step(step, steps))
+    for name, optimizer in optimizers.items():
+        print(f"{method:12s} {name:14s} {statistics.median(times[name]) * 1e3:8.1f} ms/step   "
+              f"state {optimizer_state_bytes(optimizer):,} bytes")
+    ratios = [a / b for a, b in zip(times["8-bit states"], times["full precision"])]
+    print(f"{method:12s} ratio 8-bit / full: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f}); load average after: {os.getloadavg()}")
 
 
 def staleness(steps: int, stochastic_rounding: bool, reset_every: int = 0) -> None:
@@ -91,6 +131,9 @@ def main() -> None:
     parser.add_argument("--staleness", type=int, default=0, help="measure staleness over this many steps instead")
     parser.add_argument("--reset-every", type=int, default=0, help="--staleness: also nearest rounding with a "
                         "momentum reset after every N steps (reported steps are not reset steps)")
+    parser.add_argument("--methods", default="adamw", help=f"comma-separated, of: {','.join(METHODS)}")
+    parser.add_argument("--memory", action="store_true", help="print the memory table instead")
+    parser.add_argument("--models", default="llama-1b,llama-7b", help="--memory: the presets")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.staleness:
@@ -99,21 +142,13 @@ def main() -> None:
         if args.reset_every:
             staleness(args.staleness, False, args.reset_every)
         return
-    model, n = model_with_gradients(args.model)
-    print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
-          f"{args.rounds} rounds x {args.steps} steps per contender; load average before: {os.getloadavg()}")
-
-    optimizers = {"fp32 states": AdamW(model.parameters(), lr=1e-3),
-                  "8-bit states": AdamW(model.parameters(), lr=1e-3, state_bits=8)}
-    times = interleaved({name: opt.step for name, opt in optimizers.items()}, args.rounds,
-                        lambda step: seconds_per_step(step, args.steps))
-    for name, optimizer in optimizers.items():
-        print(f"{name:13s} {statistics.median(times[name]) * 1e3:8.1f} ms/step   "
-              f"state {optimizer_state_bytes(optimizer):,} bytes")
-    ratios = [a / b for a, b in zip(times["8-bit states"], times["fp32 states"])]
-    print(f"ratio 8-bit / fp32: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
-          f"load average after: {os.getloadavg()}")
-
+    if args.memory:
+        memory_table(args.models.split(","))
+        return
+    print(f"{args.model}, fp32, CPU, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps per "
+          f"contender; load average before: {os.getloadavg()}")
+    for method in args.methods.split(","):
+        step_times(args.model, method, args.rounds, args.steps)
 
 if __name__ == "__main__":
     main()

@@ -436,3 +436,20 @@ def test_8bit_states_saved_by_1_process_resume_under_fsdp2_at_2(tiny_corpus, tok
     from test_dcp import assert_resumes_at
 
     assert_resumes_at(tmp_path, tiny_corpus, token_cache, "fsdp2", "adamw", {"state_bits": 8}, (2,), saved_at=1)
+
+
+@pytest.mark.parametrize("qmap", ["signed", "unsigned"])
+def test_quantizing_rows_a_chunk_at_a_time_gives_the_codes_of_one_pass(qmap, monkeypatch):
+    """The chunks bound the temporaries (a 7B head would add GBs to the step's peak); rows are quantized
+    alone, so chunks of rows give the same codes, scales and values, into `out` too."""
+    table = qs.SIGNED_MAP if qmap == "signed" else qs.UNSIGNED_MAP
+    x = _sample(37, 600, seed=9)
+    x = x.abs() if qmap == "unsigned" else x
+    whole = qs.quantize_blockwise(x, table)
+    values = qs.dequantize_blockwise(*whole, table)
+    monkeypatch.setattr(qs, "CHUNK_ELEMENTS", 2 * 768)  # two rows of three blocks per chunk, a short last one
+    assert all(torch.equal(a, b) for a, b in zip(qs.quantize_blockwise(x, table), whole))
+    out = (torch.empty_like(whole[0]), torch.empty_like(whole[1]))
+    assert qs.quantize_blockwise(x, table, out=out)[0] is out[0]
+    assert all(torch.equal(a, b) for a, b in zip(out, whole))
+    assert torch.equal(qs.dequantize_blockwise(*whole, table), values)

@@ -64,15 +64,17 @@ def interleaved(contenders: Mapping[str, Callable[[], object]], rounds: int,
     return results
 
 
-def model_with_gradients(preset: str, scale: float = 1e-3, seed: int = 0) -> tuple[Any, int]:
-    """The optimizer-step benchmarks' subject: model `preset` whose every parameter holds a fixed random
-    gradient (N(0, scale^2), from `seed`), so a step can be timed again and again; and its parameter count."""
+def model_with_gradients(preset: str, scale: float = 1e-3, seed: int = 0,
+                         structure: dict[str, Any] | None = None) -> tuple[Any, int]:
+    """The optimizer-step benchmarks' subject: model `preset` (with `structure`, a structure spec, on its
+    hidden matrices) whose every parameter holds a fixed random gradient (N(0, scale^2), from `seed`), so
+    a step can be timed again and again; and its parameter count."""
     import torch
 
     from lowmem.assembly import build_model
 
     torch.manual_seed(seed)
-    model = build_model(preset)
+    model = build_model(preset, structure=structure)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * scale
     return model, sum(p.numel() for p in model.parameters())

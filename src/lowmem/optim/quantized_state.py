@@ -223,7 +223,9 @@ def _dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tens
     values = qmap.to(codes.device).index_select(0, codes.reshape(-1).int()).reshape(codes.shape)
     blocks = _blocked(values, block) * absmax.unsqueeze(-1)
     row_length = math.prod(codes.shape[1:])
-    return blocks.reshape(codes.shape[0], -1)[:, :row_length].reshape(codes.shape)
+    # Contiguous like the moment it stands for (a row ending in a short block would leave a strided
+    # view, on which a method's reductions can take another kernel and round differently).
+    return blocks.reshape(codes.shape[0], -1)[:, :row_length].contiguous().view(codes.shape)
 
 
 def _like_param(local: torch.Tensor, param: torch.Tensor, global_shape: tuple[int, ...]) -> torch.Tensor:
