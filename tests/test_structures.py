@@ -299,6 +299,29 @@ def test_rotated_first_moments_equal_the_moments_of_the_new_coordinates():
         assert float(optimizer.state[p]["step"]) == 1  # kept: no bias-correction restart
 
 
+def test_rotated_8bit_moments_are_the_moments_of_the_new_coordinates_within_their_rounding():
+    """8-bit moments are dequantized, rotated and requantized (they were left unrotated before): after
+    one step at lr 0, m = 0.1 g in the refactored coordinates, within a code gap of each block's absmax."""
+    from lowmem.optim.adamw import AdamW
+    from lowmem.optim.quantized_state import SIGNED_MAP, dequantize_blockwise
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(512, 512, 16, 8.0).double()  # factors of 8192 elements: 8-bit moments
+    x, target = torch.randn(16, 512, dtype=torch.float64), torch.randn(16, 512, dtype=torch.float64)
+    optimizer = AdamW(layer.parameters(), lr=1e-30, state_bits=8)  # a step that fills the moments only
+    F.mse_loss(layer(x), target).backward()
+    optimizer.step()
+    refactor_model(nn.ModuleList([layer]), optimizer, state="rotate")
+    layer.zero_grad()
+    F.mse_loss(layer(x), target).backward()
+    for p in (layer.lora_A, layer.lora_B):
+        state = optimizer.state[p]
+        m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], SIGNED_MAP).double()
+        expected = 0.1 * p.grad
+        assert (m - expected).abs().max() <= 0.02 * expected.abs().max()
+        assert float(state["step"]) == 1
+
+
 def test_refactor_resets_only_the_factors_state_by_default():
     torch.manual_seed(0)
     model = build_model(TINY, structure={"name": "lowrank", "rank": 8})

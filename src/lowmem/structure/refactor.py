@@ -50,6 +50,7 @@ from torch.optim import Optimizer
 
 from lowmem.errors import ConfigError
 from lowmem.interventions import BaseIntervention
+from lowmem.optim import quantized_state
 from lowmem.optim.base import check_choice, check_positive_int, is_dtensor, rows_of
 from lowmem.optim.reset import reset_moments, restart_lr_factor
 from lowmem.optim.state import reset_state
@@ -130,25 +131,34 @@ MOMENTS = (("exp_avg", False), ("exp_avg_sq", True))
 def _rotatable(state: dict[str, Any], param: torch.Tensor) -> bool:
     """Whether the moments of `param` can be rotated: held whole, or sharded like the parameter
     (DTensors); a plain local shard of a sharded parameter cannot take a map that mixes its rows."""
+    if is_dtensor(param) and any(quantized_state.is_quantized(state, key) for key, _ in MOMENTS):
+        return False  # 8-bit codes hold this rank's rows only; the map mixes rows: reset instead
     return all(not is_dtensor(param) or is_dtensor(state[key]) for key, _ in MOMENTS
                if isinstance(state.get(key), torch.Tensor) and state[key].dim() == 2)
 
 
 def _rotate_state(state: dict[str, Any], left: torch.Tensor | None, right: torch.Tensor | None) -> None:
     """m -> left @ m @ right (whichever is given); v -> left^2 @ v @ right^2 (elementwise squares of the maps).
-    Sharded moments are gathered whole, mapped, and each rank keeps its rows."""
+    Sharded moments are gathered whole, mapped, and each rank keeps its rows; 8-bit moments (one
+    process) are dequantized, mapped in their values' dtype and requantized."""
     for key, square in MOMENTS:
+        if quantized_state.is_quantized(state, key):
+            dtype = left.dtype if left is not None else right.dtype
+            with quantized_state.dequantized(state, (key,), dtype=dtype) as (value,):
+                value.copy_(_mapped(value, left, right, square))
+            continue
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             continue
-        work = _whole(value).to(left.dtype if left is not None else right.dtype)
-        if left is not None:
-            work = (left.square() if square else left) @ work
-        if right is not None:
-            work = work @ (right.square() if square else right)
-        if square:
-            work = work.clamp_min(0)
-        _write(value, work)
+        _write(value, _mapped(_whole(value).to(left.dtype if left is not None else right.dtype), left, right, square))
+
+
+def _mapped(work: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, square: bool) -> torch.Tensor:
+    if left is not None:
+        work = (left.square() if square else left) @ work
+    if right is not None:
+        work = work @ (right.square() if square else right)
+    return work.clamp_min(0) if square else work
 
 
 def _write(param: torch.Tensor, full: torch.Tensor) -> None:
