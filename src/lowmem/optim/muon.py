@@ -66,8 +66,8 @@ from lowmem.optim.base import (
     local_tensor,
 )
 from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
+from lowmem.optim.quantized_state import MOMENTUM, dequantized_momentum, init_momentum
 from lowmem.optim.roles import group_input_dim, group_role
-from lowmem.optim.scale import MOMENTUM, dequantized_momentum, init_momentum
 
 ADJUST_LR = ("original", "match_rms_adamw")
 # Which matrices get Muon: "hidden" (Keller Jordan's and torch's), or "all" (embedding and head too).

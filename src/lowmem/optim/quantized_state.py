@@ -64,6 +64,7 @@ CODES, ABSMAX = "_codes", ABSMAX_SUFFIX
 # State keys whose values are >= 0 (second moments): the unsigned map without zero. Every other
 # quantized key (first moments, momenta) gets the signed map.
 UNSIGNED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+MOMENTUM = "momentum_buffer"  # the momentum of SCALE's and Muon's matrices
 DECADES = 7  # 10^-6 ... 10^0
 
 
@@ -328,6 +329,38 @@ def dequantized(state: dict[str, Any], keys: tuple[str, ...], block: int = BLOCK
         quantize_blockwise(value, map_for(key), block, generator, out=(c, a))
 
 
+def init_momentum(state: dict[str, Any], param: torch.Tensor, state_bits: int | None) -> None:
+    """Zero momentum of a matrix: full precision, or 8-bit codes (with a float32 `step`, the count of its
+    updates, which seeds stochastic rounding) when `state_bits` quantizes its global shape. SCALE's and
+    Muon's."""
+    init_moment(state, MOMENTUM, param, state_bits)
+    if is_quantized(state, MOMENTUM):
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+@contextmanager
+def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
+                         position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(weights, gradient, momentum) of `param`, whose momentum is 8-bit codes, for a full-precision
+    update core to update in place: the weights and gradient in at least fp32 (the parameter and its
+    gradient themselves when they are; else fp32 copies, the weights written back on leaving), the
+    momentum dequantized (quantized_state.dequantized: requantized on leaving, rounding seeded by
+    `position` and the state's `step`, which then counts this update). Each is shaped like the
+    parameter: a DTensor with its placements when the parameter is one (this rank's rows), so a core's
+    gathers and all-reduces apply as to a full-precision momentum. SCALE's and Muon's."""
+    local, local_grad = local_tensor(param), local_tensor(param.grad)
+    weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
+    grad = local_grad if local_grad.dtype == weights.dtype else local_grad.to(weights.dtype)
+    generator = rounding_generator(stochastic_rounding, position, state["step"], param)
+    with dequantized(state, (MOMENTUM,), generator=generator, dtype=weights.dtype) as (values,):
+        yield (param if weights is local else _like_param(weights, param, tuple(param.shape)),
+               param.grad if grad is local_grad else _like_param(grad, param, tuple(param.shape)),
+               _like_param(values, param, tuple(param.shape)))
+    if weights is not local:
+        local.copy_(weights)
+    state["step"] += 1
+
+
 __all__ = [
     "BLOCK",
     "MIN_QUANTIZED_NUMEL",
@@ -338,8 +371,10 @@ __all__ = [
     "check_state_bits",
     "dequantize_blockwise",
     "dequantized",
+    "dequantized_momentum",
     "dynamic_map",
     "init_moment",
+    "init_momentum",
     "init_quantized",
     "init_quantized_state",
     "is_quantized",

@@ -69,8 +69,7 @@ on the meta device with meta gradients and creates state of the right shapes (th
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -91,6 +90,7 @@ from lowmem.optim.base import (
 )
 from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
+from lowmem.optim.quantized_state import MOMENTUM, dequantized_momentum, init_momentum
 from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
@@ -101,7 +101,6 @@ MOMENTUM_PLACEMENTS = {
     "all": frozenset({"hidden", "embedding", "head"}),
 }
 RMS_FLOOR = 1e-8
-MOMENTUM = "momentum_buffer"  # the state key of a matrix's momentum (lowmem.optim.state.MOMENT_KEYS)
 # Elements of the matrices per chunk of the column/row-normalized step (`cache_sized_chunks`): 2 MiB of
 # fp32 direction, as much of weights and momentum, so a chunk stays in the L3 between the step's passes
 # over it while its few Python calls stay small against its work. At llama-60m, 2^19 beat 2^17, 2^18,
@@ -299,53 +298,6 @@ def scale_update(
         singular_step_(params, directions, lr=lr, ns_steps=ns_steps, ns_batch_elements=ns_batch_elements)
     else:
         check_choice("normalization", normalization, NORMALIZATIONS)
-
-
-def init_momentum(state: dict[str, Any], param: torch.Tensor, state_bits: int | None) -> None:
-    """Zero momentum of a matrix: full precision, or 8-bit codes (with a float32 `step`, the count of its
-    updates, which seeds stochastic rounding) when `state_bits` quantizes its global shape. SCALE's and
-    Muon's."""
-    quantized_state.init_moment(state, MOMENTUM, param, state_bits)
-    if quantized_state.is_quantized(state, MOMENTUM):
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-
-
-@contextmanager
-def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
-                         position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(weights, gradient, momentum) of `param`, whose momentum is 8-bit codes, for a full-precision
-    update core to update in place: the weights and gradient in at least fp32 (the parameter and its
-    gradient themselves when they are; else fp32 copies, the weights written back on leaving), the
-    momentum dequantized (quantized_state.dequantized: requantized on leaving, rounding seeded by
-    `position` and the state's `step`, which then counts this update). Each is shaped like the
-    parameter: a DTensor with its placements when the parameter is one (this rank's rows), so a core's
-    gathers and all-reduces apply as to a full-precision momentum. SCALE's and Muon's."""
-    local, local_grad = local_tensor(param), local_tensor(param.grad)
-    weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
-    grad = local_grad if local_grad.dtype == weights.dtype else local_grad.to(weights.dtype)
-    generator = quantized_state.rounding_generator(stochastic_rounding, position, state["step"], param)
-    with quantized_state.dequantized(state, (MOMENTUM,), generator=generator, dtype=weights.dtype) as (values,):
-        # Contiguous, as a full-precision buffer is: dequantized rows that end in a short block are a
-        # strided view, which SCALE's column norm and chunks would take another path for (other bits).
-        momentum = values.contiguous()
-        yield (param if weights is local else _shaped_like(weights, param),
-               param.grad if grad is local_grad else _shaped_like(grad, param), _shaped_like(momentum, param))
-        if momentum is not values:
-            values.copy_(momentum)
-    if weights is not local:
-        local.copy_(weights)
-    state["step"] += 1
-
-
-def _shaped_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`local` (this rank's part) as a DTensor laid out as `param` when that is one (a view: in-place
-    updates reach `local`), else `local`."""
-    if not is_dtensor(param):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
-                              stride=param.stride(), run_check=False)
 
 
 class SCALE(LowmemOptimizer):
