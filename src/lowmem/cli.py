@@ -61,7 +61,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 # `lowmem train` with no arguments (or only flags that watch a run: --no-progress, --output-dir, ...):
-# the config's defaults (cpu-tiny on the built-in text, 400 steps of 16 x 128 tokens, one micro-batch
+# the config's defaults (cpu-tiny on the built-in text, 300 steps of 16 x 128 tokens, one micro-batch
 # per step) trained with SCALE at its default lr 1e-3, each update inside backward. Only here: as a
 # config default, release would refuse every accumulating run.
 MAIN_JOB = {"optim.name": "scale", "train.gradient_release": True}

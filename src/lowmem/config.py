@@ -74,7 +74,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
     micro_batch_size: int = 16  # sequences per forward pass on one rank
     warmup_ratio: float = 0.1
