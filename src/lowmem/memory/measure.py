@@ -111,11 +111,6 @@ def snapshot(model: nn.Module, optimizer: Optimizer) -> dict[str, int | str]:
     }
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
-    # The storage's own identity: a meta storage has no address, and views share their base's storage.
-    return tensor.untyped_storage()._cdata
-
-
 class TensorMemory(TorchDispatchMode):
     """Bytes of tensor storages that ops create while this mode is active, live and peak: the CPU
     counterpart of torch.cuda.memory_allocated / max_memory_allocated, for tests and benchmarks.
@@ -140,7 +135,12 @@ class TensorMemory(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
-        self._excluded = {_storage_key(t) for t in exclude}
+        # The excluded storages are held while the mode lives: one freed during the measured code (a
+        # state tensor an optimizer replaces) would otherwise leave its identity to a new storage,
+        # which would then go uncounted (the estimate's peak moved by MBs from run to run).
+        self._held = [t.untyped_storage() for t in exclude]
+        # A storage's own identity (a meta storage has no address; views share their base's storage).
+        self._excluded = {storage._cdata for storage in self._held}
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
