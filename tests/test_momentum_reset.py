@@ -168,3 +168,21 @@ def test_rejects_bad_settings():
         MomentumReset(every=10, lr_ramp_steps=11)
     with pytest.raises(ValueError, match="lr_floor"):
         MomentumReset(every=10, lr_floor=2.0)
+
+
+def test_a_refused_masked_reset_changes_nothing():
+    """Adam-mini's second moment is one value per block, so a masked reset is refused; its first moment,
+    checked first, used to be zeroed already by then."""
+    from lowmem.errors import ConfigError
+    from lowmem.optim.adam_mini import AdamMini
+    from lowmem.optim.state import reset_state
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8, bias=False)
+    optimizer = AdamMini([layer.weight], lr=1e-3)
+    layer(torch.randn(4, 8)).square().sum().backward()
+    optimizer.step()
+    before = optimizer.state[layer.weight]["exp_avg"].clone()
+    with pytest.raises(ConfigError, match="exp_avg_sq"):
+        reset_state(optimizer, masks={layer.weight: torch.ones(8, 8, dtype=torch.bool)})
+    assert torch.equal(optimizer.state[layer.weight]["exp_avg"], before)

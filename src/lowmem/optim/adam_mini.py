@@ -56,7 +56,6 @@ from lowmem.optim.base import (
     all_reduce_partials,
     as_pair,
     check_adam_group,
-    check_bool,
     check_grad,
     check_positive_int,
     is_dtensor,
@@ -150,12 +149,6 @@ class AdamMini(LowmemOptimizer):
                         state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
-
     def state_layout(self, param: torch.Tensor, key: str, value: torch.Tensor) -> str:
         # exp_avg_sq is whole on every rank, completed by the all-reduce of the blocks' partial sums.
         return "replicated" if key == "exp_avg_sq" else super().state_layout(param, key, value)
@@ -163,8 +156,6 @@ class AdamMini(LowmemOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
         rows_per_block = group["rows_per_block"]
         if rows_per_block is None:  # the default blocks: rows of a matrix, a whole vector
             return
@@ -228,13 +219,10 @@ class AdamMini(LowmemOptimizer):
                 _update(group, state, param, grad, exp_avg, block_sq, block_of_row, block_numel)
                 continue
             # 8-bit exp_avg: this rank's rows dequantized, the same update in at least fp32, requantized.
-            weights = param if param.dtype in (torch.float32, torch.float64) else param.float()
             generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
-            with quantized_state.dequantized(state, ("exp_avg",), generator=generator, dtype=weights.dtype) as (values,):
-                exp_avg, _ = _local_rows(values, transposed)
-                _update(group, state, weights, grad.to(weights.dtype), exp_avg, block_sq, block_of_row, block_numel)
-            if weights is not param:
-                param.copy_(weights)
+            with quantized_state.dequantized_step(p, state, ("exp_avg",), generator, grad) as (weights, grad, (values,)):
+                rows, exp_avg = _local_rows(weights, transposed)[0], _local_rows(values, transposed)[0]
+                _update(group, state, rows, grad, exp_avg, block_sq, block_of_row, block_numel)
 
 
 def _update(group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,

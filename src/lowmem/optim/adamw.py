@@ -63,9 +63,8 @@ from lowmem.optim.base import (
     check_grad,
     group_by_device_dtype,
     is_dtensor,
-    local_tensor,
 )
-from lowmem.optim.state import ADAM_MOMENTS, reset_entries, reset_whole
+from lowmem.optim.state import ADAM_MOMENTS
 
 EPS_PLACEMENTS = ("corrected", "uncorrected")
 DECAY_PLACEMENTS = ("before", "after")
@@ -83,12 +82,6 @@ def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int 
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     for key in ADAM_MOMENTS:
         quantized_state.init_moment(state, key, param, state_bits)
-
-
-def reset_adam_state(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """lowmem.optim.state's reset of one parameter's Adam state (whole, or the `mask` entries), quantized
-    moments included: zeroed through their codes (a masked reset dequantizes, zeroes and requantizes)."""
-    reset_whole(state) if mask is None else reset_entries(state, param, mask)
 
 
 class AdamBatch:
@@ -124,7 +117,7 @@ class AdamBatch:
         adamw_update(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, compiled=self.compiled,
                      **hparams)
         for position, param, state in self.quantized:
-            _quantized_adamw_update(param, state, self._rounding(position, param, state), **hparams)
+            quantized_adamw_update(param, state, self._rounding(position, param, state), **hparams)
 
     def _rounding(self, position: int, param: torch.Tensor, state: dict[str, Any]) -> torch.Generator | None:
         """Stochastic rounding's generator, seeded by the parameter's position and the step about to be
@@ -133,17 +126,14 @@ class AdamBatch:
         return quantized_state.rounding_generator(self.stochastic_rounding, position, state["step"], param)
 
 
-def _quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator: torch.Generator | None,
-                            **hparams: Any) -> None:
-    """`adamw_update` of one parameter whose moments are 8-bit codes: in fp32 (fp64 beside fp64 weights)
-    on this rank's part (blocks lie within rows, so a shard needs nobody else's), then requantized."""
-    local = local_tensor(param)
-    weights, grad = _at_least_fp32(local), _at_least_fp32(local_tensor(param.grad))
-    with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as moments:
+def quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator: torch.Generator | None,
+                           grad: torch.Tensor | None = None, **hparams: Any) -> None:
+    """`adamw_update` of one parameter whose moments are 8-bit codes, from `grad` (else its gradient): in
+    fp32 (fp64 beside fp64 weights) on this rank's part (blocks lie within rows, so a shard needs nobody
+    else's), then requantized (quantized_state.dequantized_step)."""
+    with quantized_state.dequantized_step(param, state, ADAM_MOMENTS, generator, grad) as (weights, grad, moments):
         exp_avg, exp_avg_sq = moments
         adamw_update([weights], [grad], [exp_avg], [exp_avg_sq], [state["step"]], **hparams)
-    if weights is not local:
-        local.copy_(weights)
 
 
 def scheduled_adam_lr(adam_lr: float, group: dict[str, Any]) -> float:
@@ -276,11 +266,6 @@ def _adamw_tensor_core(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1
             p.mul_(decay_factor)
 
 
-def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` itself in fp32 or fp64, else an fp32 copy (bf16 weights are updated in fp32)."""
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-
-
 class AdamW(LowmemOptimizer):
     """AdamW over ordinary params or role groups (roles are accepted and ignored: every tensor is Adam's)."""
 
@@ -305,20 +290,13 @@ class AdamW(LowmemOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
+        for group in self.param_groups:  # a checkpoint from before the key ran the eager step
             group.setdefault("compiled", False)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
         check_bool("compiled", group["compiled"])
-
-    def reset_param_state(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
-        reset_adam_state(self.state[param], param, mask)
 
     def _step(self) -> None:
         position = 0

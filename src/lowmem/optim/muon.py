@@ -205,12 +205,6 @@ class Muon(LowmemOptimizer):
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "ns_dtype" in param_group:
             param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
@@ -231,8 +225,6 @@ class Muon(LowmemOptimizer):
         check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         check_choice("matrices", group["matrices"], MATRICES)
         check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
         position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding

@@ -328,14 +328,6 @@ class ProjectedAdam(LowmemOptimizer):
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("svd", group["svd"], SVD_METHODS)
         check_bool("stagger", group["stagger"])
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -241,13 +241,11 @@ def _like_param(local: torch.Tensor, param: torch.Tensor, global_shape: tuple[in
 
 
 def init_quantized(state: dict[str, Any], key: str, param: torch.Tensor, block: int = BLOCK) -> None:
-    """Zero state `key` of `param` in codes: `<key>_codes` at the map's code nearest 0, `<key>_absmax` 0."""
+    """Zero state `key` of `param`, shaped like it, in codes (`init_quantized_state` with the parameter's
+    shape, its rows on this rank, laid out as the parameter)."""
     local = local_tensor(param)
-    zero_code = int(torch.argmin(map_for(key).abs()))
-    codes = torch.full(local.shape, zero_code, dtype=torch.uint8, device=local.device)
-    absmax = torch.zeros(local.shape[0], blocks_per_row(local.shape, block), device=local.device)
-    state[key + CODES] = _like_param(codes, param, tuple(param.shape))
-    state[key + ABSMAX] = _like_param(absmax, param, (param.shape[0], absmax.shape[1]))
+    init_quantized_state(state, key, tuple(param.shape), local.shape[0], local.device,
+                         layout=lambda values, shape: _like_param(values, param, shape), block=block)
 
 
 def init_moment(state: dict[str, Any], key: str, param: torch.Tensor, state_bits: int | None) -> None:
@@ -338,30 +336,43 @@ def init_momentum(state: dict[str, Any], param: torch.Tensor, state_bits: int | 
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself in fp32 or fp64, else an fp32 copy (bf16 weights are updated in fp32)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+@contextmanager
+def dequantized_step(param: torch.Tensor, state: dict[str, Any], keys: tuple[str, ...],
+                     generator: torch.Generator | None, grad: torch.Tensor | None = None,
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """(weights, gradient, moments) of this rank's part of `param`, whose state `keys` are 8-bit codes,
+    for a method's full-precision update to run on in place: the weights and gradient (`grad`, else
+    `param.grad`) in at least fp32 (themselves when they are; else fp32 copies, the weights written back
+    on leaving), the moments dequantized in the weights' dtype and requantized on leaving (`dequantized`,
+    rounding with `generator`). The one shape of every method's 8-bit update."""
+    local = local_tensor(param)
+    weights = at_least_fp32(local)
+    grad = local_tensor(param.grad if grad is None else grad).to(weights.dtype)
+    with dequantized(state, keys, generator=generator, dtype=weights.dtype) as moments:
+        yield weights, grad, moments
+    if weights is not local:
+        local.copy_(weights)
+
+
 @contextmanager
 def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
                          position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(weights, gradient, momentum) of `param`, whose momentum is 8-bit codes, for a full-precision
-    update core to update in place: the weights and gradient in at least fp32 (the parameter and its
-    gradient themselves when they are; else fp32 copies, the weights written back on leaving), the
-    momentum dequantized (quantized_state.dequantized: requantized on leaving, rounding seeded by
-    `position` and the state's `step`, which then counts this update). Each is shaped like the
-    parameter: a DTensor with its placements when the parameter is one (this rank's rows), so a core's
-    gathers and all-reduces apply as to a full-precision momentum. SCALE's and Muon's."""
-    local, local_grad = local_tensor(param), local_tensor(param.grad)
-    weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
-    grad = local_grad if local_grad.dtype == weights.dtype else local_grad.to(weights.dtype)
+    """`dequantized_step` of a matrix's 8-bit momentum (SCALE's and Muon's), each of (weights, gradient,
+    momentum) shaped like the parameter: a DTensor with its placements when the parameter is one (this
+    rank's rows), so a core's gathers and all-reduces apply as to a full-precision momentum. Rounding is
+    seeded by `position` and the state's `step`, which then counts this update."""
     generator = rounding_generator(stochastic_rounding, position, state["step"], param)
-    with dequantized(state, (MOMENTUM,), generator=generator, dtype=weights.dtype) as (values,):
-        yield (param if weights is local else _like_param(weights, param, tuple(param.shape)),
-               param.grad if grad is local_grad else _like_param(grad, param, tuple(param.shape)),
-               _like_param(values, param, tuple(param.shape)))
-    if weights is not local:
-        local.copy_(weights)
+    with dequantized_step(param, state, (MOMENTUM,), generator) as (weights, grad, (momentum,)):
+        yield tuple(_like_param(t, param, tuple(param.shape)) for t in (weights, grad, momentum))
     state["step"] += 1
 
-
 __all__ = [
+    "at_least_fp32",
     "BLOCK",
     "MIN_QUANTIZED_NUMEL",
     "SIGNED_MAP",
@@ -372,6 +383,7 @@ __all__ = [
     "dequantize_blockwise",
     "dequantized",
     "dequantized_momentum",
+    "dequantized_step",
     "dynamic_map",
     "init_moment",
     "init_momentum",

@@ -80,7 +80,6 @@ from lowmem.optim.base import (
     as_pair,
     check_beta,
     check_betas,
-    check_bool,
     check_choice,
     check_grad,
     check_nonneg,
@@ -347,12 +346,6 @@ class SCALE(LowmemOptimizer):
                         ns_steps=ns_steps, state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -369,8 +362,6 @@ class SCALE(LowmemOptimizer):
         check_choice("normalization", group["normalization"], NORMALIZATIONS)
         check_choice("momentum_on", group["momentum_on"], MOMENTUM_PLACEMENTS)
         check_positive_int("ns_steps", group["ns_steps"])
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
         position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding

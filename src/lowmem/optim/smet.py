@@ -49,17 +49,15 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, quantized_state, register
-from lowmem.optim.adamw import AdamBatch, _at_least_fp32, init_adam_state
+from lowmem.optim.adamw import AdamBatch, init_adam_state
 from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
     check_adam_group,
-    check_bool,
     check_choice,
     check_grad,
     check_nonneg_int,
     is_dtensor,
-    local_tensor,
 )
 from lowmem.optim.kinds import METHOD_KINDS
 from lowmem.optim.roles import group_kind
@@ -113,8 +111,6 @@ class SMET(LowmemOptimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("warmup_form", "step_ramp")  # a checkpoint from before the key ran the ramp
-            group.setdefault("state_bits", None)  # ... and from before these, full-precision moments
-            group.setdefault("stochastic_rounding", False)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -122,8 +118,6 @@ class SMET(LowmemOptimizer):
         check_nonneg_int("warmup", group["warmup"], zero_means="no warm-up")
         check_choice("density_lr", group["density_lr"], DENSITY_LR)
         check_choice("warmup_form", group["warmup_form"], WARMUP_FORMS)
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _step(self) -> None:
         position = 0  # each parameter's place in the optimizer: seeds its stochastic rounding
@@ -161,13 +155,9 @@ class SMET(LowmemOptimizer):
         if not quantized_state.is_quantized(state, "exp_avg"):
             self._decayed_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state, group, beta1, beta2)
             return
-        local = local_tensor(p)
-        weights, grad = _at_least_fp32(local), _at_least_fp32(local_tensor(p.grad))
         generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
-        with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as (m, v):
+        with quantized_state.dequantized_step(p, state, ADAM_MOMENTS, generator) as (weights, grad, (m, v)):
             self._decayed_update(weights, grad, m, v, state, group, beta1, beta2)
-        if weights is not local:
-            local.copy_(weights)
 
     @staticmethod
     def _decayed_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, state: dict[str, Any],

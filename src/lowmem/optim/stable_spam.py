@@ -53,14 +53,13 @@ import torch
 import torch.distributed as dist
 
 from lowmem.optim import Method, quantized_state, register
-from lowmem.optim.adamw import adamw_update
+from lowmem.optim.adamw import adamw_update, quantized_adamw_update
 from lowmem.optim.base import (
     LowmemOptimizer,
     all_reduce_partials,
     as_pair,
     check_adam_group,
     check_beta,
-    check_bool,
     check_grad,
     check_nonneg_int,
     check_positive_int,
@@ -121,12 +120,6 @@ class StableSPAM(LowmemOptimizer):
                         state_bits=state_bits, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the keys kept full-precision states
-            group.setdefault("state_bits", None)
-            group.setdefault("stochastic_rounding", False)
-
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
@@ -137,8 +130,6 @@ class StableSPAM(LowmemOptimizer):
         check_nonneg_int("update_gap", group["update_gap"], zero_means="never reset")
         if group["total_T"] is not None:  # None: no decay
             check_positive_int("total_T", group["total_T"])
-        quantized_state.check_state_bits(group["state_bits"])
-        check_bool("stochastic_rounding", group["stochastic_rounding"])
 
     def _init_state(self, state: dict[str, Any], param: torch.Tensor, state_bits: int | None) -> None:
         local = local_tensor(param)
@@ -225,20 +216,11 @@ class StableSPAM(LowmemOptimizer):
             adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
                          beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
         for group, beta1, p, state, grad, position in quantized:
-            # This rank's rows of both moments dequantized, the same update in at least fp32, requantized.
-            local = local_tensor(p)
-            weights = local if local.dtype in (torch.float32, torch.float64) else local.float()
             # Seeded by T, which goes on through resets (k restarts at each).
             generator = quantized_state.rounding_generator(group["stochastic_rounding"], position,
                                                            state["global_step"] - 1, p)
-            with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=weights.dtype) as moments:
-                exp_avg, exp_avg_sq = moments
-                adamw_update([weights], [grad.to(weights.dtype)], [exp_avg], [exp_avg_sq], [state["step"]],
-                             lr=group["lr"], beta1=beta1, beta2=group["betas"][1], eps=group["eps"],
-                             weight_decay=group["weight_decay"])
-            if weights is not local:
-                local.copy_(weights)
-
+            quantized_adamw_update(p, state, generator, grad, lr=group["lr"], beta1=beta1, beta2=group["betas"][1],
+                                   eps=group["eps"], weight_decay=group["weight_decay"])
 
 register(
     "stable-spam",

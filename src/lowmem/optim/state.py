@@ -62,17 +62,19 @@ def reset_whole(state: dict[str, Any]) -> None:
 
 
 def reset_entries(state: dict[str, Any], param: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the moments (and per-entry counters) of the `mask` entries of one parameter's state."""
-    for key in MOMENT_KEYS + STEP_KEYS:
-        if quantized_state.is_quantized(state, key):
-            _check_shaped_like(key, state[key + quantized_state.CODES], param)
-            quantized_state.reset_quantized(state, key, mask)  # dequantize, zero, requantize
-            continue
-        value = state.get(key)
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            continue
-        _check_shaped_like(key, value, param)
-        value.masked_fill_(mask.to(value.device), 0)
+    """Zero the moments (and per-entry counters) of the `mask` entries of one parameter's state; a state
+    not shaped like the parameter is refused before anything is zeroed."""
+    quantized = [key for key in MOMENT_KEYS + STEP_KEYS if quantized_state.is_quantized(state, key)]
+    plain = [key for key in MOMENT_KEYS + STEP_KEYS
+             if isinstance(state.get(key), torch.Tensor) and state[key].dim() > 0]
+    for key in quantized:
+        _check_shaped_like(key, state[key + quantized_state.CODES], param)
+    for key in plain:
+        _check_shaped_like(key, state[key], param)
+    for key in quantized:
+        quantized_state.reset_quantized(state, key, mask)  # dequantize, zero, requantize
+    for key in plain:
+        state[key].masked_fill_(mask.to(state[key].device), 0)
 
 
 def _check_shaped_like(key: str, value: torch.Tensor, param: torch.Tensor) -> None:
