@@ -1,12 +1,15 @@
-"""Ranking vs budget (issue 17): each method's validation perplexity and its ratio to AdamW's, per
-training budget, from finished `lowmem bench` grids that differ only in their step count.
+"""Ranking vs budget (issues 17 and 29): each method's validation perplexity and its ratio to AdamW's,
+per training budget, from finished `lowmem bench` grids that differ only in their step count (an
+output directory, or the report.json a grid's report wrote, as committed in docs/data/).
 
     lowmem bench configs/budget/steps125.yaml --output runs/budget/steps125 --workers 2   # and 250, 500
     python benchmarks/budget_ranking.py runs/budget/steps125 runs/budget/steps250 runs/budget/steps500 \
         --plot docs/figures/ranking_vs_budget.png
 
 Prints a markdown table (tokens, then per method: perplexity and ratio to AdamW) and the ranking at
-each budget; with --plot, draws the ratios against training tokens. The analysis: lowmem.bench.budget.
+each budget; with --tuned, the long table of each budget's best lr, bracketing, seeds and ratio range
+(issue 29's tuned grids); with --plot, draws the ratios against training tokens. The analysis:
+lowmem.bench.budget.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowmem.bench.budget import plot_ranking, ranking, ranking_table
+from lowmem.bench.budget import plot_ranking, ranking, ranking_table, tuned_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grids", nargs="+", type=Path)
     parser.add_argument("--baseline", default="adamw")
+    parser.add_argument("--methods", help="comma-separated: only these methods (default: every one)")
+    parser.add_argument("--tuned", action="store_true", help="also print the per-budget best lr, seeds and ranges")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    points = ranking(args.grids)
+    points = ranking(args.grids, args.methods.split(",") if args.methods else None)
     print(ranking_table(points, args.baseline))
+    if args.tuned:
+        print()
+        print(tuned_table(points, args.baseline))
     if args.plot:
         print(f"plot: {plot_ranking(points, args.plot, args.baseline)}")
 

@@ -254,9 +254,45 @@ def test_collect_reads_finished_runs_or_also_running_ones_and_budget_points_skip
     running = collect(grid, unfinished=True)
     assert len(running) == 4 and "val_perplexity" not in running[-1] and running[-1]["config"]["optim"]["lr"] == 8e-2
     points = ranking([tmp_path / "steps250", tmp_path / "steps125"])
-    assert points == [(500, {"adamw": 200.0, "galore": 100.0}), (1000, {"adamw": 100.0, "galore": 100.0})]
+    assert [(p.tokens, p.perplexity()) for p in points] == [(500, {"adamw": 200.0, "galore": 100.0}),
+                                                            (1000, {"adamw": 100.0, "galore": 100.0})]
     table = ranking_table(points)
     assert "| 500 | 200.0 (1.000) | 100.0 (0.500) | galore < adamw |" in table
+
+
+def test_tuned_budget_table_gives_best_lr_bracketing_seeds_and_ratio_range(tmp_path):
+    # Issue 29's table: per budget and method the best lr, whether both neighbours ran, the seeds' mean
+    # and s.d., and the ratio to AdamW's with the range of the seeds' extremes; a committed report.json
+    # is a budget point as the grid directory it came from.
+    from lowmem.bench.budget import plot_ranking, ranking, ratio_range, tuned_table
+    from lowmem.bench.report import report
+
+    def _summary(ppl: float) -> dict:
+        return {"val_perplexity": ppl, "tokens": 4000, "tokens_per_second": 1000.0, "steps": 10, "wall_seconds": 4.0,
+                "memory": {"optimizer_state_bytes": 8, "estimate_paper_gb": 1e-9, "peak_bytes": 1 << 20}}
+
+    grid = tmp_path / "steps1000"
+    for lr, ppl in ((1e-3, 110.0), (2e-3, 100.0), (4e-3, 105.0)):
+        _finished_run(grid / "adamw" / f"lr{lr:g}", lr, _summary(ppl))
+    for seed, ppl in ((43, 104.0), (44, 96.0)):
+        _finished_run(grid / "adamw" / f"lr0.002-seed{seed}", 2e-3, _summary(ppl))
+    for lr, ppl in ((1e-3, 99.0), (2e-3, 95.0)):  # best at the sweep's edge: not bracketed
+        _finished_run(grid / "scale" / f"lr{lr:g}", lr, _summary(ppl))
+    for seed, ppl in ((43, 97.0), (44, 93.0)):
+        _finished_run(grid / "scale" / f"lr0.002-seed{seed}", 2e-3, _summary(ppl))
+    (point,) = ranking([grid])
+    adamw, scale = point.best["adamw"], point.best["scale"]
+    assert adamw["lr"] == scale["lr"] == 2e-3 and adamw["bracketed"] and scale["bracketed"] is False
+    assert ratio_range(scale, adamw) == (95.0 / 100.0, 93.0 / 104.0, 97.0 / 96.0)
+    table = tuned_table([point])
+    assert "| 4,000 | scale | 0.002 | **no** | 0.001: 99.0, 0.002: 95.0 | 95.00 ± 2.00 (3) | 0.950 [0.894, 1.010] | tie |" \
+        in table
+    assert "| 4,000 | adamw | 0.002 | yes | 0.001: 110.0, 0.002: 100.0, 0.004: 105.0 | 100.00 ± 4.00 (3) | – | – |" \
+        in table
+    report(grid)
+    (from_json,) = ranking([grid / "report.json"])
+    assert tuned_table([from_json]) == table
+    assert plot_ranking([point], tmp_path / "plot.png").stat().st_size > 0
 
 
 PLUGINS = sorted((Path(__file__).parent / "plugins").glob("*.py"))
