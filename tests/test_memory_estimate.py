@@ -19,6 +19,7 @@ from lowmem.memory.cli import add_parser
 from lowmem.memory.estimate import activation_bytes, compare, estimate_memory, hparams_for
 from lowmem.memory.plan import plan
 from lowmem.models.llama import build_model, resolve_config
+from lowmem.optim.quantized_state import quantizes
 
 SIZES = ("llama-60m", "llama-130m", "llama-350m", "llama-1b")
 LOW_RANK = dict(zip(SIZES, (128, 256, 256, 512)))  # GaLore's ranks, used by the table for GaLore, Fira, APOLLO
@@ -140,6 +141,21 @@ def test_step_counters_are_bookkeeping_not_state_elements():
     assert est.bookkeeping_elements == n_tensors
     # the full figure does count them: bf16 moments + fp32 step counters
     assert est.optimizer_states == 2 * 2 * est.weight_elements + 4 * n_tensors
+
+
+def test_papers_convention_counts_8bit_codes_at_one_byte():
+    # The 8-bit optimizer papers count a uint8 code as 1 byte; its block's scale counts as any state
+    # element (2 B in the convention): AdamW's m and v at 8 bits are (1 + 2/256) B per weight each.
+    full = estimate_memory("llama-60m", "adamw")
+    quantized = estimate_memory("llama-60m", "adamw", {"state_bits": 8})
+    weights, codes = quantized.weight_elements, quantized.state_code_elements
+    matrices = sum(p.numel() for p in build_model("llama-60m", device="meta").parameters()
+                   if quantizes(p.shape, 8))
+    assert codes == 2 * matrices  # m and v of every quantized matrix
+    scales = quantized.optimizer_state_elements - codes
+    assert quantized.paper_bytes == 2 * weights + codes + 2 * scales
+    assert full.state_code_elements == 0 and full.paper_bytes == 2 * (weights + 2 * weights)
+    assert 0.5 < (quantized.paper_bytes - 2 * weights) / (full.paper_bytes - 2 * weights) < 0.52
 
 
 def test_precision_changes_the_full_figure_not_the_papers():

@@ -17,7 +17,9 @@ element of a state tensor with at least one dimension. Zero-dimensional state te
 per-tensor norm EMAs, clipping thresholds) are bookkeeping: the papers do not count them — the SCALE
 cell of methods.md §10 is exactly 2 bytes x (weights + head momentum + Adam m, v of the norm gains),
 with no step counters — so they are reported apart (`bookkeeping_elements`) and left out of
-`paper_gb`; their bytes are in `optimizer_states` (the full figure).
+`paper_gb`; their bytes are in `optimizer_states` (the full figure). The codes of 8-bit states
+(`--opt state_bits=8`, uint8) count 1 byte each, as the 8-bit optimizer papers count them; their
+per-block scales count as any state element (`state_code_elements`).
 
 Precision (what the trainer's --precision does):
   fp32           weights, gradients, optimizer states and activations in fp32
@@ -105,6 +107,8 @@ class MemoryEstimate:
     # (step_phases): each moment's bytes beside weights, states and index buffers.
     gradient_pieces: tuple[GradientPiece, ...] = ()
     phases: tuple[tuple[str, int], ...] = ()
+    # Of optimizer_state_elements, the uint8 codes of 8-bit states: 1 byte each in the papers' convention.
+    state_code_elements: int = 0
 
     @property
     def trainable_elements(self) -> int:
@@ -127,7 +131,8 @@ class MemoryEstimate:
 
     @property
     def paper_bytes(self) -> int:
-        return PAPER_BYTES_PER_ELEMENT * (self.weight_elements + self.optimizer_state_elements)
+        wide = self.weight_elements + self.optimizer_state_elements - self.state_code_elements
+        return PAPER_BYTES_PER_ELEMENT * wide + self.state_code_elements
 
     @property
     def paper_gb(self) -> float:
@@ -419,12 +424,14 @@ def _build_optimizer(name: str, model: nn.Module, preset: str | None, hparams: d
         raise ConfigError(str(err)) from None
 
 
-def _count_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int]:
-    """(state elements with >= 1 dim, 0-dim elements, elements by role, bytes) of a stepped optimizer."""
+def _count_state(model: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int, int]:
+    """(state elements with >= 1 dim, 0-dim elements, elements by role, bytes, uint8 code elements) of a
+    stepped optimizer."""
     roles = named_roles(model)
     role_of = {id(p): roles[name] for name, p in model.named_parameters() if name in roles}
     by_role: dict[str, int] = {}
-    elements = bookkeeping = 0
+    elements = bookkeeping = codes = 0
     seen: set[int] = set()
     for param, _, tensor in iter_state_tensors(optimizer):
         if id(tensor) in seen:
@@ -434,13 +441,15 @@ def _count_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[in
             bookkeeping += tensor.numel()
             continue
         elements += tensor.numel()
+        if tensor.dtype == torch.uint8:
+            codes += tensor.numel()
         role = role_of.get(id(param), "other")
         by_role[role] = by_role.get(role, 0) + tensor.numel()
-    return elements, bookkeeping, by_role, optimizer_state_bytes(optimizer)
+    return elements, bookkeeping, by_role, optimizer_state_bytes(optimizer), codes
 
 
 def _count_formula(name: str, model: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int]:
+                   optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, int], int, int]:
     by_role: dict[str, int] = {}
     elements = nbytes = 0
     for role, shape, dtype in STATE_FORMULAS[name](model, optimizer):
@@ -450,7 +459,7 @@ def _count_formula(name: str, model: nn.Module,
         elements += numel
         nbytes += numel * torch.empty((), dtype=dtype).element_size()
         by_role[role] = by_role.get(role, 0) + numel
-    return elements, 0, by_role, nbytes
+    return elements, 0, by_role, nbytes, 0
 
 
 def estimate_memory(
@@ -518,7 +527,7 @@ def estimate_memory(
                      "its update's temporaries are not counted")
         per_parameter = {id(p): 0 for p in meta.parameters()} if gradient_release else None
         temporaries = 0
-    elements, bookkeeping, by_role, state_bytes = counted
+    elements, bookkeeping, by_role, state_bytes, code_elements = counted
     weight_elements = sum(p.numel() for p in meta.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     gradient_bytes = [p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad]
@@ -556,6 +565,7 @@ def estimate_memory(
         update_temporaries=temporaries,
         gradient_pieces=tuple(pieces),
         phases=tuple(phases.items()),
+        state_code_elements=code_elements,
     )
 
 
