@@ -27,7 +27,7 @@ from lowmem.errors import ConfigError
 from lowmem.models.llama import Llama, LlamaConfig
 from lowmem.optim.adamw import AdamW
 from lowmem.optim.state import reset_state
-from lowmem.testing import TINY, fsdp_matches_single, max_relative_difference
+from lowmem.testing import TINY, fsdp_matches_single, max_relative_difference, train_steps, twin_models
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -453,3 +453,67 @@ def test_quantizing_rows_a_chunk_at_a_time_gives_the_codes_of_one_pass(qmap, mon
     assert qs.quantize_blockwise(x, table, out=out)[0] is out[0]
     assert all(torch.equal(a, b) for a, b in zip(out, whole))
     assert torch.equal(qs.dequantize_blockwise(*whole, table), values)
+
+
+def _reference_adamw_step(param: torch.Tensor, state: dict, hparams: dict) -> None:
+    """The whole-matrix 8-bit AdamW step (dequantize both moments whole, update, requantize whole)."""
+    from lowmem.optim.adamw import adamw_update
+
+    with qs.dequantized_step(param, state, ("exp_avg", "exp_avg_sq"), None) as (weights, grad, (m, v)):
+        adamw_update([weights], [grad], [m], [v], [state["step"]], **hparams)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_adamw_a_block_of_rows_at_a_time_is_the_whole_matrix_update(dtype, monkeypatch):
+    # Rows are independent in AdamW: the row-block update (no whole fp32 working copies) is the
+    # whole-matrix one to the bit, weights (bf16 ones written back per block) and codes alike.
+    from lowmem.optim.adamw import quantized_adamw_update
+
+    monkeypatch.setattr(qs, "CHUNK_ELEMENTS", 5 * 512)  # 5 rows a block: 13 blocks, a short last one
+    hparams = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    torch.manual_seed(0)
+    start = torch.randn(64, 512).to(dtype)
+    params = [start.clone(), start.clone()]
+    states = [{"step": torch.tensor(0.0)} for _ in range(2)]
+    for p, state in zip(params, states):
+        for key in ("exp_avg", "exp_avg_sq"):
+            qs.init_quantized(state, key, p)
+    for _ in range(3):
+        grad = torch.randn(64, 512).to(dtype)
+        for p in params:
+            p.grad = grad.clone()
+        _reference_adamw_step(params[0], states[0], hparams)
+        quantized_adamw_update(params[1], states[1], None, **hparams)
+    assert torch.equal(params[0], params[1]) and not torch.equal(params[0], start)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_8bit_scale_momentum_a_block_of_rows_at_a_time_is_the_whole_matrix_update(monkeypatch):
+    # Column normalization of an [out, in] matrix normalizes within each row, so SCALE's 8-bit momentum
+    # of the head and hidden matrices updates a block of rows at a time; the embedding's (across rows)
+    # stays whole. One block (the default chunk holds these small matrices whole) against blocks of 7 rows.
+    from lowmem.optim.scale import rows_independent
+
+    assert rows_independent("column", 1) and rows_independent("sign", 0) and not rows_independent("column", 0)
+    assert not rows_independent("singular", 1)
+    models = twin_models(dataclasses.replace(TINY, vocab_size=640))
+    for index, model in enumerate(models):
+        if index == 1:
+            monkeypatch.setattr(qs, "CHUNK_ELEMENTS", 7 * 256)  # rows of 64 take one 256-block each
+        optimizer = lowmem.optim.build("scale", model, lr=1e-2, state_bits=8, momentum_on="all", weight_decay=0.1)
+        train_steps(model, optimizer, steps=3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_8bit_states_no_longer_raise_the_peak_by_whole_fp32_working_copies():
+    # The row-block update keeps the fp32 working copies (weights, gradient, moments) to a block of
+    # rows: 8-bit AdamW's update temporaries at llama-60m are under one fp32 copy of the head (they were
+    # four), and 8-bit SCALE's peak is no longer above its 16-bit one (it was, by the head's copies).
+    from lowmem.memory.estimate import estimate_memory
+    from lowmem.models.llama import resolve_config
+
+    config = resolve_config("llama-60m")
+    head_fp32 = 4 * config.vocab_size * config.hidden_size
+    assert estimate_memory("llama-60m", "adamw", {"state_bits": 8}).update_temporaries < head_fp32
+    assert estimate_memory("llama-60m", "scale", {"state_bits": 8}).peak <= estimate_memory("llama-60m", "scale").peak

@@ -130,10 +130,13 @@ def quantized_adamw_update(param: torch.Tensor, state: dict[str, Any], generator
                            grad: torch.Tensor | None = None, **hparams: Any) -> None:
     """`adamw_update` of one parameter whose moments are 8-bit codes, from `grad` (else its gradient): in
     fp32 (fp64 beside fp64 weights) on this rank's part (blocks lie within rows, so a shard needs nobody
-    else's), then requantized (quantized_state.dequantized_step)."""
-    with quantized_state.dequantized_step(param, state, ADAM_MOMENTS, generator, grad) as (weights, grad, moments):
-        exp_avg, exp_avg_sq = moments
-        adamw_update([weights], [grad], [exp_avg], [exp_avg_sq], [state["step"]], **hparams)
+    else's), a block of rows at a time, then requantized (quantized_state.dequantized_rows: elementwise,
+    so blocks of rows are the whole update's result; each takes the step about to be counted)."""
+    step = state["step"]
+    for weights, grad_rows, (exp_avg, exp_avg_sq) in quantized_state.dequantized_rows(
+            param, state, ADAM_MOMENTS, generator, grad):
+        adamw_update([weights], [grad_rows], [exp_avg], [exp_avg_sq], [step.clone()], **hparams)
+    step += 1
 
 
 def scheduled_adam_lr(adam_lr: float, group: dict[str, Any]) -> float:

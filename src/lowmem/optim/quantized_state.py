@@ -359,6 +359,35 @@ def dequantized_step(param: torch.Tensor, state: dict[str, Any], keys: tuple[str
         local.copy_(weights)
 
 
+def dequantized_rows(param: torch.Tensor, state: dict[str, Any], keys: tuple[str, ...],
+                     generator: torch.Generator | None, grad: torch.Tensor | None = None,
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """`dequantized_step` a block of whole rows at a time, for an update that treats rows independently
+    (elementwise, or normalized within each row) of a parameter whose state `keys` are shaped like it:
+    yields (weights, gradient, moments) of each block of this rank's rows (CHUNK_ELEMENTS, the
+    quantizer's own chunk), requantizing the block's moments and writing back its weights before the
+    next. No fp32 working copy of the whole matrix is alive at once (at a 7B head, AdamW's four were
+    ~2 GB of the step's peak), and a block's passes find it in cache. Bitwise `dequantized_step`'s
+    result, but for stochastic rounding of a matrix of several blocks, which draws block by block
+    instead of moment by moment. An update that raises leaves the earlier blocks updated."""
+    local = local_tensor(param)
+    grad = local_tensor(param.grad if grad is None else grad)
+    codes = [local_tensor(state[key + CODES]) for key in keys]
+    absmaxes = [local_tensor(state[key + ABSMAX]) for key in keys]
+    step = _rows_per_chunk(local.shape, BLOCK)
+    for start in range(0, local.shape[0], step):
+        rows = slice(start, start + step)
+        local_rows = local[rows]
+        weights = at_least_fp32(local_rows)
+        moments = [_dequantize_rows(c[rows], a[rows], map_for(key), BLOCK).to(weights.dtype)
+                   for key, c, a in zip(keys, codes, absmaxes)]
+        yield weights, grad[rows].to(weights.dtype), moments
+        for key, value, c, a in zip(keys, moments, codes, absmaxes):
+            quantize_blockwise(value, map_for(key), BLOCK, generator, out=(c[rows], a[rows]))
+        if weights is not local_rows:
+            local_rows.copy_(weights)
+
+
 @contextmanager
 def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
                          position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -369,6 +398,17 @@ def dequantized_momentum(param: torch.Tensor, state: dict[str, Any], stochastic_
     generator = rounding_generator(stochastic_rounding, position, state["step"], param)
     with dequantized_step(param, state, (MOMENTUM,), generator) as (weights, grad, (momentum,)):
         yield tuple(_like_param(t, param, tuple(param.shape)) for t in (weights, grad, momentum))
+    state["step"] += 1
+
+
+def dequantized_momentum_rows(param: torch.Tensor, state: dict[str, Any], stochastic_rounding: bool,
+                              position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`dequantized_momentum` a block of this rank's rows at a time (`dequantized_rows`, plain tensors),
+    for an update whose rows are independent (SCALE's column normalization of a [out, in] matrix, sign,
+    none); the state's `step` then counts this update."""
+    generator = rounding_generator(stochastic_rounding, position, state["step"], param)
+    for weights, grad, (momentum,) in dequantized_rows(param, state, (MOMENTUM,), generator):
+        yield weights, grad, momentum
     state["step"] += 1
 
 __all__ = [
@@ -383,6 +423,8 @@ __all__ = [
     "dequantize_blockwise",
     "dequantized",
     "dequantized_momentum",
+    "dequantized_momentum_rows",
+    "dequantized_rows",
     "dequantized_step",
     "dynamic_map",
     "init_moment",

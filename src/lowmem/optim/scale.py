@@ -89,7 +89,7 @@ from lowmem.optim.base import (
 )
 from lowmem.optim.kinds import FACTOR_KINDS
 from lowmem.optim.newton_schulz import newton_schulz, ns_batches, orthogonalize
-from lowmem.optim.quantized_state import MOMENTUM, dequantized_momentum, init_momentum
+from lowmem.optim.quantized_state import MOMENTUM, dequantized_momentum, dequantized_momentum_rows, init_momentum
 from lowmem.optim.roles import group_input_dim, group_role
 
 NORMALIZATIONS = ("column", "row", "sign", "singular", "none")
@@ -112,6 +112,12 @@ def normalized_dim(role: str, normalization: str, input_dim: int = 1) -> int:
     the weight's input dim (0 for a Conv1D [in, out], lowmem.optim.roles.group_input_dim)."""
     column_dim = 0 if role == "embedding" else input_dim
     return column_dim if normalization == "column" else 1 - column_dim
+
+
+def rows_independent(normalization: str, dim: int) -> bool:
+    """Whether the update of a matrix normalized along `dim` treats each row of its [size(0), -1] view
+    on its own, so that it can run a block of rows at a time."""
+    return normalization in ("none", "sign") or (normalization in ("column", "row") and dim == 1)
 
 
 def norm_along(matrix: torch.Tensor, dim: int) -> torch.Tensor:
@@ -403,6 +409,11 @@ class SCALE(LowmemOptimizer):
                        normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
         scale_update(params, grads, buffers, dims, **hparams)
         for p_position, p, state, dim in quantized:  # one at a time: one matrix's fp32 momentum at most
+            if rows_independent(normalization, dim):  # and then a block of its rows at a time
+                for weights, grad, buffer in dequantized_momentum_rows(p, state, group["stochastic_rounding"],
+                                                                       p_position):
+                    scale_update([weights], [grad], [buffer], [dim], **hparams)
+                continue
             with dequantized_momentum(p, state, group["stochastic_rounding"], p_position) as (weights, grad, buffer):
                 scale_update([weights], [grad], [buffer], [dim], **hparams)
         beta1, beta2 = group["adam_betas"]
