@@ -13,25 +13,23 @@ real run, not only in an optimizer step.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from lowmem.bench.report import load_best, verdict
+from lowmem.bench.report import best_per_method, collect, grid_cost, verdict
 
 VARIANTS = ("-8bit", "-8bit-reset")
 
 
-def cpu_seconds_per_million(grid: Path, method: str) -> float | None:
+def cpu_seconds_per_million(grid: Path, method: str, runs: list[dict]) -> float | None:
     """The method's recorded CPU seconds over its runs' training tokens, per 1M (None: no record)."""
-    cpu = tokens = 0.0
-    for record in (grid / method).glob("*/grid-run.json"):
-        cpu += json.loads(record.read_text())["cpu_seconds"]
-        tokens += json.loads((record.parent / "summary.json").read_text())["tokens"]
-    return cpu / tokens * 1e6 if tokens else None
+    cost = grid_cost(grid, method)
+    tokens = sum(run["tokens"] for run in runs if run["method"] == method)
+    return cost["cpu_seconds"] / tokens * 1e6 if tokens and not cost["runs_without_cpu_time"] else None
 
 
 def pair_table(grid: Path) -> str:
-    best, _ = load_best(grid)
+    runs = collect(grid)
+    best = best_per_method(runs)
     lines = ["| method | states | lr | val ppl (mean ± s.d., n) | seeds | vs full precision | verdict "
              "| CPU-s per 1M tokens |",
              "|---|---|---|---|---|---|---|---|"]
@@ -45,7 +43,7 @@ def pair_table(grid: Path) -> str:
             seeds = ", ".join(f"{p:.2f}" for p in run["seeds"])
             diff = "–" if not variant else f"{run['mean'] / full['mean'] - 1:+.2%}"
             judged = "–" if not variant else verdict(run, full)
-            cost = cpu_seconds_per_million(grid, method + variant)
+            cost = cpu_seconds_per_million(grid, method + variant, runs)
             lines.append(f"| {method} | {variant.lstrip('-') or 'full'} | {run['lr']:g} | {run['mean']:.2f} ± "
                          f"{run['sd']:.2f} ({n}) | {seeds} | {diff} | {judged} | "
                          f"{'–' if cost is None else f'{cost:.0f}'} |")

@@ -293,6 +293,16 @@ def test_tuned_budget_table_gives_best_lr_bracketing_seeds_and_ratio_range(tmp_p
     (from_json,) = ranking([grid / "report.json"])
     assert tuned_table([from_json]) == table
     assert plot_ranking([point], tmp_path / "plot.png").stat().st_size > 0
+    # A budget without seeds borrows the seeded budgets' noise (one seed's value is never exact) ...
+    unseeded = tmp_path / "steps500"
+    _finished_run(unseeded / "adamw" / "lr0.002", 2e-3, _summary(120.0))
+    _finished_run(unseeded / "scale" / "lr0.002", 2e-3, _summary(110.0))
+    points = ranking([grid, unseeded])
+    assert point.noise > 0 and all(p.noise == point.noise for p in points)
+    (one_seed,) = [p for p in points if len(p.best["adamw"]["seeds"]) == 1]
+    assert ratio_range(one_seed.best["scale"], one_seed.best["adamw"], one_seed.noise)[1] < 110.0 / 120.0
+    # ... and --methods keeps only the named ones.
+    assert [sorted(p.best) for p in ranking([grid, unseeded], ["scale"])] == [["scale"], ["scale"]]
 
 
 PLUGINS = sorted((Path(__file__).parent / "plugins").glob("*.py"))

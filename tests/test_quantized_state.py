@@ -491,17 +491,20 @@ def test_8bit_adamw_a_block_of_rows_at_a_time_is_the_whole_matrix_update(dtype, 
 def test_8bit_scale_momentum_a_block_of_rows_at_a_time_is_the_whole_matrix_update(monkeypatch):
     # Column normalization of an [out, in] matrix normalizes within each row, so SCALE's 8-bit momentum
     # of the head and hidden matrices updates a block of rows at a time; the embedding's (across rows)
-    # stays whole. One block (the default chunk holds these small matrices whole) against blocks of 7 rows.
-    from lowmem.optim.scale import rows_independent
+    # stays whole. The whole-matrix path (rows_independent forced off) against blocks of 7 rows.
+    import lowmem.optim.scale as scale
 
-    assert rows_independent("column", 1) and rows_independent("sign", 0) and not rows_independent("column", 0)
-    assert not rows_independent("singular", 1)
+    assert scale.rows_independent("column", 1) and scale.rows_independent("sign", 0)
+    assert not scale.rows_independent("column", 0) and not scale.rows_independent("singular", 1)
     models = twin_models(dataclasses.replace(TINY, vocab_size=640))
     for index, model in enumerate(models):
-        if index == 1:
-            monkeypatch.setattr(qs, "CHUNK_ELEMENTS", 7 * 256)  # rows of 64 take one 256-block each
-        optimizer = lowmem.optim.build("scale", model, lr=1e-2, state_bits=8, momentum_on="all", weight_decay=0.1)
-        train_steps(model, optimizer, steps=3)
+        with monkeypatch.context() as patch:
+            if index == 0:
+                patch.setattr(scale, "rows_independent", lambda normalization, dim: False)
+            else:
+                patch.setattr(qs, "CHUNK_ELEMENTS", 7 * 256)  # rows of 64 take one 256-block each
+            optimizer = lowmem.optim.build("scale", model, lr=1e-2, state_bits=8, momentum_on="all", weight_decay=0.1)
+            train_steps(model, optimizer, steps=3)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
 

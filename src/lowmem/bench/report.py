@@ -269,11 +269,13 @@ def plot(best: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def grid_cost(root: str | Path) -> dict[str, float]:
-    """The CPU and wall seconds the bench recorded for the grid's runs (grid-run.json; runs written
-    before it was recorded count by their training wall time, summary.json's wall_seconds)."""
+def grid_cost(root: str | Path, method: str | None = None) -> dict[str, float]:
+    """The CPU and wall seconds the bench recorded for the grid's runs, or for one method's (grid-run.json;
+    runs written before it was recorded count by their training wall time, summary.json's wall_seconds)."""
     cost = {"runs": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs_without_cpu_time": 0}
     for run_dir in run_dirs(root):
+        if method is not None and run_dir.parent.name != method:
+            continue
         cost["runs"] += 1
         record = run_dir / "grid-run.json"
         if record.is_file():

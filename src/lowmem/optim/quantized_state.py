@@ -348,38 +348,37 @@ def dequantized_step(param: torch.Tensor, state: dict[str, Any], keys: tuple[str
     """(weights, gradient, moments) of this rank's part of `param`, whose state `keys` are 8-bit codes,
     for a method's full-precision update to run on in place: the weights and gradient (`grad`, else
     `param.grad`) in at least fp32 (themselves when they are; else fp32 copies, the weights written back
-    on leaving), the moments dequantized in the weights' dtype and requantized on leaving (`dequantized`,
-    rounding with `generator`). The one shape of every method's 8-bit update."""
-    local = local_tensor(param)
-    weights = at_least_fp32(local)
-    grad = local_tensor(param.grad if grad is None else grad).to(weights.dtype)
-    with dequantized(state, keys, generator=generator, dtype=weights.dtype) as moments:
-        yield weights, grad, moments
-    if weights is not local:
-        local.copy_(weights)
+    on leaving), the moments dequantized in the weights' dtype and requantized on leaving (rounding with
+    `generator`; not if the update raised: the state stays as it was). The one shape of every method's
+    8-bit update: `dequantized_rows` with the whole tensors as one block, so the moments need not be
+    shaped like the parameter (SMET's compact row)."""
+    blocks = dequantized_rows(param, state, keys, generator, grad, whole=True)
+    yield next(blocks)
+    next(blocks, None)  # requantizes the moments and writes the weights back
 
 
 def dequantized_rows(param: torch.Tensor, state: dict[str, Any], keys: tuple[str, ...],
-                     generator: torch.Generator | None, grad: torch.Tensor | None = None,
+                     generator: torch.Generator | None, grad: torch.Tensor | None = None, whole: bool = False,
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     """`dequantized_step` a block of whole rows at a time, for an update that treats rows independently
     (elementwise, or normalized within each row) of a parameter whose state `keys` are shaped like it:
     yields (weights, gradient, moments) of each block of this rank's rows (CHUNK_ELEMENTS, the
-    quantizer's own chunk), requantizing the block's moments and writing back its weights before the
-    next. No fp32 working copy of the whole matrix is alive at once (at a 7B head, AdamW's four were
-    ~2 GB of the step's peak), and a block's passes find it in cache. Bitwise `dequantized_step`'s
-    result, but for stochastic rounding of a matrix of several blocks, which draws block by block
-    instead of moment by moment. An update that raises leaves the earlier blocks updated."""
+    quantizer's own chunk; `whole`: one block of the whole tensors), requantizing the block's moments
+    and writing back its weights before the next. No fp32 working copy of the whole matrix is alive at
+    once (at a 7B head, AdamW's four were ~2 GB of the step's peak), and a block's passes find it in
+    cache. Bitwise the whole update, but for stochastic rounding of a matrix of several blocks, which
+    draws block by block instead of moment by moment. An update that raises leaves the earlier blocks
+    updated and its own block as it was."""
     local = local_tensor(param)
     grad = local_tensor(param.grad if grad is None else grad)
     codes = [local_tensor(state[key + CODES]) for key in keys]
     absmaxes = [local_tensor(state[key + ABSMAX]) for key in keys]
     step = _rows_per_chunk(local.shape, BLOCK)
-    for start in range(0, local.shape[0], step):
-        rows = slice(start, start + step)
+    blocks = [slice(None)] if whole else [slice(start, start + step) for start in range(0, local.shape[0], step)]
+    for rows in blocks:
         local_rows = local[rows]
         weights = at_least_fp32(local_rows)
-        moments = [_dequantize_rows(c[rows], a[rows], map_for(key), BLOCK).to(weights.dtype)
+        moments = [dequantize_blockwise(c[rows], a[rows], map_for(key)).to(weights.dtype)
                    for key, c, a in zip(keys, codes, absmaxes)]
         yield weights, grad[rows].to(weights.dtype), moments
         for key, value, c, a in zip(keys, moments, codes, absmaxes):
