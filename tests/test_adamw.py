@@ -96,3 +96,25 @@ def test_uncorrected_eps_placement_is_the_released_form(foreach, decay):
         adamw_update([target], [g], [torch.zeros_like(g)], [torch.zeros_like(g)], [torch.tensor(0.0)], lr=lr,
                      beta1=b1, beta2=b2, eps=eps, weight_decay=0.0, eps_placement=placement)
     assert (corrected[0] - other).abs().max() > 1e-4
+
+
+def test_foreach_chunks_are_the_whole_foreach_step_to_the_bit(monkeypatch):
+    """The foreach update runs a chunk of tensors at a time (lowmem.optim.base.foreach_chunks), so its
+    sqrt(v) temporaries are a chunk's, not the model's: with chunks of about one small tensor the
+    weights are the one-chunk weights to the bit after 5 steps."""
+    import lowmem.optim.base as base
+
+    def run(chunk_elements):
+        monkeypatch.setattr(base, "FOREACH_CHUNK_ELEMENTS", chunk_elements)
+        torch.manual_seed(0)
+        model = build_model("cpu-tiny", vocab_size=VOCAB)
+        opt = lowmem.optim.build("adamw", model, lr=3e-3, weight_decay=0.1)
+        for step in range(5):
+            _loss(model, step).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    whole, chunked = run(2**40), run(256)
+    assert len(base.foreach_chunks(whole, max_elements=256)) > len(whole) // 2  # the chunks are that small
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))

@@ -424,3 +424,12 @@ def test_the_step_peak_is_estimated_within_ten_percent_with_and_without_release(
     freed = estimated[False].peak - estimated[True].peak
     saving = measured[False] - measured[True]
     assert freed > 0 and saving >= 0.9 * freed, (saving, freed)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "stable-spam"])
+def test_the_adam_update_makes_a_chunk_of_temporaries_not_a_copy_of_the_gradients(optimizer_name):
+    """AdamW's sqrt(v) and Stable-SPAM's clipped, normalized gradients are made one foreach chunk at a time
+    (lowmem.optim.base.foreach_chunks): at llama-350m the update's temporaries stay under a quarter of the
+    gradients (all at once they were as large as the gradients, and twice as large for Stable-SPAM)."""
+    estimate = estimate_memory("llama-350m", optimizer_name)
+    assert 0 < estimate.update_temporaries <= 0.25 * estimate.gradients

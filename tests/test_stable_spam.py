@@ -239,3 +239,20 @@ def test_rejects_bad_hyperparameters():
         StableSPAM([p], gamma2=1.0)
     with pytest.raises(ValueError, match="eta_min"):
         StableSPAM([p], eta_min=1.5)
+
+
+@pytest.mark.parametrize("state_bits", [None, 8])
+def test_a_foreach_chunk_at_a_time_is_the_whole_step_to_the_bit(monkeypatch, state_bits):
+    """Step 4 builds the clipped, normalized gradients one foreach chunk at a time (lowmem.optim.base.
+    foreach_chunks), not all at once: with chunks of one small tensor each, the trajectory is the
+    one-chunk trajectory to the bit."""
+    import lowmem.optim.base as base
+
+    def run(chunk_elements):
+        monkeypatch.setattr(base, "FOREACH_CHUNK_ELEMENTS", chunk_elements)
+        return _trajectory(lambda m: StableSPAM(m.parameters(), update_gap=GAP, total_T=TOTAL, state_bits=state_bits,
+                                                **HP), 8)
+
+    whole, chunked = run(2**40), run(64)
+    assert all(max_relative_difference(a, b) == 0.0 for a, b in zip(whole, chunked))
+    assert max_relative_difference(whole[-1], dict(_model().named_parameters())) > 1e-2

@@ -61,6 +61,7 @@ from lowmem.optim.base import (
     check_bool,
     check_choice,
     check_grad,
+    foreach_chunks,
     group_by_device_dtype,
     is_dtensor,
 )
@@ -181,7 +182,7 @@ def adamw_update(
                  corrected=corrected, decay_first=decay_first)
         return
     if foreach and not any(is_dtensor(p) for p in params):
-        for group in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+        for group in foreach_chunks(params, grads, exp_avgs, exp_avg_sqs, steps):
             _adamw_foreach(*group, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                            corrected=corrected, decay_first=decay_first)
         return

@@ -98,6 +98,29 @@ def group_by_device_dtype(*tensor_lists: list[torch.Tensor]) -> list[tuple[list[
     return [tuple(lists) for lists in buckets.values()]
 
 
+# Elements of the first list per `foreach_chunks` chunk: 64 MiB in fp32. A foreach call that makes
+# temporaries (AdamW's sqrt(v), Stable-SPAM's clipped gradients) then holds one chunk's, not a
+# model-sized copy (13.5 GB at 7B in bf16); at 7B every matrix is a chunk by itself, at 60M a few chunks.
+FOREACH_CHUNK_ELEMENTS = 2**24
+
+
+def foreach_chunks(*tensor_lists: list, max_elements: int | None = None) -> list[tuple[list, ...]]:
+    """`group_by_device_dtype`'s buckets cut, in order, into runs of at most `max_elements` (default
+    FOREACH_CHUNK_ELEMENTS) elements of the first list (a larger tensor alone). The other lists may hold
+    anything parallel to the first."""
+    max_elements = FOREACH_CHUNK_ELEMENTS if max_elements is None else max_elements
+    chunks = []
+    for bucket in group_by_device_dtype(*tensor_lists):
+        start, total = 0, 0
+        for i, t in enumerate(bucket[0]):
+            if i > start and total + t.numel() > max_elements:
+                chunks.append(tuple(items[start:i] for items in bucket))
+                start, total = i, 0
+            total += t.numel()
+        chunks.append(tuple(items[start:] for items in bucket))
+    return chunks
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     """Whether `t` is an FSDP2/DTensor shard (checked by name: importing DTensor is not free)."""
     return type(t).__name__ == "DTensor"
@@ -326,6 +349,7 @@ __all__ = [
     "default_state_layout",
     "default_whole_state_layout",
     "full_matrix_op",
+    "foreach_chunks",
     "group_by_device_dtype",
     "is_dtensor",
     "local_tensor",

@@ -63,6 +63,7 @@ from lowmem.optim.base import (
     check_grad,
     check_nonneg_int,
     check_positive_int,
+    foreach_chunks,
     local_tensor,
     sharded_groups,
 )
@@ -168,7 +169,7 @@ class StableSPAM(LowmemOptimizer):
         # above the threshold are scaled by threshold / max|g|, one factor for the tensor.
         max_abs = [g.abs().amax().to(state["max_abs_avg"].dtype) for _, _, state, g, _, _ in work]
         all_reduce_partials(max_abs, shardings, op=dist.ReduceOp.MAX)
-        clipped = []
+        clippings = []  # (limit, factor) per tensor: the clipped gradient is rebuilt where it is used
         for (group, _, state, grad, k, _), peak in zip(work, max_abs):
             theta = group["theta"]
             # theta*M + (1-theta)*peak as written (an in-place add with alpha may fuse into one FMA).
@@ -176,24 +177,29 @@ class StableSPAM(LowmemOptimizer):
             limit = state["max_abs_avg"] / (1 - theta**k)
             # max|g| = 0 means no entry exceeds the (non-negative) limit: the factor is never used.
             factor = (limit / peak.clamp_min(torch.finfo(peak.dtype).tiny)).to(grad.dtype)
-            clipped.append(torch.where(grad.abs() > limit.to(grad.dtype), grad * factor, grad))
+            clippings.append((limit.to(grad.dtype), factor))
 
         # 2. Norm normalization with the bias-corrected EMAs of ||g|| (coefficient gamma1 times the
         # cosine factor) and ||g||^2 (sum over all shards). In at least fp32: a bf16 norm keeps 3 digits.
-        norms = [torch.linalg.vector_norm(g, dtype=w[2]["norm_avg"].dtype) for w, g in zip(work, clipped)]
+        # One clipped copy at a time: holding every tensor's (a model-sized copy of the gradients, 13.5 GB
+        # at 7B in bf16) for one foreach update cost more memory than the whole 8-bit state.
+        norms = [torch.linalg.vector_norm(_clipped(grad, *clipping), dtype=state["norm_avg"].dtype)
+                 for (_, _, state, grad, _, _), clipping in zip(work, clippings)]
         sum_sq = [n.square() for n in norms]
         all_reduce_partials(sum_sq, shardings)
         buckets: dict[tuple[int, float], list] = {}
-        quantized = []  # (group, beta1, param, state, grad, position): 8-bit moments, updated one at a time
-        for (group, p, state, _, k, cosine), grad, local_norm, sq, pgs, position in zip(
-                work, clipped, norms, sum_sq, shardings, positions):
+        # (group, beta1, param, state, gradient, position): 8-bit moments, updated one at a time; a
+        # gradient is `_normalized`'s arguments, built into a tensor where it is used
+        quantized = []
+        for (group, p, state, grad, k, cosine), clipping, local_norm, sq, pgs, position in zip(
+                work, clippings, norms, sum_sq, shardings, positions):
             gamma1, gamma2 = group["gamma1"] * cosine, group["gamma2"]
             norm = sq.sqrt() if pgs else local_norm  # a whole tensor's norm, not sqrt(norm^2) (one rounding less)
             state["norm_avg"].copy_(gamma1 * state["norm_avg"] + (1 - gamma1) * norm)
             state["norm_sq_avg"].copy_(gamma2 * state["norm_sq_avg"] + (1 - gamma2) * sq)
             target = (state["norm_avg"] / (1 - gamma1**k)) / ((state["norm_sq_avg"] / (1 - gamma2**k)).sqrt() + group["eps"])
             # A zero gradient stays zero (0 / tiny), with no data-dependent branch.
-            grad.mul_((target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(grad.dtype))
+            gradient = (grad, *clipping, (target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(grad.dtype))
 
             # 3. Momentum reset, effective on this very step (lowmem's fix; see the module docstring):
             # the counter goes to 0 and adamw_update's increment makes this step k = 1.
@@ -203,24 +209,36 @@ class StableSPAM(LowmemOptimizer):
 
             beta1 = group["betas"][0] * cosine
             if quantized_state.is_quantized(state, "exp_avg"):
-                quantized.append((group, beta1, p, state, grad, position))
+                quantized.append((group, beta1, p, state, gradient, position))
                 continue
             lists = buckets.setdefault((id(group), beta1), [[], [], [], [], [], group])
-            tensors = (local_tensor(p), grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
-                       state["step"])
-            for items, tensor in zip(lists, tensors):
-                items.append(tensor)
+            for items, item in zip(lists, (local_tensor(p), gradient, local_tensor(state["exp_avg"]),
+                                           local_tensor(state["exp_avg_sq"]), state["step"])):
+                items.append(item)
 
-        # 4. AdamW with the decayed beta1 (one bucket per group and beta1: normally one per group).
-        for (_, beta1), (params, grads, exp_avgs, exp_avg_sqs, steps, group) in buckets.items():
-            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
-                         beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
-        for group, beta1, p, state, grad, position in quantized:
+        # 4. AdamW with the decayed beta1 (one bucket per group and beta1: normally one per group), one
+        # foreach chunk of normalized gradients at a time.
+        for (_, beta1), (params, gradients, exp_avgs, exp_avg_sqs, steps, group) in buckets.items():
+            for chunk in foreach_chunks(params, gradients, exp_avgs, exp_avg_sqs, steps):
+                adamw_update(chunk[0], [_normalized(*g) for g in chunk[1]], *chunk[2:], lr=group["lr"], beta1=beta1,
+                             beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
+        for group, beta1, p, state, gradient, position in quantized:
             # Seeded by T, which goes on through resets (k restarts at each).
             generator = quantized_state.rounding_generator(group["stochastic_rounding"], position,
                                                            state["global_step"] - 1, p)
-            quantized_adamw_update(p, state, generator, grad, lr=group["lr"], beta1=beta1, beta2=group["betas"][1],
-                                   eps=group["eps"], weight_decay=group["weight_decay"])
+            quantized_adamw_update(p, state, generator, _normalized(*gradient), lr=group["lr"], beta1=beta1,
+                                   beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
+
+
+def _clipped(grad: torch.Tensor, limit: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The gradient with every entry above `limit` in magnitude scaled by `factor` (a new tensor)."""
+    return torch.where(grad.abs() > limit, grad * factor, grad)
+
+
+def _normalized(grad: torch.Tensor, limit: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The clipped gradient times the norm normalization's `scale`: what step 4 updates with."""
+    return _clipped(grad, limit, factor).mul_(scale)
+
 
 register(
     "stable-spam",
