@@ -509,6 +509,21 @@ def test_8bit_scale_momentum_a_block_of_rows_at_a_time_is_the_whole_matrix_updat
         assert torch.equal(a, b), name
 
 
+def test_8bit_adam_mini_a_block_of_rows_at_a_time_is_the_whole_tensor_update(monkeypatch):
+    # Once the blocks' second moments are summed, Adam-mini's rows are independent: its 8-bit exp_avg
+    # updates a block of rows at a time, to the bit of one block of every row (q and k per head).
+    models = twin_models(dataclasses.replace(TINY, vocab_size=640))
+    start = models[0].lm_head.weight.detach().clone()
+    for index, model in enumerate(models):
+        with monkeypatch.context() as patch:
+            patch.setattr(qs, "CHUNK_ELEMENTS", 2**40 if index == 0 else 7 * 256)  # one block; rows of 64: 7 rows
+            optimizer = lowmem.optim.build("adam-mini", model, lr=1e-2, state_bits=8, weight_decay=0.1)
+            train_steps(model, optimizer, steps=3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(models[0].lm_head.weight, start)
+
+
 def test_8bit_states_no_longer_raise_the_peak_by_whole_fp32_working_copies():
     # The row-block update keeps the fp32 working copies (weights, gradient, moments) to a block of
     # rows: 8-bit AdamW's update temporaries at llama-60m are under one fp32 copy of the head (they were
@@ -520,3 +535,6 @@ def test_8bit_states_no_longer_raise_the_peak_by_whole_fp32_working_copies():
     head_fp32 = 4 * config.vocab_size * config.hidden_size
     assert estimate_memory("llama-60m", "adamw", {"state_bits": 8}).update_temporaries < head_fp32
     assert estimate_memory("llama-60m", "scale", {"state_bits": 8}).peak <= estimate_memory("llama-60m", "scale").peak
+    # Adam-mini's 8-bit exp_avg too: its temporaries were five fp32 heads, its peak 1.6x the 16-bit one.
+    assert estimate_memory("llama-60m", "adam-mini", {"state_bits": 8}).update_temporaries < head_fp32
+    assert estimate_memory("llama-60m", "adam-mini", {"state_bits": 8}).peak <= estimate_memory("llama-60m", "adam-mini").peak

@@ -30,8 +30,9 @@ The registry entry names `adam_mini_param_groups` as its group builder, so
 State per tensor: `step` (float32 scalar), `exp_avg` (the tensor's shape), `exp_avg_sq` (shape
 [n_blocks]). `state_bits=8` (issue 26, lowmem.optim.quantized_state; default None: full precision)
 keeps `exp_avg` of every tensor of >= 2 dims and >= 4096 elements as 8-bit codes (`exp_avg_codes`/
-`exp_avg_absmax`, signed map; dequantized to fp32 for its update, requantized after, one tensor at a
-time; `stochastic_rounding` as AdamW's); `exp_avg_sq`, one float per block, stays in full precision. The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
+`exp_avg_absmax`, signed map; dequantized to fp32 for its update, requantized after, a block of rows at a
+time once the blocks' second moments are known (`quantized_state.dequantized_rows`); `stochastic_rounding`
+as AdamW's); `exp_avg_sq`, one float per block, stays in full precision. The official package (adam-mini 1.1.1) partitions by parameter names with `dim` and
 `n_heads` arguments into the same blocks; tests/test_adam_mini.py checks equality with it.
 
 FSDP2 (DTensor shards). `exp_avg` is sharded like the parameter; `exp_avg_sq` is kept whole on every
@@ -213,34 +214,47 @@ class AdamMini(LowmemOptimizer):
         # Pass 2: the Adam-mini update of each rank's own rows.
         for (group, p, grad, block_of_row, block_numel, transposed, position), block_sq in zip(work, partials):
             state = self.state[p]
-            param, _ = _local_rows(p, transposed)
-            if not quantized_state.is_quantized(state, "exp_avg"):
+            quantized = quantized_state.is_quantized(state, "exp_avg")
+            generator = (quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
+                         if quantized else None)
+            row_denom, step_size = _second_moment_step(group, state, block_sq, block_of_row, block_numel)
+            if not quantized:
+                param, _ = _local_rows(p, transposed)
                 exp_avg, _ = _local_rows(state["exp_avg"], transposed)
-                _update(group, state, param, grad, exp_avg, block_sq, block_of_row, block_numel)
+                _first_moment_step(group, param, grad, exp_avg, row_denom, step_size)
                 continue
-            # 8-bit exp_avg: this rank's rows dequantized, the same update in at least fp32, requantized.
-            generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, state["step"], p)
-            with quantized_state.dequantized_step(p, state, ("exp_avg",), generator, grad) as (weights, grad, (values,)):
+            # 8-bit exp_avg: this rank's rows dequantized, the same update in at least fp32, requantized; with
+            # the blocks' denominators known each row is independent, so a block of rows at a time (no fp32
+            # copy of a whole 7B embedding alive), but a transposed [in, out] weight, whose rows are columns.
+            first = 0
+            for weights, grad_rows, (values,) in quantized_state.dequantized_rows(p, state, ("exp_avg",), generator,
+                                                                                 grad, whole=transposed):
                 rows, exp_avg = _local_rows(weights, transposed)[0], _local_rows(values, transposed)[0]
-                _update(group, state, rows, grad, exp_avg, block_sq, block_of_row, block_numel)
+                _first_moment_step(group, rows, grad_rows, exp_avg, row_denom[first:first + rows.size(0)], step_size)
+                first += rows.size(0)
 
 
-def _update(group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
-            exp_avg: torch.Tensor, block_sq: torch.Tensor, block_of_row: torch.Tensor | None, block_numel: int) -> None:
-    """The Adam-mini update of one tensor's local rows `param` ([rows, -1] views, as `grad` and `exp_avg`)
-    from its blocks' completed sums of g^2 `block_sq`; steps the tensor's counter."""
+def _second_moment_step(group: dict[str, Any], state: dict[str, Any], block_sq: torch.Tensor,
+                        block_of_row: torch.Tensor | None, block_numel: int) -> tuple[torch.Tensor, float]:
+    """Steps the tensor's counter and its blocks' second moments from their completed sums of g^2
+    `block_sq`; returns each local row's denominator (its block's) and the step size -lr / (1 - beta1^t)."""
     beta1, beta2 = group["betas"]
-    lr = group["lr"]
     state["step"] += 1
     t = state["step"].item()
     exp_avg_sq = state["exp_avg_sq"]
-    if group["weight_decay"]:
-        param.mul_(1 - lr * group["weight_decay"])
-    exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).add_(block_sq, alpha=(1 - beta2) / block_numel)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-    row_denom = denom if block_of_row is None else denom[block_of_row]
-    param.addcdiv_(exp_avg, row_denom.unsqueeze(1), value=-lr / (1 - beta1**t))
+    return (denom if block_of_row is None else denom[block_of_row]), -group["lr"] / (1 - beta1**t)
+
+
+def _first_moment_step(group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                       row_denom: torch.Tensor, step_size: float) -> None:
+    """Decay, the first moment's EMA and the update of the rows `param` ([rows, -1] views, as `grad` and
+    `exp_avg`), each row divided by its `row_denom`."""
+    if group["weight_decay"]:
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+    exp_avg.lerp_(grad, 1 - group["betas"][0])
+    param.addcdiv_(exp_avg, row_denom.unsqueeze(1), value=step_size)
 
 
 register(
