@@ -20,7 +20,7 @@ from the shadow (||deq - shadow|| / ||shadow|| over all quantized matrices).
 of every method of `METHODS` at llama-1b and llama-7b with and without `state_bits=8`: states, peak and
 the papers' GB (8-bit codes at 1 B each).
 
-    python benchmarks/bench_state_bits.py [--model llama-60m] [--methods adamw,scale,...] [--rounds 7] [--steps 2]
+    python benchmarks/bench_state_bits.py [--model llama-60m] [--methods adamw,scale,...] [--rounds 7] [--steps 2] [--ns-dtype float32]
     python benchmarks/bench_state_bits.py --staleness 200 [--reset-every 30]
     python benchmarks/bench_state_bits.py --memory [--models llama-1b,llama-7b]
 """
@@ -36,7 +36,7 @@ import torch
 import lowmem.optim
 import lowmem.optim.quantized_state as qs
 from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
-from lowmem.memory.estimate import estimate_memory
+from lowmem.memory.estimate import accepted_hparams, estimate_memory
 from lowmem.memory.measure import optimizer_state_bytes
 from lowmem.models.llama import Llama, LlamaConfig
 from lowmem.optim.adamw import ADAM_MOMENTS, AdamW
@@ -66,10 +66,13 @@ def memory_table(models: list[str]) -> None:
                   f"{full.paper_gb:.2f} -> {low.paper_gb:.2f} |", flush=True)
 
 
-def step_times(preset: str, method: str, rounds: int, steps: int) -> None:
+def step_times(preset: str, method: str, rounds: int, steps: int, ns_dtype: str) -> None:
     model, n = model_with_gradients(preset, structure=_structure(method))
-    optimizers = {"full precision": lowmem.optim.build(method, model, lr=1e-3),
-                  "8-bit states": lowmem.optim.build(method, model, lr=1e-3, state_bits=8)}
+    # Muon's Newton–Schulz in `ns_dtype`: this CPU has no bf16 matrix units, where a bf16 NS takes
+    # minutes a step and would hide what the 8-bit state costs.
+    hparams = {"ns_dtype": ns_dtype} if "ns_dtype" in accepted_hparams(method) else {}
+    optimizers = {"full precision": lowmem.optim.build(method, model, lr=1e-3, **hparams),
+                  "8-bit states": lowmem.optim.build(method, model, lr=1e-3, state_bits=8, **hparams)}
     times = interleaved({name: opt.step for name, opt in optimizers.items()}, rounds,
                         lambda step: seconds_per_step(step, steps))
     for name, optimizer in optimizers.items():
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--reset-every", type=int, default=0, help="--staleness: also nearest rounding with a "
                         "momentum reset after every N steps (reported steps are not reset steps)")
     parser.add_argument("--methods", default="adamw", help=f"comma-separated, of: {','.join(METHODS)}")
+    parser.add_argument("--ns-dtype", default="float32", help="Muon and muon-all: Newton–Schulz dtype")
     parser.add_argument("--memory", action="store_true", help="print the memory table instead")
     parser.add_argument("--models", default="llama-1b,llama-7b", help="--memory: the presets")
     args = parser.parse_args()
@@ -151,7 +155,7 @@ def main() -> None:
     print(f"{args.model}, fp32, CPU, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps per "
           f"contender; load average before: {os.getloadavg()}")
     for method in args.methods.split(","):
-        step_times(args.model, method, args.rounds, args.steps)
+        step_times(args.model, method, args.rounds, args.steps, args.ns_dtype)
 
 if __name__ == "__main__":
     main()
