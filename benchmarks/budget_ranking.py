@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     points = ranking(args.grids, args.methods.split(",") if args.methods else None)
+    if len(points) < len(args.grids):
+        print(f"{len(args.grids) - len(points)} of the {len(args.grids)} grids have no finished run of these "
+              "methods yet: left out\n")
     print(ranking_table(points, args.baseline))
     if args.tuned:
         print()

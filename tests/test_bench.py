@@ -253,7 +253,8 @@ def test_collect_reads_finished_runs_or_also_running_ones_and_budget_points_skip
     assert [(r["method"], r["lr"]) for r in collect(grid)] == [("adamw", 1e-3), ("galore", 1e-2), ("galore", 4e-2)]
     running = collect(grid, unfinished=True)
     assert len(running) == 4 and "val_perplexity" not in running[-1] and running[-1]["config"]["optim"]["lr"] == 8e-2
-    points = ranking([tmp_path / "steps250", tmp_path / "steps125"])
+    _finished_run(tmp_path / "steps500" / "adamw" / "lr0.001", 1e-3, None)  # a budget whose one run still runs
+    points = ranking([tmp_path / "steps250", tmp_path / "steps125", tmp_path / "steps500"])
     assert [(p.tokens, p.perplexity()) for p in points] == [(500, {"adamw": 200.0, "galore": 100.0}),
                                                             (1000, {"adamw": 100.0, "galore": 100.0})]
     table = ranking_table(points)

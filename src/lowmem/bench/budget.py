@@ -42,12 +42,14 @@ def grid_point(source: str | Path) -> BudgetPoint:
 
 
 def ranking(sources: Sequence[str | Path], methods: Sequence[str] | None = None) -> list[BudgetPoint]:
-    """One point per grid, by training tokens, with only `methods` (None: every method). A grid without
-    seeds has no noise of its own: it takes the median noise of those that have (one seed's value is
-    never read as exact)."""
+    """One point per grid, by training tokens, with only `methods` (None: every method); a grid with no
+    finished run of them yet (still running) is left out, not drawn at 0 tokens. A grid without seeds has
+    no noise of its own: it takes the median noise of those that have (one seed's value is never read as
+    exact)."""
     points = [grid_point(s) for s in sources]
     if methods is not None:
         points = [replace(p, best={m: r for m, r in p.best.items() if m in methods}) for p in points]
+    points = [p for p in points if p.best]
     measured = [p.noise for p in points if p.noise > 0]
     if measured:
         points = [p if p.noise > 0 else replace(p, noise=statistics.median(measured)) for p in points]
