@@ -22,9 +22,11 @@ import time
 
 import torch
 
+import lowmem.optim
 from lowmem.bench.timing import interleaved, seconds_per_step
 from lowmem.models import build_model
-from lowmem.optim.scale import RMS_FLOOR, scale_update
+from lowmem.optim.roles import group_input_dim, group_role
+from lowmem.optim.scale import RMS_FLOOR, normalized_dim, scale_update
 
 MOMENTUM = 0.9
 
@@ -39,15 +41,20 @@ def compiled_update(params, grads, buffers, dims, lr):
 
 
 def parts(model: torch.nn.Module) -> dict[str, tuple[list, list, list, list]]:
-    """(params, grads, momentum buffers or None, dims) of the hidden matrices, the embedding and the head."""
-    hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name and "lm_head" not in name]
-    embedding = [p for name, p in model.named_parameters() if "embed" in name]
-    head = [p for name, p in model.named_parameters() if "lm_head" in name]
-    return {
-        "hidden": (hidden, [p.grad for p in hidden], [None] * len(hidden), [1] * len(hidden)),
-        "embedding": (embedding, [p.grad for p in embedding], [None], [0]),
-        "head": (head, [p.grad for p in head], [torch.zeros_like(p) for p in head], [1]),
-    }
+    """(params, grads, momentum buffers or None, dims) of the hidden matrices, the embedding and the head,
+    by the roles and normalized dims SCALE itself uses (lowmem.optim.param_groups, scale.normalized_dim)."""
+    found: dict[str, tuple[list, list, list, list]] = {}
+    for group in lowmem.optim.param_groups(model):
+        for p in group["params"]:
+            role = "vector" if p.dim() < 2 else group_role(group, p)
+            if role == "vector":
+                continue
+            params, grads, buffers, dims = found.setdefault(role, ([], [], [], []))
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(torch.zeros_like(p) if role == "head" else None)  # SCALE's momentum: the head's only
+            dims.append(normalized_dim(role, "column", group_input_dim(group, p)))
+    return found
 
 
 def main() -> None:
