@@ -243,9 +243,9 @@ def test_rejects_bad_hyperparameters():
 
 @pytest.mark.parametrize("state_bits", [None, 8])
 def test_a_foreach_chunk_at_a_time_is_the_whole_step_to_the_bit(monkeypatch, state_bits):
-    """Step 4 builds the clipped, normalized gradients one foreach chunk at a time (lowmem.optim.base.
-    foreach_chunks), not all at once: with chunks of one small tensor each, the trajectory is the
-    one-chunk trajectory to the bit."""
+    """Steps 2-4 run one foreach chunk at a time (lowmem.optim.base.foreach_chunks; each chunk's clipped
+    gradients built once, for their norms and the update), not all at once: with chunks of one small
+    tensor each, the trajectory is the one-chunk trajectory to the bit."""
     import lowmem.optim.base as base
 
     def run(chunk_elements):

@@ -40,8 +40,10 @@ one tensor at a time and requantized (`stochastic_rounding` seeded by the tensor
 reset of step 3 zeroes them through their scales (lowmem.optim.state.reset_whole). The scalars stay fp32.
 
 FSDP2 (DTensor shards): max|g| and ||g||^2 are reductions over the whole tensor, so each rank reduces
-its shard and two all-reduces per step (a max, then a sum; each one flat tensor holding one float per
-parameter tensor) complete them; everything else is elementwise on the local shard. No gather.
+its shard and all-reduces complete them: one max per step over every tensor, then one sum per chunk of
+steps 2-4 (each a flat tensor holding one float per parameter tensor; the chunks, at most 2^24 elements
+each, are cut by global sizes so every rank runs the same ones); everything else is elementwise on the
+local shard. No gather.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class StableSPAM(LowmemOptimizer):
         # above the threshold are scaled by threshold / max|g|, one factor for the tensor.
         max_abs = [g.abs().amax().to(state["max_abs_avg"].dtype) for _, _, state, g, _, _ in work]
         all_reduce_partials(max_abs, shardings, op=dist.ReduceOp.MAX)
-        clippings = []  # (limit, factor) per tensor: the clipped gradient is rebuilt where it is used
+        clippings = []  # (limit, factor) per tensor: its chunk builds the clipped gradient
         for (group, _, state, grad, k, _), peak in zip(work, max_abs):
             theta = group["theta"]
             # theta*M + (1-theta)*peak as written (an in-place add with alpha may fuse into one FMA).
@@ -179,27 +181,34 @@ class StableSPAM(LowmemOptimizer):
             factor = (limit / peak.clamp_min(torch.finfo(peak.dtype).tiny)).to(grad.dtype)
             clippings.append((limit.to(grad.dtype), factor))
 
+        # Steps 2-4 one foreach chunk at a time (cut by the global element count, so every rank cuts alike
+        # and runs the same all-reduces): the chunk's clipped gradients are built once, give their norms,
+        # are scaled in place and update. Holding every tensor's clipped copy at once would be a
+        # model-sized copy of the gradients (13.5 GB at 7B in bf16), more than the whole 8-bit state.
+        for _, indices in foreach_chunks([p for _, p, *_ in work], list(range(len(work)))):
+            self._normalize_and_update([work[i] for i in indices], [clippings[i] for i in indices],
+                                       [shardings[i] for i in indices], [positions[i] for i in indices])
+
+    def _normalize_and_update(self, work: list, clippings: list, shardings: list, positions: list) -> None:
+        """Steps 2-4 for one chunk of tensors: `work` holds (group, param, state, local grad, k, cosine)."""
         # 2. Norm normalization with the bias-corrected EMAs of ||g|| (coefficient gamma1 times the
         # cosine factor) and ||g||^2 (sum over all shards). In at least fp32: a bf16 norm keeps 3 digits.
-        # One clipped copy at a time: holding every tensor's (a model-sized copy of the gradients, 13.5 GB
-        # at 7B in bf16) for one foreach update cost more memory than the whole 8-bit state.
-        norms = [torch.linalg.vector_norm(_clipped(grad, *clipping), dtype=state["norm_avg"].dtype)
-                 for (_, _, state, grad, _, _), clipping in zip(work, clippings)]
+        clipped = [_clipped(grad, *clipping) for (_, _, _, grad, _, _), clipping in zip(work, clippings)]
+        norms = [torch.linalg.vector_norm(g, dtype=state["norm_avg"].dtype)
+                 for (_, _, state, _, _, _), g in zip(work, clipped)]
         sum_sq = [n.square() for n in norms]
         all_reduce_partials(sum_sq, shardings)
         buckets: dict[tuple[int, float], list] = {}
-        # (group, beta1, param, state, gradient, position): 8-bit moments, updated one at a time; a
-        # gradient is `_normalized`'s arguments, built into a tensor where it is used
-        quantized = []
-        for (group, p, state, grad, k, cosine), clipping, local_norm, sq, pgs, position in zip(
-                work, clippings, norms, sum_sq, shardings, positions):
+        quantized = []  # (group, beta1, param, state, gradient, position): 8-bit moments, one at a time
+        for (group, p, state, _, k, cosine), gradient, local_norm, sq, pgs, position in zip(
+                work, clipped, norms, sum_sq, shardings, positions):
             gamma1, gamma2 = group["gamma1"] * cosine, group["gamma2"]
             norm = sq.sqrt() if pgs else local_norm  # a whole tensor's norm, not sqrt(norm^2) (one rounding less)
             state["norm_avg"].copy_(gamma1 * state["norm_avg"] + (1 - gamma1) * norm)
             state["norm_sq_avg"].copy_(gamma2 * state["norm_sq_avg"] + (1 - gamma2) * sq)
             target = (state["norm_avg"] / (1 - gamma1**k)) / ((state["norm_sq_avg"] / (1 - gamma2**k)).sqrt() + group["eps"])
             # A zero gradient stays zero (0 / tiny), with no data-dependent branch.
-            gradient = (grad, *clipping, (target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(grad.dtype))
+            gradient.mul_((target / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(gradient.dtype))
 
             # 3. Momentum reset, effective on this very step (lowmem's fix; see the module docstring):
             # the counter goes to 0 and adamw_update's increment makes this step k = 1.
@@ -216,28 +225,21 @@ class StableSPAM(LowmemOptimizer):
                                            local_tensor(state["exp_avg_sq"]), state["step"])):
                 items.append(item)
 
-        # 4. AdamW with the decayed beta1 (one bucket per group and beta1: normally one per group), one
-        # foreach chunk of normalized gradients at a time.
+        # 4. AdamW with the decayed beta1 (one bucket per group and beta1: normally one per group).
         for (_, beta1), (params, gradients, exp_avgs, exp_avg_sqs, steps, group) in buckets.items():
-            for chunk in foreach_chunks(params, gradients, exp_avgs, exp_avg_sqs, steps):
-                adamw_update(chunk[0], [_normalized(*g) for g in chunk[1]], *chunk[2:], lr=group["lr"], beta1=beta1,
-                             beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
+            adamw_update(params, gradients, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
+                         beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
         for group, beta1, p, state, gradient, position in quantized:
             # Seeded by T, which goes on through resets (k restarts at each).
             generator = quantized_state.rounding_generator(group["stochastic_rounding"], position,
                                                            state["global_step"] - 1, p)
-            quantized_adamw_update(p, state, generator, _normalized(*gradient), lr=group["lr"], beta1=beta1,
+            quantized_adamw_update(p, state, generator, gradient, lr=group["lr"], beta1=beta1,
                                    beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 def _clipped(grad: torch.Tensor, limit: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """The gradient with every entry above `limit` in magnitude scaled by `factor` (a new tensor)."""
     return torch.where(grad.abs() > limit, grad * factor, grad)
-
-
-def _normalized(grad: torch.Tensor, limit: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The clipped gradient times the norm normalization's `scale`: what step 4 updates with."""
-    return _clipped(grad, limit, factor).mul_(scale)
 
 
 register(
