@@ -10,7 +10,9 @@ Muon's batched Newton–Schulz against its per-matrix path.
              float32 by default: this CPU has no bf16 matrix units, where a bf16 NS of one 512 x 512
              matrix takes seconds (torch's `muon` pair above is bf16, torch.optim.Muon's only choice)
   adamw-compiled  lowmem AdamW(compiled=True), each bucket's update one torch.compile'd graph (inductor),
-             vs the eager AdamW (foreach), the baseline of every comparison; also the first compiled
+             vs the eager AdamW (foreach), the baseline of every comparison; galore-compiled,
+             apollo-mini-compiled, muon-compiled: the method with compiled=True (its AdamW part compiled:
+             embedding, head, vectors; muon's NS in float32) vs the same method eager; also the first compiled
              step's seconds (the compilation: run with TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) for a cold
              cache) and how far apart two copies of the model end after --check-steps steps (a new lr
              each step) with the same gradients, relative to how far they moved
@@ -20,7 +22,7 @@ contenders step the same parameters, each with its own state. Within each round 
 a pair take turns (order alternated per round) so drift on a shared machine hits both alike; each
 round gives the ratio lowmem / reference, and the median ratio over rounds is reported.
 
-    python benchmarks/bench_baselines_step.py [--model llama-60m] [--pairs muon adam-mini muon-batched adamw-compiled]
+    python benchmarks/bench_baselines_step.py [--model llama-60m] [--pairs muon adam-mini muon-batched adamw-compiled galore-compiled ...]
         [--rounds 7] [--steps 2] [--threads 1] [--ns-dtype float32] [--check-steps 3]
 """
 
@@ -35,7 +37,6 @@ import torch
 import lowmem.optim
 from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
-from lowmem.optim.adamw import AdamW
 from lowmem.optim.muon import Muon
 from lowmem.optim.newton_schulz import BATCH_ELEMENTS
 from lowmem.testing import max_relative_difference
@@ -87,21 +88,30 @@ def muon_batched_difference(model_name: str, steps: int, ns_dtype: str) -> tuple
     return max_relative_difference(*models), max_relative_difference(initial, models[0])
 
 
-def _adamw_compiled_pair(model):
-    compiled = AdamW(lowmem.optim.param_groups(model), lr=1e-3, compiled=True)
-    eager = AdamW(lowmem.optim.param_groups(model), lr=1e-3)
-    return compiled.step, eager.step
+# The methods whose opt-in `compiled=True` (issue 28) has a pair: AdamW compiles its whole update; the
+# others compile the update of the tensors they leave to AdamW (embedding, head, vectors).
+COMPILED_METHODS = ("adamw", "galore", "apollo-mini", "muon")
+_COMPILED_HPARAMS = {"muon": {"ns_dtype": "float32"}}  # bf16 matrix products have no hardware on this CPU
 
 
-def adamw_compiled_difference(model_name: str, steps: int) -> tuple[float, float, float]:
+def _compiled_pair(method: str):
+    def pair(model):
+        hparams = {"lr": 1e-3, **_COMPILED_HPARAMS.get(method, {})}
+        compiled = lowmem.optim.build(method, model, compiled=True, **hparams)
+        eager = lowmem.optim.build(method, model, **hparams)
+        return compiled.step, eager.step
+    return pair
+
+
+def compiled_difference(method: str, model_name: str, steps: int) -> tuple[float, float, float]:
     """(max over tensors of ||compiled - eager|| / ||eager - W_0||, max of ||W_end - W_0|| / ||W_0||,
-    seconds of the first compiled step: the compilation) after `steps` AdamW steps, lr 1e-3 ramped
+    seconds of the first compiled step: the compilation) after `steps` steps of `method`, lr 1e-3 ramped
     from 1e-4 (a new lr each step), of two copies of the model with the same fixed random gradients."""
     ends, first_step = [], 0.0
     for compiled in (False, True):
         model, _ = model_with_gradients(model_name)
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizer = AdamW(lowmem.optim.param_groups(model), lr=1e-3, compiled=compiled)
+        optimizer = lowmem.optim.build(method, model, lr=1e-3, compiled=compiled, **_COMPILED_HPARAMS.get(method, {}))
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = 1e-3 * (step + 1) / steps
@@ -119,9 +129,9 @@ def adamw_compiled_difference(model_name: str, steps: int) -> tuple[float, float
 
 
 PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair,
-         "adamw-compiled": _adamw_compiled_pair}
+         **{f"{method}-compiled": _compiled_pair(method) for method in COMPILED_METHODS}}
 # How a pair's two contenders are printed (the ratio is first / second); lowmem vs reference unless named.
-LABELS = {"adamw-compiled": ("compiled", "eager")}
+LABELS = {f"{method}-compiled": ("compiled", "eager") for method in COMPILED_METHODS}
 
 
 def main() -> None:
@@ -146,12 +156,13 @@ def main() -> None:
             print(f"muon-batched (NS in {args.ns_dtype}) after {args.check_steps} steps: batched vs per-matrix max "
                   f"relative difference {difference:.3g}, weights moved up to {moved:.3g} relative")
             ours, reference = _muon_batched_pair(model, args.ns_dtype)
-        elif name == "adamw-compiled":
-            apart, moved, compilation = adamw_compiled_difference(args.model, args.check_steps)
-            print(f"adamw-compiled: first compiled step (the compilation) {compilation:.1f} s; after "
+        elif name.endswith("-compiled"):
+            apart, moved, compilation = compiled_difference(name.removesuffix("-compiled"), args.model,
+                                                            args.check_steps)
+            print(f"{name}: first compiled step (the compilation) {compilation:.1f} s; after "
                   f"{args.check_steps} steps compiled vs eager max difference {apart:.3g} of how far each "
                   f"tensor moved, weights moved up to {moved:.3g} relative")
-            ours, reference = _adamw_compiled_pair(model)
+            ours, reference = PAIRS[name](model)
         else:
             ours, reference = PAIRS[name](model)
         # One warm-up step each (allocate state, fault in pages), then the two alternate round by round.

@@ -58,7 +58,6 @@ from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
     check_adam_group,
-    check_bool,
     check_choice,
     check_grad,
     foreach_chunks,
@@ -292,15 +291,9 @@ class AdamW(LowmemOptimizer):
                         state_bits=state_bits, stochastic_rounding=stochastic_rounding, compiled=compiled)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a checkpoint from before the key ran the eager step
-            group.setdefault("compiled", False)
-
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_adam_group(group)
-        check_bool("compiled", group["compiled"])
 
     def _step(self) -> None:
         position = 0

@@ -204,6 +204,9 @@ def _as_saved(loaded: Any, saved: Any) -> Any:
 STATE_LAYOUTS = ("param", "replicated", "rank")
 # A method's 8-bit state settings (lowmem.optim.quantized_state) as a group without them means them.
 QUANTIZED_STATE_DEFAULTS = {"state_bits": None, "stochastic_rounding": False}
+# The compiled Adam update's switch (lowmem.optim.adamw.AdamBatch) for the methods that take it: a group
+# from before it (a checkpoint) ran the eager step.
+COMPILED_DEFAULT = {"compiled": False}
 ABSMAX_SUFFIX = "_absmax"  # an 8-bit moment's scales (lowmem.optim.quantized_state.ABSMAX)
 
 
@@ -268,19 +271,21 @@ class LowmemOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # a checkpoint from before 8-bit states kept full-precision ones
-            for key, value in QUANTIZED_STATE_DEFAULTS.items():
+            for key, value in {**QUANTIZED_STATE_DEFAULTS, **COMPILED_DEFAULT}.items():
                 if key in self.defaults:
                     group.setdefault(key, value)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Refuse a bad hyperparameter of `group` (ValueError naming it, its value and what is accepted).
         Here: the 8-bit state settings, for every method that takes them (`state_bits`,
-        `stochastic_rounding`: lowmem.optim.quantized_state)."""
+        `stochastic_rounding`: lowmem.optim.quantized_state), and `compiled` (the compiled Adam update)."""
         if "state_bits" in group:
             from lowmem.optim.quantized_state import check_state_bits  # it imports this module
 
             check_state_bits(group["state_bits"])
             check_bool("stochastic_rounding", group["stochastic_rounding"])
+        if "compiled" in group:
+            check_bool("compiled", group["compiled"])
 
     def state_layout(self, param: torch.Tensor, key: str, value: torch.Tensor) -> str:
         """How plain state tensor `key` of `param` lies across FSDP2 ranks: one of STATE_LAYOUTS (see

@@ -174,6 +174,8 @@ class Muon(LowmemOptimizer):
         state_bits: 8 keeps the momenta (and the Adam tensors' moments, where large enough) in 8-bit
             codes; None or 32: full precision (see the module docstring).
         stochastic_rounding: requantize 8-bit states with unbiased random rounding.
+        compiled: the tensors left to AdamW take the compiled update (lowmem.optim.adamw, `compiled`);
+            momentum and Newton–Schulz stay eager.
     """
 
     updates_per_parameter = True  # Newton–Schulz orthogonalizes one matrix; momentum and Adam are per tensor
@@ -197,12 +199,13 @@ class Muon(LowmemOptimizer):
         matrices: str = "hidden",
         state_bits: int | None = None,
         stochastic_rounding: bool = False,
+        compiled: bool = False,
     ) -> None:
         adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adjust_lr=adjust_lr,
                         ns_steps=ns_steps, ns_dtype=_dtype_name(ns_dtype), adam_lr=adam_lr,
                         adam_betas=adam_betas, adam_eps=adam_eps, matrices=matrices, state_bits=state_bits,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, compiled=compiled)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -235,7 +238,7 @@ class Muon(LowmemOptimizer):
     def _step_group(self, group: dict[str, Any], position: int) -> None:
         matrices, matrix_grads, buffers, input_dims = [], [], [], []
         quantized: tuple[list, list, list, list] = ([], [], [], [])  # params, states, positions, input dims
-        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
+        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
         muon_roles = MATRICES[group["matrices"]]
         for p in group["params"]:
             position += 1

@@ -309,6 +309,8 @@ class ProjectedAdam(LowmemOptimizer):
         foreach: use the multi-tensor AdamW path for the parameters left to AdamW.
         state_bits: None or 32 (full precision) or 8 (the moments, projected and AdamW's, in 8-bit codes).
         stochastic_rounding: requantize 8-bit moments with unbiased random rounding instead of nearest.
+        compiled: the parameters left to AdamW take the compiled update (lowmem.optim.adamw, `compiled`);
+            the projected matrices stay eager.
     """
 
     method_name = "projected adam"
@@ -389,7 +391,7 @@ class ProjectedAdam(LowmemOptimizer):
     def _step(self) -> None:
         schedule = self._schedule()
         for group in self.param_groups:
-            adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
+            adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
