@@ -243,17 +243,23 @@ def test_inside_backward_the_compiled_step_gives_bitwise_the_weights_of_the_comp
     assert [name for name in after if not torch.equal(after[name], inside[name])] == []
 
 
-@pytest.mark.parametrize("method", ["galore", "fira", "apollo-mini", "muon"])
+@pytest.mark.parametrize("method", ["galore", "fira", "apollo-mini", "muon", "smet"])
 def test_other_methods_compile_the_tensors_they_leave_to_adamw(method, compile_counter):
     """`compiled=True` on a method with an AdamW part (the embedding, head and vectors of GaLore, Fira,
-    APOLLO(-Mini), Muon): those tensors take the compiled update, within 1e-6 of the eager one relative to
+    APOLLO(-Mini), Muon; SMET's dense tensors once past their warm-up): those tensors take the compiled update, within 1e-6 of the eager one relative to
     how far they moved, with no recompilation as the lr changes; the method's own matrices stay eager,
     bit for bit. `--opt compiled=true` reaches it, and a checkpoint without the key steps eagerly."""
-    hparams = {"ns_dtype": "float32"} if method == "muon" else {"rank": 4, "update_proj_gap": 4}
-    start = build_model("cpu-tiny", vocab_size=64)
+    hparams = {"muon": {"ns_dtype": "float32"}, "smet": {"warmup": 1}}.get(method, {"rank": 4, "update_proj_gap": 4})
+    from lowmem.assembly import build_model as build_structured
+
+    def fresh() -> torch.nn.Module:  # built again, not deep-copied: a sparse layout is not copied along
+        torch.manual_seed(0)
+        return build_structured("cpu-tiny", vocab_size=64, structure={"name": "sparse"} if method == "smet" else None)
+
+    start = fresh()
     models, optimizers = [], []
     for compiled in (False, True):
-        model = copy.deepcopy(start)
+        model = fresh()
         optimizer = lowmem.optim.build(method, model, lr=1e-2, compiled=compiled, **hparams)
         _train(model, optimizer, range(1))
         if compiled:
@@ -279,7 +285,7 @@ def test_other_methods_compile_the_tensors_they_leave_to_adamw(method, compile_c
     state = optimizers[1].state_dict()
     for group in state["param_groups"]:
         del group["compiled"]
-    loaded = lowmem.optim.build(method, copy.deepcopy(start), compiled=True, **hparams)
+    loaded = lowmem.optim.build(method, fresh(), compiled=True, **hparams)
     loaded.load_state_dict(state)
     assert not any(group["compiled"] for group in loaded.param_groups)
     with pytest.raises(ValueError, match="compiled"):

@@ -30,6 +30,9 @@ the gradient autograd gives is dense and SMET reads its active entries. A checkp
 `warmup_form` existed resumes with the step ramp it ran with (the group settings, density_lr
 included, come back from the checkpoint).
 
+`compiled=True` (issue 28, default off) gives the dense tensors past their warm-up AdamW's compiled update
+(lowmem.optim.adamw); the sparse layers stay eager.
+
 `state_bits=8` (with `stochastic_rounding`; lowmem.optim.quantized_state) keeps each sparse layer's
 compact m and v in 8-bit codes when k*B >= 4096, held as one row [1, k*B] (`compact_rows`) cut into
 blocks of 256 that run across SMET's blocks: B is small (1 by default), and a row per SMET block would
@@ -100,11 +103,11 @@ class SMET(LowmemOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup: int = 100, warmup_form: str = "moment_decay",
                  density_lr: str = "none", foreach: bool = True, state_bits: int | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, compiled: bool = False) -> None:
         betas = as_pair(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup=warmup,
                         warmup_form=warmup_form, density_lr=density_lr, foreach=foreach, state_bits=state_bits,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, compiled=compiled)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -131,7 +134,7 @@ class SMET(LowmemOptimizer):
                         self._sparse_step(p, group, beta1, beta2, position)
                 continue
             decay = group["warmup"] if group["warmup_form"] == "moment_decay" else 0
-            batch = AdamBatch(group["state_bits"], group["stochastic_rounding"])
+            batch = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
             for p in group["params"]:
                 position += 1
                 if p.grad is None:
