@@ -48,6 +48,9 @@ of 1-2 x 32, torchrun with gloo; `Settings` holds both sizes):
   large        llama-1b and llama-7b, SCALE, micro-batch 1 x 256, block activation checkpointing,
                chunked loss, 5 steps: max_memory_allocated beside `lowmem memory`'s estimate of the
                same run (estimate_memory, called by the trainer in the same process).
+  compile      issue 28: the methods item's AdamW run eager, with `--compile` (each block compiled), and
+               with the optimizer step compiled too (`--opt compiled=true`): steady tokens/s and MFU,
+               their ratio to eager, and the first step's seconds (mostly compilation) apart.
 
 To add an item: write a function `(Protocol) -> Result` and append an Item to ITEMS.
 """
@@ -306,6 +309,15 @@ def environment(p: Protocol) -> Result:
                   ["what", "value"], [[k, v] for k, v in facts.items()], facts)
 
 
+def steady_mfu(p: Protocol, run: Run) -> tuple[dict[str, float], float, float]:
+    """A run's steady figures (Run.steady), its FLOPs per position and its MFU over the steady steps."""
+    s = p.settings
+    steady = run.steady(s.warm_steps)
+    per_position = flops_per_position(run.summary["model"], run.summary["vocab_size"], s.seq_len)
+    steps_per_second = steady["steps"] / steady["seconds"] if steady["seconds"] else 0.0
+    return steady, per_position, steps_per_second * s.batch_size * s.seq_len * per_position / (p.peak_tflops * 1e12)
+
+
 def methods(p: Protocol) -> Result:
     s = p.settings
     rows, runs, failed = [], {}, []
@@ -318,10 +330,7 @@ def methods(p: Protocol) -> Result:
             runs[name] = {"error": str(err)}
             continue
         summary, memory = run.summary, run.summary["memory"]
-        steady = run.steady(s.warm_steps)
-        per_position = flops_per_position(summary["model"], summary["vocab_size"], s.seq_len)
-        steps_per_second = steady["steps"] / steady["seconds"] if steady["seconds"] else 0.0
-        mfu = steps_per_second * s.batch_size * s.seq_len * per_position / (p.peak_tflops * 1e12)
+        steady, per_position, mfu = steady_mfu(p, run)
         runs[name] = {"lr": LRS.get(name), "steps": summary["steps"], "steady": steady, "mfu": mfu,
                       # The trainer's own figure and the steps it covers, beside this protocol's.
                       "trainer_tokens_per_second": summary["tokens_per_second"],
@@ -487,6 +496,44 @@ def large(p: Protocol) -> Result:
                                         "peak / estimate", "paper GB", "s / step"], rows, data)
 
 
+# The compile item's variants of the methods item's AdamW run: (name, train.* keys, optimizer hparams).
+COMPILE_VARIANTS = (("eager", {}, {}), ("compiled blocks", {"compile": True}, {}),
+                    ("compiled blocks + step", {"compile": True}, {"compiled": True}))
+
+
+def compile_runs(p: Protocol) -> Result:
+    """AdamW as in the methods item, eager, with `--compile` (each block compiled) and with the optimizer
+    step compiled too (`--opt compiled=true`), one after another: steady tokens/s and MFU beside the
+    eager run's, and the first step's seconds (mostly compilation) apart."""
+    s = p.settings
+    rows, data, failed, eager = [], {}, [], None
+    for name, train, hparams in COMPILE_VARIANTS:
+        run_dir = p.output / "compile" / name.replace(" ", "-").replace("+", "and")
+        config = p.config(run_dir, "adamw", **train)
+        config["optim"]["hparams"] = hparams
+        try:
+            run = p.train(run_dir, config)
+        except ChildFailed as err:
+            failed.append(name)
+            rows.append([name, _failed_cell(err), *["-"] * 5])
+            data[name] = {"error": str(err)}
+            continue
+        steady, _, mfu = steady_mfu(p, run)
+        eager = steady["tokens_per_second"] if name == "eager" else eager
+        ratio = steady["tokens_per_second"] / eager if eager else None
+        data[name] = {"steady": steady, "mfu": mfu, "ratio_to_eager": ratio,
+                      "first_step_seconds": run.summary.get("first_step_seconds"),
+                      "peak_bytes": run.summary["memory"]["peak_bytes"], "val_perplexity": run.summary["val_perplexity"]}
+        rows.append([name, f"{run.summary.get('first_step_seconds', 0.0):.1f}", f"{steady['tokens_per_second']:,.0f}",
+                     f"{mfu:.3f}", "-" if ratio is None else f"{ratio:.3f}", _gb(run.summary["memory"]["peak_bytes"]),
+                     f"{run.summary['val_perplexity']:.2f}"])
+    verdict = (f"AdamW, {s.model}, {s.precision}, {s.steps} steps x {s.batch_size} x {s.seq_len}; steady = steps "
+               f"{s.warm_steps + 1}-{s.steps} (the first step, with the compilation, apart)"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return Result(not failed, verdict, ["variant", "first step (s)", "steady tokens/s", "MFU", "tokens/s / eager",
+                                        "max allocated (GB)", "val ppl"], rows, data)
+
+
 @dataclass(frozen=True)
 class Item:
     name: str
@@ -505,6 +552,8 @@ ITEMS = (
     Item("resume", "a bf16-pure run stopped and resumed", resume, 75),
     Item("gradient-release", "7B with SCALE inside backward: peak within 16 GB", gradient_release, 120),
     Item("large", "1B and 7B with SCALE: peak beside the estimate", large, 240),
+    # Last: the least needed, so a command cut off at the device's per-call limit loses only it.
+    Item("compile", "AdamW eager, blocks compiled, blocks and step compiled: tokens/s, MFU", compile_runs, 240),
 )
 
 

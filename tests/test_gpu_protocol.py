@@ -21,7 +21,7 @@ from lowmem.data import open_source, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_protocol.py"
-ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "gradient-release", "large"]
+ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "gradient-release", "large", "compile"]
 
 
 def _belongs_to_lowmem(entry: Path) -> bool:
@@ -109,6 +109,11 @@ def test_gpu_protocol_dry_run_runs_every_item_without_an_install(tmp_path, bare_
 
     large = items["large"]["data"]["cpu-micro"]
     assert large["peak_bytes"] > 0 and large["estimate_total_bytes"] > 0
+
+    compiled = items["compile"]["data"]
+    assert list(compiled) == ["eager", "compiled blocks", "compiled blocks + step"]
+    assert all(v["ratio_to_eager"] > 0 and v["first_step_seconds"] > 0 and v["val_perplexity"] > 1
+               for v in compiled.values())
 
     report = (tmp_path / "report" / "report.md").read_text()
     for name in ITEMS:
