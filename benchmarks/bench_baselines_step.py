@@ -35,7 +35,7 @@ import time
 import torch
 
 import lowmem.optim
-from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step
+from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_step, synchronize
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
 from lowmem.optim.newton_schulz import BATCH_ELEMENTS
@@ -73,12 +73,13 @@ def _muon_batched_pair(model, ns_dtype: str = "float32"):
     return batched.step, per_matrix.step
 
 
-def muon_batched_difference(model_name: str, steps: int, ns_dtype: str) -> tuple[float, float]:
+def muon_batched_difference(model_name: str, steps: int, ns_dtype: str, device: str = "cpu",
+                            vocab_size: int | None = None) -> tuple[float, float]:
     """(max over tensors of ||batched - per-matrix|| / ||W||, max of ||W_end - W_0|| / ||W_0||) after
     `steps` Muon steps of two copies of the model with the same fixed random gradients."""
     models = []
     for ns_batch_elements in (BATCH_ELEMENTS, 0):
-        model, _ = model_with_gradients(model_name)
+        model, _ = model_with_gradients(model_name, device=device, vocab_size=vocab_size)
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
         optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
         optimizer.ns_batch_elements = ns_batch_elements
@@ -103,20 +104,23 @@ def _compiled_pair(method: str):
     return pair
 
 
-def compiled_difference(method: str, model_name: str, steps: int) -> tuple[float, float, float]:
+def compiled_difference(method: str, model_name: str, steps: int, device: str = "cpu",
+                        vocab_size: int | None = None) -> tuple[float, float, float]:
     """(max over tensors of ||compiled - eager|| / ||eager - W_0||, max of ||W_end - W_0|| / ||W_0||,
     seconds of the first compiled step: the compilation) after `steps` steps of `method`, lr 1e-3 ramped
     from 1e-4 (a new lr each step), of two copies of the model with the same fixed random gradients."""
     ends, first_step = [], 0.0
     for compiled in (False, True):
-        model, _ = model_with_gradients(model_name)
+        model, _ = model_with_gradients(model_name, device=device, vocab_size=vocab_size)
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
         optimizer = lowmem.optim.build(method, model, lr=1e-3, compiled=compiled, **_COMPILED_HPARAMS.get(method, {}))
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = 1e-3 * (step + 1) / steps
+            synchronize(device)
             start = time.perf_counter()
             optimizer.step()
+            synchronize(device)
             if compiled and step == 0:
                 first_step = time.perf_counter() - start
         ends.append({name: p.detach().clone() for name, p in model.named_parameters()})
@@ -131,7 +135,8 @@ def compiled_difference(method: str, model_name: str, steps: int) -> tuple[float
 PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair,
          **{f"{method}-compiled": _compiled_pair(method) for method in COMPILED_METHODS}}
 # How a pair's two contenders are printed (the ratio is first / second); lowmem vs reference unless named.
-LABELS = {f"{method}-compiled": ("compiled", "eager") for method in COMPILED_METHODS}
+LABELS = {"muon-batched": ("batched", "per-matrix"),
+          **{f"{method}-compiled": ("compiled", "eager") for method in COMPILED_METHODS}}
 
 
 def main() -> None:
@@ -141,24 +146,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU protocol's optimizer-steps item)")
+    parser.add_argument("--vocab-size", type=int, help="for a model preset without its own (cpu-micro)")
     parser.add_argument("--ns-dtype", default="float32", help="muon-batched: Newton–Schulz dtype")
     parser.add_argument("--check-steps", type=int, default=3,
                         help="muon-batched, adamw-compiled: steps of the difference check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, n = model_with_gradients(args.model)
-    print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, CPU, {args.threads} thread(s), "
+    model, n = model_with_gradients(args.model, device=args.device, vocab_size=args.vocab_size)
+    print(f"{args.model}: {n / 1e6:.2f}M parameters, fp32, {args.device}, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps per contender")
 
     for name in args.pairs:
         if name == "muon-batched":
-            difference, moved = muon_batched_difference(args.model, args.check_steps, args.ns_dtype)
+            difference, moved = muon_batched_difference(args.model, args.check_steps, args.ns_dtype, args.device,
+                                                        args.vocab_size)
             print(f"muon-batched (NS in {args.ns_dtype}) after {args.check_steps} steps: batched vs per-matrix max "
                   f"relative difference {difference:.3g}, weights moved up to {moved:.3g} relative")
             ours, reference = _muon_batched_pair(model, args.ns_dtype)
         elif name.endswith("-compiled"):
             apart, moved, compilation = compiled_difference(name.removesuffix("-compiled"), args.model,
-                                                            args.check_steps)
+                                                            args.check_steps, args.device, args.vocab_size)
             print(f"{name}: first compiled step (the compilation) {compilation:.1f} s; after "
                   f"{args.check_steps} steps compiled vs eager max difference {apart:.3g} of how far each "
                   f"tensor moved, weights moved up to {moved:.3g} relative")
@@ -167,7 +175,7 @@ def main() -> None:
             ours, reference = PAIRS[name](model)
         # One warm-up step each (allocate state, fault in pages), then the two alternate round by round.
         times = interleaved({"lowmem": ours, "reference": reference}, args.rounds,
-                            lambda step: seconds_per_step(step, args.steps))
+                            lambda step: seconds_per_step(step, args.steps, args.device))
         ratios = [a / b for a, b in zip(times["lowmem"], times["reference"])]
         first, second = LABELS.get(name, ("lowmem", "reference"))
         print(f"{name:10s} {first} {statistics.median(times['lowmem']) * 1e3:8.1f} ms/step   "

@@ -51,6 +51,9 @@ of 1-2 x 32, torchrun with gloo; `Settings` holds both sizes):
   compile      issue 28: the methods item's AdamW run eager, with `--compile` (each block compiled), and
                with the optimizer step compiled too (`--opt compiled=true`): steady tokens/s and MFU,
                their ratio to eager, and the first step's seconds (mostly compilation) apart.
+  optimizer-steps  issue 28: benchmarks/bench_baselines_step.py on the device, llama-60m: Muon's batched
+               Newton–Schulz (bf16) vs per matrix, AdamW's and GaLore's compiled steps vs eager (ratios
+               of interleaved contenders, the compilation's seconds, how far apart the copies end).
 
 To add an item: write a function `(Protocol) -> Result` and append an Item to ITEMS.
 """
@@ -84,6 +87,9 @@ LRS = {"adamw": 1e-3, "scale": 1e-3, "galore": 1e-2, "apollo-mini": 1e-2, "muon"
 IMPORTED_FROM = "lowmem imported from "
 LAUNCH = (f"import sys, lowmem, lowmem.cli; print({IMPORTED_FROM!r} + lowmem.__file__, file=sys.stderr, flush=True); "
           "sys.exit(lowmem.cli.main(sys.argv[1:]))")
+# The same for a benchmark script: `python -c SCRIPT_LAUNCH script.py args...` runs it as __main__.
+SCRIPT_LAUNCH = (f"import runpy, sys, lowmem; print({IMPORTED_FROM!r} + lowmem.__file__, file=sys.stderr, flush=True); "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 LOSS_RTOL = 1e-2  # per-step loss agreement under bf16 where bitwise equality is not expected
 GB = 1e9
 
@@ -114,6 +120,9 @@ class Settings:
     release_vocab_size: int | None = None  # a paper preset brings its own
     release_steps: int = 5
     release_budget: float = 16e9  # issue 25: 7B with SCALE and release within 16 GB
+    step_rounds: int = 5  # optimizer-steps: interleaved rounds and steps per contender per round
+    step_steps: int = 5
+    step_vocab_size: int | None = None  # a paper preset brings its own
     item_timeout: float | None = None  # seconds for every item; None: each Item's own limit
 
 
@@ -121,8 +130,8 @@ GPU = Settings()
 DRY = Settings(model="cpu-micro", device="cpu", seq_len=32, eval_tokens=200, steps=5, warm_steps=3, batch_size=2,
                distributed_steps=3, distributed_micro_batch=1, resume_steps=4, peak_batch_size=2,
                peak_steps=1, peak_vocab_size=300, peak_optimizers="scale", large_models=("cpu-micro",), large_steps=5,
-               large_eval_tokens=200, release_model="cpu-micro", release_vocab_size=300,
-               item_timeout=300)  # a CI machine may be loaded
+               large_eval_tokens=200, release_model="cpu-micro", release_vocab_size=300, step_rounds=1,
+               step_steps=1, step_vocab_size=300, item_timeout=300)  # a CI machine may be loaded
 
 
 class ChildFailed(RuntimeError):
@@ -534,6 +543,29 @@ def compile_runs(p: Protocol) -> Result:
                                         "max allocated (GB)", "val ppl"], rows, data)
 
 
+STEP_PAIRS = ("muon-batched", "adamw-compiled", "galore-compiled")
+
+
+def optimizer_steps(p: Protocol) -> Result:
+    """benchmarks/bench_baselines_step.py on the device: Muon's batched Newton–Schulz (bf16 on CUDA, the
+    default there) against one matrix at a time, and AdamW's and GaLore's compiled steps against eager;
+    each pair's contenders interleaved, the median ratio, and how far apart the two end."""
+    s = p.settings
+    log = p.output / "optimizer-steps.log"
+    ns_dtype = "bfloat16" if s.device == "cuda" else "float32"
+    p.run_child([sys.executable, "-c", SCRIPT_LAUNCH, str(ROOT / "benchmarks" / "bench_baselines_step.py"), "--device", s.device,
+                 "--model", s.model, "--pairs", *STEP_PAIRS, "--rounds", str(s.step_rounds), "--steps",
+                 str(s.step_steps), "--check-steps", "3", "--ns-dtype", ns_dtype,
+                 *(["--vocab-size", str(s.step_vocab_size)] if s.step_vocab_size else [])], log)
+    lines = [line.strip() for line in log.read_text().splitlines()
+             if line.startswith(tuple(f"{pair} " for pair in STEP_PAIRS)) or line.startswith(tuple(f"{pair}:" for pair in STEP_PAIRS))]
+    timed = [line for line in lines if "ms/step" in line]
+    ok = len(timed) == len(STEP_PAIRS)
+    return Result(ok, f"{s.model}, fp32 weights, {s.device}, {s.step_rounds} rounds x {s.step_steps} steps per contender"
+                  + ("" if ok else f"; {len(timed)} of {len(STEP_PAIRS)} pairs timed (see {log})"),
+                  ["benchmarks/bench_baselines_step.py"], [[line] for line in lines], {"lines": lines})
+
+
 @dataclass(frozen=True)
 class Item:
     name: str
@@ -554,6 +586,7 @@ ITEMS = (
     Item("large", "1B and 7B with SCALE: peak beside the estimate", large, 240),
     # Last: the least needed, so a command cut off at the device's per-call limit loses only it.
     Item("compile", "AdamW eager, blocks compiled, blocks and step compiled: tokens/s, MFU", compile_runs, 240),
+    Item("optimizer-steps", "Muon batched vs per matrix; AdamW and GaLore compiled vs eager", optimizer_steps, 180),
 )
 
 

@@ -21,7 +21,8 @@ from lowmem.data import open_source, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_protocol.py"
-ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "gradient-release", "large", "compile"]
+ITEMS = ["environment", "methods", "distributed", "peak-memory", "resume", "gradient-release", "large", "compile",
+         "optimizer-steps"]
 
 
 def _belongs_to_lowmem(entry: Path) -> bool:
@@ -114,6 +115,10 @@ def test_gpu_protocol_dry_run_runs_every_item_without_an_install(tmp_path, bare_
     assert list(compiled) == ["eager", "compiled blocks", "compiled blocks + step"]
     assert all(v["ratio_to_eager"] > 0 and v["first_step_seconds"] > 0 and v["val_perplexity"] > 1
                for v in compiled.values())
+
+    steps = items["optimizer-steps"]["data"]["lines"]
+    assert [line.split()[0] for line in steps if "ms/step" in line] == ["muon-batched", "adamw-compiled", "galore-compiled"]
+    assert "max relative difference 0," in steps[0]  # batched Newton-Schulz: the per-matrix bits on the CPU
 
     report = (tmp_path / "report" / "report.md").read_text()
     for name in ITEMS:

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 Measured = TypeVar("Measured")
 
 
-def _synchronize(device: Any) -> None:
+def synchronize(device: Any) -> None:
+    """Wait for `device`'s queued work (CUDA); nothing on the CPU."""
     if device is not None and getattr(device, "type", device) == "cuda":
         import torch
 
@@ -26,11 +27,11 @@ def _synchronize(device: Any) -> None:
 
 def seconds_per_step(step: Callable[[], object], steps: int, device: Any = None) -> float:
     """Mean wall seconds of `steps` consecutive calls of `step`, timed as one block."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -38,10 +39,10 @@ def step_seconds(step: Callable[[], object], steps: int, device: Any = None) -> 
     """Wall seconds of each of `steps` consecutive calls of `step` (to tell a slow step from the rest)."""
     times = []
     for _ in range(steps):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -65,16 +66,19 @@ def interleaved(contenders: Mapping[str, Callable[[], object]], rounds: int,
 
 
 def model_with_gradients(preset: str, scale: float = 1e-3, seed: int = 0,
-                         structure: dict[str, Any] | None = None) -> tuple[Any, int]:
+                         structure: dict[str, Any] | None = None, device: Any = None,
+                         vocab_size: int | None = None) -> tuple[Any, int]:
     """The optimizer-step benchmarks' subject: model `preset` (with `structure`, a structure spec, on its
-    hidden matrices) whose every parameter holds a fixed random gradient (N(0, scale^2), from `seed`), so
-    a step can be timed again and again; and its parameter count."""
+    hidden matrices; on `device`, default the CPU; `vocab_size` for a preset without its own) whose every parameter holds a fixed random gradient
+    (N(0, scale^2), from `seed`), so a step can be timed again and again; and its parameter count."""
     import torch
 
     from lowmem.assembly import build_model
 
     torch.manual_seed(seed)
-    model = build_model(preset, structure=structure)
+    model = build_model(preset, structure=structure, vocab_size=vocab_size)
+    if device is not None:
+        model = model.to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * scale
     return model, sum(p.numel() for p in model.parameters())
