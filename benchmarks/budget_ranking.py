@@ -1,6 +1,8 @@
 """Ranking vs budget (issues 17 and 29): each method's validation perplexity and its ratio to AdamW's,
 per training budget, from finished `lowmem bench` grids that differ only in their step count (an
-output directory, or the report.json a grid's report wrote, as committed in docs/data/).
+output directory, or the report.json a grid's report wrote, as committed in docs/data/). Sources of one
+budget (a grid finished in pieces: its committed report.json, then a directory with the rest) merge
+into one point, a later source's method replacing an earlier one's.
 
     lowmem bench configs/budget/steps125.yaml --output runs/budget/steps125 --workers 2   # and 250, 500
     python benchmarks/budget_ranking.py runs/budget/steps125 runs/budget/steps250 runs/budget/steps500 \

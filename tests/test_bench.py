@@ -296,14 +296,24 @@ def test_tuned_budget_table_gives_best_lr_bracketing_seeds_and_ratio_range(tmp_p
     assert plot_ranking([point], tmp_path / "plot.png").stat().st_size > 0
     # A budget without seeds borrows the seeded budgets' noise (one seed's value is never exact) ...
     unseeded = tmp_path / "steps500"
-    _finished_run(unseeded / "adamw" / "lr0.002", 2e-3, _summary(120.0))
-    _finished_run(unseeded / "scale" / "lr0.002", 2e-3, _summary(110.0))
+    _finished_run(unseeded / "adamw" / "lr0.002", 2e-3, {**_summary(120.0), "tokens": 2000})
+    _finished_run(unseeded / "scale" / "lr0.002", 2e-3, {**_summary(110.0), "tokens": 2000})
     points = ranking([grid, unseeded])
     assert point.noise > 0 and all(p.noise == point.noise for p in points)
     (one_seed,) = [p for p in points if len(p.best["adamw"]["seeds"]) == 1]
     assert ratio_range(one_seed.best["scale"], one_seed.best["adamw"], one_seed.noise)[1] < 110.0 / 120.0
     # ... and --methods keeps only the named ones.
     assert [sorted(p.best) for p in ranking([grid, unseeded], ["scale"])] == [["scale"], ["scale"]]
+    # A budget finished in pieces (its report.json, then a directory with more methods or a method's
+    # sweep again) is one point: the later source's methods replace the earlier's.
+    more = tmp_path / "steps1000-rest"
+    for lr, ppl in ((1e-3, 90.0), (2e-3, 91.0), (5e-4, 92.0)):
+        _finished_run(more / "sgd-column" / f"lr{lr:g}", lr, _summary(ppl))
+    _finished_run(more / "scale" / "lr0.002", 2e-3, {**_summary(80.0), "tokens": 4010})
+    (pieces,) = ranking([grid / "report.json", more])
+    assert pieces.tokens == 4010 and sorted(pieces.best) == ["adamw", "scale", "sgd-column"]
+    assert pieces.best["scale"]["mean"] == 80.0 and pieces.best["adamw"] == from_json.best["adamw"]
+    assert pieces.best["sgd-column"]["lr"] == 1e-3 and pieces.best["sgd-column"]["bracketed"]
 
 
 PLUGINS = sorted((Path(__file__).parent / "plugins").glob("*.py"))

@@ -42,11 +42,12 @@ def grid_point(source: str | Path) -> BudgetPoint:
 
 
 def ranking(sources: Sequence[str | Path], methods: Sequence[str] | None = None) -> list[BudgetPoint]:
-    """One point per grid, by training tokens, with only `methods` (None: every method); a grid with no
+    """One point per budget, by training tokens (sources of one budget merged: `_merged`), with only
+    `methods` (None: every method); a grid with no
     finished run of them yet (still running) is left out, not drawn at 0 tokens. A grid without seeds has
     no noise of its own: it takes the median noise of those that have (one seed's value is never read as
     exact)."""
-    points = [grid_point(s) for s in sources]
+    points = _merged([grid_point(s) for s in sources])
     if methods is not None:
         points = [replace(p, best={m: r for m, r in p.best.items() if m in methods}) for p in points]
     points = [p for p in points if p.best]
@@ -54,6 +55,27 @@ def ranking(sources: Sequence[str | Path], methods: Sequence[str] | None = None)
     if measured:
         points = [p if p.noise > 0 else replace(p, noise=statistics.median(measured)) for p in points]
     return sorted(points, key=lambda point: point.tokens)
+
+
+# Two sources whose token counts differ by less than this share are one budget (the same steps of a
+# grid run in pieces: the count of non-pad tokens moves a little with the data a seed draws).
+SAME_BUDGET = 0.01
+
+
+def _merged(points: list[BudgetPoint]) -> list[BudgetPoint]:
+    """Points of one budget (a grid finished in pieces: its first report.json and a later directory)
+    as one, in the order given: a later source's method replaces an earlier one's, noise the larger."""
+    merged: list[BudgetPoint] = []
+    for point in points:
+        same = next((i for i, m in enumerate(merged) if m.best and point.best
+                     and abs(m.tokens - point.tokens) <= SAME_BUDGET * max(m.tokens, point.tokens)), None)
+        if same is None:
+            merged.append(point)
+        else:
+            first = merged[same]
+            merged[same] = BudgetPoint(max(first.tokens, point.tokens), {**first.best, **point.best},
+                                       max(first.noise, point.noise))
+    return merged
 
 
 def ratio_range(run: dict[str, Any], base: dict[str, Any], noise: float = 0.0) -> tuple[float, float, float]:
