@@ -280,7 +280,7 @@ def test_every_method_declares_the_shared_arguments_explicitly_with_the_same_def
 
     shared = {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "rank": 128, "update_proj_gap": 200,
               "scale": 0.25, "proj_type": "std", "svd": "exact", "stagger": False, "foreach": True,
-              "state_bits": None, "stochastic_rounding": False}
+              "state_bits": None, "stochastic_rounding": False, "compiled": False}
     own = {GaLore: {}, Fira: {"compat": "official"}, Apollo: {"scale_type": "channel", "proj": "random", "seed": 0}}
     for cls, extra in own.items():
         params = inspect.signature(cls.__init__).parameters
