@@ -30,10 +30,11 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="also print the per-budget best lr, seeds and ranges")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    points = ranking(args.grids, args.methods.split(",") if args.methods else None)
-    if len(points) < len(args.grids):
-        print(f"{len(args.grids) - len(points)} of the {len(args.grids)} grids have no finished run of these "
-              "methods yet: left out\n")
+    methods = args.methods.split(",") if args.methods else None
+    points = ranking(args.grids, methods)
+    empty = [str(grid) for grid in args.grids if not ranking([grid], methods)]
+    if empty:
+        print(f"no finished run of these methods yet, left out: {', '.join(empty)}\n")
     print(ranking_table(points, args.baseline))
     if args.tuned:
         print()
