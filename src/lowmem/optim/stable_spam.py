@@ -185,9 +185,9 @@ class StableSPAM(LowmemOptimizer):
         # and runs the same all-reduces): the chunk's clipped gradients are built once, give their norms,
         # are scaled in place and update. Holding every tensor's clipped copy at once would be a
         # model-sized copy of the gradients (13.5 GB at 7B in bf16), more than the whole 8-bit state.
-        for _, indices in foreach_chunks([p for _, p, *_ in work], list(range(len(work)))):
-            self._normalize_and_update([work[i] for i in indices], [clippings[i] for i in indices],
-                                       [shardings[i] for i in indices], [positions[i] for i in indices])
+        params = [p for _, p, *_ in work]
+        for _, *chunk in foreach_chunks(params, work, clippings, shardings, positions):
+            self._normalize_and_update(*chunk)
 
     def _normalize_and_update(self, work: list, clippings: list, shardings: list, positions: list) -> None:
         """Steps 2-4 for one chunk of tensors: `work` holds (group, param, state, local grad, k, cosine)."""
