@@ -9,6 +9,10 @@ Muon's batched Newton–Schulz against its per-matrix path.
              model end after --check-steps steps with the same gradients, relative to how far they moved.
              float32 by default: this CPU has no bf16 matrix units, where a bf16 NS of one 512 x 512
              matrix takes seconds (torch's `muon` pair above is bf16, torch.optim.Muon's only choice)
+  galore-batched, apollo-mini-batched  the projection methods' r-side Adam over batches of matrices
+             (one foreach call per operation, lowmem.optim.projection.PROJECTED_BATCH_ELEMENTS; the
+             default) vs one matrix at a time; also how far apart two copies end after --check-steps steps
+             (0 on the CPU, where foreach runs the same per-tensor kernels)
   adamw-compiled  lowmem AdamW(compiled=True), each bucket's update one torch.compile'd graph (inductor),
              vs the eager AdamW (foreach), the baseline of every comparison; galore-compiled,
              apollo-mini-compiled, muon-compiled: the method with compiled=True (its AdamW part compiled:
@@ -73,16 +77,40 @@ def _muon_batched_pair(model, ns_dtype: str = "float32"):
     return batched.step, per_matrix.step
 
 
-def muon_batched_difference(model_name: str, steps: int, ns_dtype: str, device: str = "cpu",
-                            vocab_size: int | None = None) -> tuple[float, float]:
+# The projection methods whose batched r-side Adam (issue 28) has a pair.
+BATCHED_PROJECTED = ("galore", "apollo-mini")
+
+
+def _projected_batched_pair(method: str):
+    def pair(model):
+        batched, per_matrix = (lowmem.optim.build(method, model, lr=1e-3) for _ in range(2))
+        batched.batch_elements, per_matrix.batch_elements = None, 0
+        return batched.step, per_matrix.step
+    return pair
+
+
+def _batched_optimizer(method: str, model, batched: bool, ns_dtype: str):
+    """Muon with or without its batched Newton–Schulz, or a projection method with or without its batched
+    r-side Adam."""
+    if method == "muon":
+        optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
+        optimizer.ns_batch_elements = BATCH_ELEMENTS if batched else 0
+    else:
+        optimizer = lowmem.optim.build(method, model, lr=1e-3)
+        optimizer.batch_elements = None if batched else 0
+    return optimizer
+
+
+def batched_difference(method: str, model_name: str, steps: int, ns_dtype: str = "float32", device: str = "cpu",
+                       vocab_size: int | None = None) -> tuple[float, float]:
     """(max over tensors of ||batched - per-matrix|| / ||W||, max of ||W_end - W_0|| / ||W_0||) after
-    `steps` Muon steps of two copies of the model with the same fixed random gradients."""
+    `steps` steps of `method` (muon or a projection method) of two copies of the model with the same fixed
+    random gradients."""
     models = []
-    for ns_batch_elements in (BATCH_ELEMENTS, 0):
+    for batched in (True, False):
         model, _ = model_with_gradients(model_name, device=device, vocab_size=vocab_size)
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
-        optimizer.ns_batch_elements = ns_batch_elements
+        optimizer = _batched_optimizer(method, model, batched, ns_dtype)
         for _ in range(steps):
             optimizer.step()
         models.append(dict(model.named_parameters()))
@@ -133,9 +161,10 @@ def compiled_difference(method: str, model_name: str, steps: int, device: str = 
 
 
 PAIRS = {"muon": _muon_pair, "adam-mini": _adam_mini_pair, "muon-batched": _muon_batched_pair,
+         **{f"{method}-batched": _projected_batched_pair(method) for method in BATCHED_PROJECTED},
          **{f"{method}-compiled": _compiled_pair(method) for method in COMPILED_METHODS}}
 # How a pair's two contenders are printed (the ratio is first / second); lowmem vs reference unless named.
-LABELS = {"muon-batched": ("batched", "per-matrix"),
+LABELS = {**{f"{method}-batched": ("batched", "per-matrix") for method in ("muon", *BATCHED_PROJECTED)},
           **{f"{method}-compiled": ("compiled", "eager") for method in COMPILED_METHODS}}
 
 
@@ -150,7 +179,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, help="for a model preset without its own (cpu-micro)")
     parser.add_argument("--ns-dtype", default="float32", help="muon-batched: Newton–Schulz dtype")
     parser.add_argument("--check-steps", type=int, default=3,
-                        help="muon-batched, adamw-compiled: steps of the difference check")
+                        help="the -batched and -compiled pairs: steps of the difference check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, n = model_with_gradients(args.model, device=args.device, vocab_size=args.vocab_size)
@@ -158,12 +187,14 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps} steps per contender")
 
     for name in args.pairs:
-        if name == "muon-batched":
-            difference, moved = muon_batched_difference(args.model, args.check_steps, args.ns_dtype, args.device,
-                                                        args.vocab_size)
-            print(f"muon-batched (NS in {args.ns_dtype}) after {args.check_steps} steps: batched vs per-matrix max "
+        if name.endswith("-batched"):
+            method = name.removesuffix("-batched")
+            difference, moved = batched_difference(method, args.model, args.check_steps, args.ns_dtype, args.device,
+                                                   args.vocab_size)
+            what = f" (NS in {args.ns_dtype})" if method == "muon" else ""
+            print(f"{name}{what} after {args.check_steps} steps: batched vs per-matrix max "
                   f"relative difference {difference:.3g}, weights moved up to {moved:.3g} relative")
-            ours, reference = _muon_batched_pair(model, args.ns_dtype)
+            ours, reference = _muon_batched_pair(model, args.ns_dtype) if method == "muon" else PAIRS[name](model)
         elif name.endswith("-compiled"):
             apart, moved, compilation = compiled_difference(name.removesuffix("-compiled"), args.model,
                                                             args.check_steps, args.device, args.vocab_size)

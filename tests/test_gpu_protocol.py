@@ -117,8 +117,10 @@ def test_gpu_protocol_dry_run_runs_every_item_without_an_install(tmp_path, bare_
                for v in compiled.values())
 
     steps = items["optimizer-steps"]["data"]["lines"]
-    assert [line.split()[0] for line in steps if "ms/step" in line] == ["muon-batched", "adamw-compiled", "galore-compiled"]
-    assert "max relative difference 0," in steps[0]  # batched Newton-Schulz: the per-matrix bits on the CPU
+    assert [line.split()[0] for line in steps if "ms/step" in line] == ["muon-batched", "galore-batched",
+                                                                         "adamw-compiled", "galore-compiled"]
+    # Batched Newton-Schulz and batched low-rank Adam: the per-matrix bits on the CPU.
+    assert sum("-batched" in line and "max relative difference 0," in line for line in steps) == 2
 
     report = (tmp_path / "report" / "report.md").read_text()
     for name in ITEMS:

@@ -83,7 +83,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -97,7 +97,9 @@ from lowmem.optim.base import (
     check_grad,
     check_positive,
     check_positive_int,
+    foreach_chunks,
     full_matrix_op,
+    group_by_device_dtype,
     is_dtensor,
     local_tensor,
     rows_of,
@@ -116,6 +118,20 @@ RATIO_EPS = 1e-8
 _SEED_DRAWS = 15
 _RANDOMIZED_OVERSAMPLE = 8
 _RANDOMIZED_POWER_ITERATIONS = 2
+# Elements of the projected matrices (m x n) per batch of a step off the CPU: the r-side Adam of a batch
+# runs as one foreach call per operation, so a GPU launches a few kernels per batch rather than per
+# matrix (about ten per matrix before: 56 matrices at 60M), while the batch's low-rank temporaries (R,
+# sqrt(v) + eps, N: each at most r / min(m, n) of the batch's size, 16 MiB in fp32 at most) stay small
+# beside one matrix's. A larger matrix is a batch by itself (at 7B every one). At 60M about seven batches.
+PROJECTED_BATCH_ELEMENTS = 2**22
+
+
+def default_projected_batch_elements(device: torch.device) -> int:
+    """`ProjectedAdam.batch_elements` when unset: PROJECTED_BATCH_ELEMENTS, except 0 (one matrix at a
+    time) on the CPU, where foreach runs the same per-tensor kernels and there is no launch to save: at
+    llama-60m a batched GaLore step took 1.18x the per-matrix one (0.94-1.25 over rounds; APOLLO-Mini
+    0.96x), its batch's low-rank tensors a larger working set (docs/results.md, issue 28)."""
+    return 0 if torch.device(device).type == "cpu" else PROJECTED_BATCH_ELEMENTS
 
 
 # --------------------------------------------------------------------------- sides and shapes
@@ -219,13 +235,22 @@ def next_seed(seed: int) -> int:
 # --------------------------------------------------------------------------- low-rank Adam and the limiter
 
 
-def low_rank_adam(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, *,
-                  beta1: float, beta2: float, eps: float) -> tuple[torch.Tensor, float]:
-    """Update the moments in place; return (m / (sqrt(v) + eps), bias-correction factor of the step size)."""
-    exp_avg.lerp_(low_rank_grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low_rank_grad, low_rank_grad, value=1 - beta2)
-    direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
-    return direction, math.sqrt(1 - beta2**step) / (1 - beta1**step)
+def low_rank_adam(low_rank_grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                  *, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+    """Update the moments in place and return the directions m / (sqrt(v) + eps), one foreach call per
+    operation over lists of one device and dtype (on a GPU a handful of kernels for many matrices; on the
+    CPU the same per-tensor operations, bit for bit)."""
+    torch._foreach_lerp_(exp_avgs, low_rank_grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, low_rank_grads, low_rank_grads, value=1 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    return torch._foreach_div(exp_avgs, denominators)
+
+
+def adam_step_scale(step: int, beta1: float, beta2: float) -> float:
+    """The bias corrections folded into the step size: sqrt(1 - beta2^t) / (1 - beta1^t)."""
+    return math.sqrt(1 - beta2**step) / (1 - beta1**step)
 
 
 def norm_growth_limiter(norm: torch.Tensor, state: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
@@ -283,6 +308,20 @@ def state_like(local: torch.Tensor, like: torch.Tensor, global_shape: tuple[int,
 # --------------------------------------------------------------------------- the shared optimizer
 
 
+class _Projected(NamedTuple):
+    """A projected matrix's tensors for one step: `param`, `grad` as [rows, cols] views of this rank's
+    part, the projected gradient R, the basis, its side, the state, and the step count after this step."""
+
+    p: torch.Tensor
+    param: torch.Tensor
+    grad: torch.Tensor
+    low_rank: torch.Tensor
+    projection: torch.Tensor
+    side: str
+    state: dict[str, Any]
+    step: int
+
+
 class ProjectedAdam(LowmemOptimizer):
     """Adam on low-rank projections of the hidden matrices, AdamW on everything else.
 
@@ -318,6 +357,9 @@ class ProjectedAdam(LowmemOptimizer):
     # (positions, stagger offsets) depends on the groups, not on which gradients are present.
     updates_per_parameter = True
     _schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
+    # Elements of the matrices per batch of a step (None: default_projected_batch_elements of their
+    # device; 0: one matrix at a time, the path the batched one equals bit for bit on the CPU).
+    batch_elements: int | None = None
 
     # -- hyperparameters and the fallback warning
 
@@ -392,21 +434,55 @@ class ProjectedAdam(LowmemOptimizer):
         schedule = self._schedule()
         for group in self.param_groups:
             adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
+            projected = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 check_grad(p)
-                state = self.state[p]
                 if self._projectable(group, p):
-                    self._projected_step(p, state, group, *schedule[p])
+                    projected.append(p)
                 else:
-                    adam.add(p, state, schedule[p][0])
+                    adam.add(p, self.state[p], schedule[p][0])
+            limit = self.batch_elements
+            if limit is None and projected:
+                limit = default_projected_batch_elements(projected[0].device)
+            for (batch,) in foreach_chunks(projected, max_elements=limit):
+                self._projected_batch(batch, group, schedule)
             beta1, beta2 = group["betas"]
             adam.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], foreach=group["foreach"], **RELEASED_LOW_RANK_ADAM)
 
-    def _projected_step(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], position: int,
-                        offset: int) -> None:
+    def _projected_batch(self, params: list[torch.Tensor], group: dict[str, Any],
+                         schedule: dict[torch.Tensor, tuple[int, int]]) -> None:
+        """One step of the projected matrices `params` (one device and dtype, at most `batch_elements`
+        elements together, or one matrix): each refreshed and projected; then Adam on the r-side moments
+        of all of them at once where the moments are full precision (one foreach call per operation), or
+        one matrix at a time through its dequantized moments; then each matrix's update and weight decay."""
+        plain = []  # the matrices with full-precision moments: their Adam runs over the whole batch
+        for p in params:
+            state = self.state[p]
+            work = self._project(p, state, group, *schedule[p])
+            if not quantized_state.is_quantized(state, "exp_avg"):
+                plain.append(work)
+                continue
+            # This step's moments in fp32 (fp64 beside fp64 weights) for Adam and the method's update
+            # (Fira's and APOLLO's scaling read them), requantized on leaving.
+            dtype = torch.promote_types(work.low_rank.dtype, torch.float32)
+            generator = quantized_state.rounding_generator(group["stochastic_rounding"], schedule[p][0],
+                                                           work.step - 1, p)
+            with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=dtype) as moments:
+                self._adam_and_update([work], [moments[0]], [moments[1]], group)
+        for exp_avgs, exp_avg_sqs, works in group_by_device_dtype(
+                [local_tensor(w.state["exp_avg"]) for w in plain], [local_tensor(w.state["exp_avg_sq"]) for w in plain],
+                plain):
+            self._adam_and_update(works, exp_avgs, exp_avg_sqs, group)
+        if group["weight_decay"] and params:
+            torch._foreach_mul_([local_tensor(p) for p in params], 1 - group["lr"] * group["weight_decay"])
+
+    def _project(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], position: int,
+                 offset: int) -> _Projected:
+        """Refresh p's projection when due, project its gradient, create its moments on the first step and
+        count the step."""
         check_row_sharding(p)
         rows, cols = matrix_shape(p)
         side = projection_side(rows, cols, group["proj_type"])
@@ -432,29 +508,18 @@ class ProjectedAdam(LowmemOptimizer):
         if "exp_avg" not in state and not quantized_state.is_quantized(state, "exp_avg"):
             self._init_moments(p, state, group, side, low_rank)
         state["step"] += 1
-        if quantized_state.is_quantized(state, "exp_avg"):
-            # This step's moments in fp32 (fp64 beside fp64 weights) for Adam and the method's update
-            # (Fira's and APOLLO's scaling read them), requantized on leaving.
-            work = torch.promote_types(low_rank.dtype, torch.float32)
-            generator = quantized_state.rounding_generator(group["stochastic_rounding"], position, step, p)
-            with quantized_state.dequantized(state, ADAM_MOMENTS, generator=generator, dtype=work) as moments:
-                self._adam_and_update(p, param, grad, low_rank, *moments, projection, side, state, group, step + 1)
-        else:
-            self._adam_and_update(p, param, grad, low_rank, local_tensor(state["exp_avg"]),
-                                  local_tensor(state["exp_avg_sq"]), projection, side, state, group, step + 1)
-        if group["weight_decay"]:
-            param.mul_(1 - group["lr"] * group["weight_decay"])
+        return _Projected(p, param, grad, low_rank, projection, side, state, step + 1)
 
-    def _adam_and_update(self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, low_rank: torch.Tensor,
-                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, projection: torch.Tensor, side: str,
-                         state: dict[str, Any], group: dict[str, Any], step: int) -> None:
-        """Adam on the r-side moments, in their dtype (the gradient's, or fp32 dequantized from codes), then
-        the method's update of the weights with N in the gradient's dtype."""
+    def _adam_and_update(self, works: list[_Projected], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                         group: dict[str, Any]) -> None:
+        """Adam on the r-side moments (one device and dtype: the gradient's, or fp32 dequantized from codes),
+        then each matrix's update by the method with N in the gradient's dtype."""
         beta1, beta2 = group["betas"]
-        direction, bias_scale = low_rank_adam(low_rank.to(exp_avg.dtype), exp_avg, exp_avg_sq, step,
-                                              beta1=beta1, beta2=beta2, eps=group["eps"])
-        self._apply_update(p, param, grad, low_rank, direction.to(low_rank.dtype), projection, side, state, group,
-                           step_size=group["lr"] * bias_scale)
+        low_ranks = [w.low_rank.to(m.dtype) for w, m in zip(works, exp_avgs)]
+        directions = low_rank_adam(low_ranks, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=group["eps"])
+        for w, direction in zip(works, directions):
+            self._apply_update(w.p, w.param, w.grad, w.low_rank, direction.to(w.low_rank.dtype), w.projection, w.side,
+                               w.state, group, step_size=group["lr"] * adam_step_scale(w.step, beta1, beta2))
 
     @staticmethod
     def _init_moments(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str,
@@ -501,6 +566,9 @@ __all__ = [
     "next_seed",
     "norm_growth_limiter",
     "project",
+    "PROJECTED_BATCH_ELEMENTS",
+    "default_projected_batch_elements",
+    "adam_step_scale",
     "add_project_back",
     "projection_side",
     "randomized_svd_projection",
