@@ -30,6 +30,12 @@ so under "std" the rank is taken from the smaller side and the moments are r x m
   W -= step_size * method_update(G, R, N, P)       (GaLore: scale * back(N); Fira, APOLLO: see theirs)
   W *= 1 - lr * weight_decay                         (decoupled, after the update, as released)
 
+The matrices of a group are stepped a batch at a time (`batch_elements`, default
+`default_projected_batch_elements`: PROJECTED_BATCH_ELEMENTS off the CPU, one matrix at a time on it):
+each is refreshed and projected, then the batch's r-side Adam runs as one foreach call per operation
+(a GPU launches a few kernels for the batch instead of about ten per matrix), then each matrix's update.
+Per element it is the same arithmetic; on the CPU the same bits (tests/test_projection.py).
+
 Adam is in Kingma & Ba's efficient form (bias correction folded into the step size, eps added to the
 uncorrected sqrt(v)), as in all three released codes, so Fira's and APOLLO's scaling factors and the
 norm-growth limiter see exactly the quantities the published runs saw. Moments are not rotated when
