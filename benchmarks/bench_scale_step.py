@@ -6,6 +6,11 @@ all of them alike, and each round yields the ratios SCALE / AdamW and SCALE / fl
 `p.add_(g)` per parameter (`torch._foreach_add_`): the least a first-order step must touch.
 
     python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1] [--profile]
+        [--compiled]
+
+--compiled adds `<optimizer>-compiled`, the same method with `compiled=True` (its rows-normalized matrices
+and its vectors' AdamW in compiled graphs; the compilation happens in the warm-up steps, run with
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) to time it cold), and its ratios to AdamW and the floor.
 
 --profile adds where one step's time goes (torch.profiler, self time per op) for the optimizer and
 for the floor, to compare each pass of the step with the floor's one add_.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 
@@ -31,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also print the per-op breakdown of one step")
+    parser.add_argument("--compiled", action="store_true", help="also time the method with compiled=True")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -54,6 +61,14 @@ def main() -> None:
         "adamw": adamw.step,
         "floor": floor,
     }
+    methods = [args.optimizer]
+    if args.compiled:
+        compiled = build_optimizer(args.optimizer, model, preset=args.model, hparams={"compiled": True})
+        start = time.perf_counter()
+        compiled.step()
+        print(f"  {args.optimizer}-compiled: first step (the compilation) {time.perf_counter() - start:.1f} s")
+        contenders[f"{args.optimizer}-compiled"] = compiled.step
+        methods.append(f"{args.optimizer}-compiled")
     # Two warm-up steps each: allocate optimizer state, fault in pages.
     times = interleaved(contenders, args.rounds, lambda step: seconds_per_step(step, args.steps), warmup=2)
     names = list(contenders)
@@ -62,10 +77,11 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps} steps")
     for name in names:
         print(f"  {name:>14}: median {statistics.median(times[name]) * 1e3:8.1f} ms/step")
-    vs_adamw = statistics.median(s / a for s, a in zip(times[args.optimizer], times["adamw"]))
-    vs_floor = statistics.median(s / f for s, f in zip(times[args.optimizer], times["floor"]))
-    print(f"  {args.optimizer} / adamw(foreach) = {vs_adamw:.3f}   (issue 28's goal <= 0.2)")
-    print(f"  {args.optimizer} / add_ floor     = {vs_floor:.3f}   (issue 28's goal <= 1.5)")
+    for method in methods:
+        vs_adamw = statistics.median(s / a for s, a in zip(times[method], times["adamw"]))
+        vs_floor = statistics.median(s / f for s, f in zip(times[method], times["floor"]))
+        print(f"  {method} / adamw(foreach) = {vs_adamw:.3f}   (issue 28's goal <= 0.2)")
+        print(f"  {method} / add_ floor     = {vs_floor:.3f}   (issue 28's goal <= 1.5)")
     # The ratios are measured side by side, but a loaded machine shifts them: say what the load was.
     print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile:

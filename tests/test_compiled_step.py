@@ -290,3 +290,78 @@ def test_other_methods_compile_the_tensors_they_leave_to_adamw(method, compile_c
     assert not any(group["compiled"] for group in loaded.param_groups)
     with pytest.raises(ValueError, match="compiled"):
         lowmem.optim.build(method, start, compiled="yes", **hparams)
+
+
+def test_scale_compiled_rows_match_eager_with_inductor_and_a_new_lr_compiles_nothing():
+    """SCALE(compiled=True) on plain Linear layers (role-less: every matrix hidden, normalized within its
+    rows): inductor's fused norm-and-update over 20 fp32 steps at a new lr each, with weight decay, within
+    1e-6 of the eager step relative to how far each weight moved; the graphs compiled at the first step,
+    none after."""
+    from lowmem.optim.scale import SCALE
+
+    start = _module()
+    eager, compiled = copy.deepcopy(start), copy.deepcopy(start)
+    _train(eager, SCALE(eager.parameters(), weight_decay=0.1), range(STEPS))
+    compiled_opt = SCALE(compiled.parameters(), weight_decay=0.1, compiled=True)
+    _train(compiled, compiled_opt, range(1))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2, dict(counters["stats"])  # the matrices' rows, the vectors' AdamW
+    _train(compiled, compiled_opt, range(1, STEPS))
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    differences = _moved_relative(compiled, eager, start)
+    assert max(differences.values()) <= 1e-6, differences
+
+
+def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(compile_counter):
+    """On a model with roles: the hidden matrices and the head (its momentum's EMA eager, then its rows),
+    and the vectors' AdamW, go through the compiled graphs, within 1e-6 of eager; the embedding (a norm
+    across rows) stays eager, bit for bit; an ablation whose matrices are not normalized within rows
+    compiles nothing of theirs. `--opt compiled=true` reaches it, and a checkpoint without the key steps
+    eagerly."""
+    from lowmem.testing import TINY
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(TINY)
+
+    start = fresh()
+    models = []
+    for compiled in (False, True):
+        model = fresh()
+        optimizer = lowmem.optim.build("scale", model, lr=1e-2, weight_decay=0.1, compiled=compiled)
+        _train(model, optimizer, range(1))
+        if compiled:
+            graphs = compile_counter.frame_count
+            assert graphs == 3  # the hidden rows, the head's (its own group), the vectors' AdamW
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                _train(model, optimizer, range(1, 10))
+            assert compile_counter.frame_count == graphs
+        else:
+            _train(model, optimizer, range(1, 10))
+        models.append(model)
+    eager, compiled = models
+    assert torch.equal(compiled.embed_tokens.weight, eager.embed_tokens.weight)
+    for module in (compiled.lm_head, compiled.layers[0].mlp.up_proj):  # compiled: fp32 rounding of its own
+        assert not torch.equal(module.weight, dict(eager.named_modules())[_name(compiled, module)].weight)
+    differences = _moved_relative(compiled, eager, start)
+    assert max(differences.values()) <= 1e-6, differences
+
+    torch._dynamo.reset()
+    compile_counter.frame_count = 0
+    model = fresh()
+    _train(model, lowmem.optim.build("sgd-sign", model, compiled=True), range(2))
+    assert compile_counter.frame_count == 1  # the vectors' AdamW only
+    from_cli = lowmem.optim.build("scale", start, **parse_key_values(["compiled=true"], "--opt"))
+    assert all(group["compiled"] for group in from_cli.param_groups)
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        del group["compiled"]
+    loaded = lowmem.optim.build("scale", fresh(), compiled=True)
+    loaded.load_state_dict(state)
+    assert not any(group["compiled"] for group in loaded.param_groups)
+    with pytest.raises(ValueError, match="compiled"):
+        lowmem.optim.build("scale", start, compiled="yes")

@@ -74,7 +74,7 @@ RELEASED_LOW_RANK_ADAM = {"eps_placement": "uncorrected", "decay": "after"}
 # and how many graphs (buckets: group x device x dtype, specialized on shapes) one process may compile.
 COMPILE_BACKEND: Any = "inductor"
 COMPILE_LIMIT = 64
-_COMPILED_CORES: dict[Any, Callable[..., None]] = {}
+_COMPILED_CORES: dict[tuple[Callable[..., None], Any], Callable[..., None]] = {}
 
 
 def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int | None = None) -> None:
@@ -175,7 +175,7 @@ def adamw_update(
         return
     corrected, decay_first = eps_placement == "corrected", decay == "before"
     if compiled and not any(is_dtensor(p) or p.is_meta for p in params):
-        core, lr_tensor = _compiled_core(), torch.tensor(float(lr), dtype=torch.float64)
+        core, lr_tensor = compiled_function(_adamw_tensor_core), torch.tensor(float(lr), dtype=torch.float64)
         for bucket in group_by_device_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
             core(*bucket, lr_tensor, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  corrected=corrected, decay_first=decay_first)
@@ -226,14 +226,16 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
         torch._foreach_mul_(params, 1 - lr * weight_decay)
 
 
-def _compiled_core() -> Callable[..., None]:
-    """`_adamw_tensor_core` compiled with `COMPILE_BACKEND` (one wrapper per backend, built on first use):
-    the whole bucket in one graph, shapes static (a bucket's tensors keep theirs)."""
-    core = _COMPILED_CORES.get(COMPILE_BACKEND)
+def compiled_function(function: Callable[..., None]) -> Callable[..., None]:
+    """`function` (an update over lists of tensors) compiled with `COMPILE_BACKEND`, one wrapper per
+    (function, backend), built on first use: the whole list in one graph, shapes static (a bucket's
+    tensors keep theirs). The compiled steps of every method go through here (SCALE's rows too)."""
+    key = (function, COMPILE_BACKEND)
+    core = _COMPILED_CORES.get(key)
     if core is None:
-        core = torch.compile(_adamw_tensor_core, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False,
+        core = torch.compile(function, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False,
                              recompile_limit=COMPILE_LIMIT)
-        _COMPILED_CORES[COMPILE_BACKEND] = core
+        _COMPILED_CORES[key] = core
     return core
 
 

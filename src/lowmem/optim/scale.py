@@ -26,6 +26,15 @@ updates, which seeds `stochastic_rounding`), and the 1-D parameters' Adam moment
 lowmem.optim.adamw.AdamBatch with the same setting (vectors stay full precision). Such a matrix is
 updated on its own: its momentum dequantized to fp32, the same step as below, requantized.
 
+`compiled=True` (issue 28, default off; `--opt compiled=true`): the matrices normalized within their
+rows (column/row normalization along dim 1: every hidden Linear and the head under SCALE) take their
+decay, norm and update in one torch.compile'd graph per (device, dtype) (`rows_rms_update`, via
+lowmem.optim.adamw.compiled_function), where inductor fuses each row's norm with its multiply-add, so
+the direction is read once; the lr is a 0-dim tensor, so a new lr compiles nothing. A momentum's EMA
+runs eagerly just before (in the same graph, inductor cannot build it: pytorch#196570). The 1-D
+parameters take AdamW's compiled update. The embedding (a norm across rows), 8-bit momenta, DTensors
+and meta tensors stay eager. In fp32 the eager step within rounding (tests/test_compiled_step.py).
+
 The paper's ablations are the same class with two switches (registered as named variants below):
 
   normalization  "column"   the rule above (dim = 1 for Linear/head, dim = 0 for the embedding)
@@ -74,7 +83,7 @@ from typing import Any
 import torch
 
 from lowmem.optim import Method, quantized_state, register
-from lowmem.optim.adamw import AdamBatch, scheduled_adam_lr
+from lowmem.optim.adamw import AdamBatch, compiled_function, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
     as_pair,
@@ -84,6 +93,7 @@ from lowmem.optim.base import (
     check_grad,
     check_nonneg,
     check_positive_int,
+    group_by_device_dtype,
     is_dtensor,
     local_tensor,
 )
@@ -200,6 +210,30 @@ def singular_step_(params: list[torch.Tensor], directions: list[torch.Tensor], *
         ortho = newton_schulz(torch.stack([directions[i].reshape(rows, -1) for i in batch]), steps=ns_steps)
         torch._foreach_add_([params[i] for i in batch], [o.view_as(params[i]) for o, i in zip(ortho, batch)],
                             alpha=alpha)
+
+
+def compiles_rows(param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, dim: int,
+                  normalization: str) -> bool:
+    """Whether `compiled=True` updates this matrix in `rows_rms_update`: normalized within rows, a plain
+    contiguous tensor (not a DTensor, not meta), as its direction (the momentum buffer, else the gradient)."""
+    direction = grad if buffer is None else buffer
+    return (normalization in ("column", "row") and dim == 1 and not is_dtensor(param) and not param.is_meta
+            and param.is_contiguous() and direction.is_contiguous())
+
+
+def rows_rms_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: torch.Tensor, *,
+                    weight_decay: float) -> None:
+    """The weight decay and `rms_normalized_step_` along dim 1 of each (param, direction) in `params`,
+    `grads` (a direction: the gradient, or the momentum after its EMA), written for one compiled graph
+    (lowmem.optim.adamw.compiled_function): `lr` a 0-dim tensor; each matrix as its [size(0), -1] view,
+    so inductor fuses a row's norm with its update."""
+    for p, g in zip(params, grads):
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        weights, direction = p.view(p.size(0), -1), g.view(g.size(0), -1)
+        sqrt_n = math.sqrt(direction.size(1))
+        norm = torch.linalg.vector_norm(direction, 2, dim=1, keepdim=True)
+        weights.sub_(direction * norm.clamp_min(RMS_FLOOR * sqrt_n).reciprocal() * (lr * sqrt_n))
 
 
 def cache_sized_chunks(
@@ -322,6 +356,8 @@ class SCALE(LowmemOptimizer):
         state_bits: 8 keeps the matrices' momenta (and the vectors' Adam moments, where large enough)
             in 8-bit codes; None or 32: full precision (see the module docstring).
         stochastic_rounding: requantize 8-bit states with unbiased random rounding.
+        compiled: the matrices normalized within rows, and the vectors' AdamW, in compiled graphs (see
+            the module docstring).
     """
 
     # Every normalization is of one matrix (its columns, rows, signs or singular values), momentum and
@@ -345,11 +381,13 @@ class SCALE(LowmemOptimizer):
         ns_steps: int = 5,
         state_bits: int | None = None,
         stochastic_rounding: bool = False,
+        compiled: bool = False,
     ) -> None:
         adam_betas = as_pair(adam_betas)
         defaults = dict(lr=lr, momentum=momentum, adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on,
-                        ns_steps=ns_steps, state_bits=state_bits, stochastic_rounding=stochastic_rounding)
+                        ns_steps=ns_steps, state_bits=state_bits, stochastic_rounding=stochastic_rounding,
+                        compiled=compiled)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -380,7 +418,7 @@ class SCALE(LowmemOptimizer):
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
         quantized = []  # (position, param, state, dim) of the matrices whose momentum is 8-bit codes
-        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"])
+        adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
         for p in group["params"]:
             position += 1
             if p.grad is None:
@@ -405,6 +443,19 @@ class SCALE(LowmemOptimizer):
             grads.append(p.grad)
             dims.append(dim)
 
+        if group["compiled"]:
+            compiled = [compiles_rows(p, g, m, dim, normalization) for p, g, m, dim in zip(params, grads, buffers, dims)]
+            if any(compiled):
+                chosen = [(p, g, m) for p, g, m, c in zip(params, grads, buffers, compiled) if c]
+                directions = decay_and_momentum_([p for p, _, _ in chosen], [g for _, g, _ in chosen],
+                                                 [m for _, _, m in chosen], lr=group["lr"], momentum=group["momentum"],
+                                                 weight_decay=0.0)  # the momentum's EMA eager: pytorch#196570
+                lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
+                update = compiled_function(rows_rms_update)
+                for bucket in group_by_device_dtype([p for p, _, _ in chosen], directions):
+                    update(*bucket, lr, weight_decay=group["weight_decay"])
+                params, grads, buffers, dims = ([x for x, c in zip(column, compiled) if not c]
+                                                for column in (params, grads, buffers, dims))
         hparams = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                        normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
         scale_update(params, grads, buffers, dims, **hparams)
