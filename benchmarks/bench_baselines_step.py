@@ -16,7 +16,8 @@ Muon's batched Newton–Schulz against its per-matrix path.
   adamw-compiled  lowmem AdamW(compiled=True), each bucket's update one torch.compile'd graph (inductor),
              vs the eager AdamW (foreach), the baseline of every comparison; galore-compiled,
              apollo-mini-compiled, muon-compiled: the method with compiled=True (its AdamW part compiled:
-             embedding, head, vectors; muon's NS in float32) vs the same method eager; also the first compiled
+             embedding, head, vectors; muon's NS in float32) vs the same method eager; scale-compiled:
+             SCALE's rows and vectors compiled (benchmarks/bench_scale_step.py --compiled adds the floor); also the first compiled
              step's seconds (the compilation: run with TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) for a cold
              cache) and how far apart two copies of the model end after --check-steps steps (a new lr
              each step) with the same gradients, relative to how far they moved
@@ -118,8 +119,9 @@ def batched_difference(method: str, model_name: str, steps: int, ns_dtype: str =
 
 
 # The methods whose opt-in `compiled=True` (issue 28) has a pair: AdamW compiles its whole update; the
-# others compile the update of the tensors they leave to AdamW (embedding, head, vectors).
-COMPILED_METHODS = ("adamw", "galore", "apollo-mini", "muon")
+# others compile the update of the tensors they leave to AdamW (embedding, head, vectors); SCALE its
+# row-normalized matrices and its vectors.
+COMPILED_METHODS = ("adamw", "galore", "apollo-mini", "muon", "scale")
 _COMPILED_HPARAMS = {"muon": {"ns_dtype": "float32"}}  # bf16 matrix products have no hardware on this CPU
 
 

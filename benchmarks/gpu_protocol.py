@@ -52,8 +52,8 @@ of 1-2 x 32, torchrun with gloo; `Settings` holds both sizes):
                with the optimizer step compiled too (`--opt compiled=true`): steady tokens/s and MFU,
                their ratio to eager, and the first step's seconds (mostly compilation) apart.
   optimizer-steps  issue 28: benchmarks/bench_baselines_step.py on the device, llama-60m: Muon's batched
-               Newton–Schulz (bf16) and GaLore's batched r-side Adam vs per matrix, AdamW's and GaLore's
-               compiled steps vs eager (ratios
+               Newton–Schulz (bf16) and GaLore's batched r-side Adam vs per matrix, AdamW's, GaLore's
+               and SCALE's compiled steps vs eager (ratios
                of interleaved contenders, the compilation's seconds, how far apart the copies end).
 
 To add an item: write a function `(Protocol) -> Result` and append an Item to ITEMS.
@@ -544,13 +544,13 @@ def compile_runs(p: Protocol) -> Result:
                                         "max allocated (GB)", "val ppl"], rows, data)
 
 
-STEP_PAIRS = ("muon-batched", "galore-batched", "adamw-compiled", "galore-compiled")
+STEP_PAIRS = ("muon-batched", "galore-batched", "adamw-compiled", "galore-compiled", "scale-compiled")
 
 
 def optimizer_steps(p: Protocol) -> Result:
     """benchmarks/bench_baselines_step.py on the device: Muon's batched Newton–Schulz (bf16 on CUDA, the
-    default there) and GaLore's batched r-side Adam against one matrix at a time, and AdamW's and GaLore's
-    compiled steps against eager;
+    default there) and GaLore's batched r-side Adam against one matrix at a time, and AdamW's, GaLore's and
+    SCALE's compiled steps against eager;
     each pair's contenders interleaved, the median ratio, and how far apart the two end."""
     s = p.settings
     log = p.output / "optimizer-steps.log"
@@ -588,8 +588,8 @@ ITEMS = (
     Item("large", "1B and 7B with SCALE: peak beside the estimate", large, 240),
     # Last: the least needed, so a command cut off at the device's per-call limit loses only it.
     Item("compile", "AdamW eager, blocks compiled, blocks and step compiled: tokens/s, MFU", compile_runs, 240),
-    Item("optimizer-steps", "Muon and GaLore batched vs per matrix; AdamW and GaLore compiled vs eager",
-         optimizer_steps, 200),
+    Item("optimizer-steps", "Muon and GaLore batched vs per matrix; AdamW, GaLore and SCALE compiled vs eager",
+         optimizer_steps, 240),
 )
 
 

@@ -118,7 +118,8 @@ def test_gpu_protocol_dry_run_runs_every_item_without_an_install(tmp_path, bare_
 
     steps = items["optimizer-steps"]["data"]["lines"]
     assert [line.split()[0] for line in steps if "ms/step" in line] == ["muon-batched", "galore-batched",
-                                                                         "adamw-compiled", "galore-compiled"]
+                                                                         "adamw-compiled", "galore-compiled",
+                                                                         "scale-compiled"]
     # Batched Newton-Schulz and batched low-rank Adam: the per-matrix bits on the CPU.
     assert sum("-batched" in line and "max relative difference 0," in line for line in steps) == 2
 
