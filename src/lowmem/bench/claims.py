@@ -127,10 +127,15 @@ def spike_claim(grid: str | Path, cold_from: int = 1000) -> tuple[str, str, str]
     return claim, numbers, verdict_text
 
 
-def claims_report(grid: str | Path, spike_grids: Sequence[str | Path] = ()) -> str:
+def claims_report(grid: str | Path | Sequence[str | Path], spike_grids: Sequence[str | Path] = ()) -> str:
     """The grid's seed noise and ranges, then a markdown table of every claim; `grid` is a grid's
-    output directory or its report.json."""
-    best, noise = load_best(grid)
+    output directory or its report.json, or several of one budget (a grid run in pieces: a later
+    source's method replaces an earlier one's, the noise is the largest)."""
+    best, noise = {}, 0.0
+    for source in [grid] if isinstance(grid, (str, Path)) else grid:
+        more, more_noise = load_best(source)
+        best.update(more)
+        noise = max(noise, more_noise)
     rows = claims(best, noise)
     rows.extend(spike_claim(spikes) for spikes in spike_grids)
     ranges = ", ".join(f"{m} [{lo:.1f}, {hi:.1f}]" for m, (lo, hi) in sorted((m, interval(r, noise)) for m, r in best.items()))
