@@ -135,8 +135,8 @@ PROJECTED_BATCH_ELEMENTS = 2**22
 def default_projected_batch_elements(device: torch.device) -> int:
     """`ProjectedAdam.batch_elements` when unset: PROJECTED_BATCH_ELEMENTS, except 0 (one matrix at a
     time) on the CPU, where foreach runs the same per-tensor kernels and there is no launch to save: at
-    llama-60m a batched GaLore step took 1.18x the per-matrix one (0.94-1.25 over rounds; APOLLO-Mini
-    0.96x), its batch's low-rank tensors a larger working set (docs/results.md, issue 28)."""
+    llama-60m on a quiet CPU a batched step took 0.95x (GaLore) and 1.01x (APOLLO-Mini) the per-matrix
+    one, no gain for a batch's larger low-rank temporaries (docs/results.md, issue 28)."""
     return 0 if torch.device(device).type == "cpu" else PROJECTED_BATCH_ELEMENTS
 
 
