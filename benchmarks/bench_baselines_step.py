@@ -44,6 +44,7 @@ from lowmem.bench.timing import interleaved, model_with_gradients, seconds_per_s
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.muon import Muon
 from lowmem.optim.newton_schulz import BATCH_ELEMENTS
+from lowmem.optim.projection import PROJECTED_BATCH_ELEMENTS
 from lowmem.testing import max_relative_difference
 
 
@@ -84,8 +85,8 @@ BATCHED_PROJECTED = ("galore", "apollo-mini")
 
 def _projected_batched_pair(method: str):
     def pair(model):
-        batched, per_matrix = (lowmem.optim.build(method, model, lr=1e-3) for _ in range(2))
-        batched.batch_elements, per_matrix.batch_elements = None, 0
+        batched, per_matrix = (lowmem.optim.build(method, model, lr=1e-3, batch_elements=limit)
+                               for limit in (PROJECTED_BATCH_ELEMENTS, 0))  # both whatever the device
         return batched.step, per_matrix.step
     return pair
 
@@ -97,8 +98,7 @@ def _batched_optimizer(method: str, model, batched: bool, ns_dtype: str):
         optimizer = Muon(lowmem.optim.param_groups(model), lr=0.02, ns_dtype=ns_dtype)
         optimizer.ns_batch_elements = BATCH_ELEMENTS if batched else 0
     else:
-        optimizer = lowmem.optim.build(method, model, lr=1e-3)
-        optimizer.batch_elements = None if batched else 0
+        optimizer = lowmem.optim.build(method, model, lr=1e-3, batch_elements=PROJECTED_BATCH_ELEMENTS if batched else 0)
     return optimizer
 
 

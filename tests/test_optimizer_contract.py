@@ -61,7 +61,8 @@ CONTRACTS: dict[str, Contract] = {
     # Newton-Schulz in float64, so that bf16 rounding does not hide (or fake) a sharding error.
     "muon": Contract(dict(lr=0.02, adam_lr=1e-2, weight_decay=0.01, ns_dtype="float64"), fsdp_steps=10),
     "muon-all": Contract(dict(lr=0.02, adam_lr=1e-2, ns_dtype="float64"), fsdp_steps=10),
-    "galore": Contract(dict(_PROJECTED, weight_decay=0.01), fsdp_steps=30),
+    # Batched low-rank Adam (the default off the CPU) under FSDP2 too; the others step per matrix here.
+    "galore": Contract(dict(_PROJECTED, weight_decay=0.01, batch_elements=2**22), fsdp_steps=30),
     "fira": Contract(dict(_PROJECTED, stagger=True), fsdp_steps=30),
     "apollo": Contract(_PROJECTED, fsdp_steps=30),
     # lr 1e-3: at APOLLO-Mini's lr 0.01 with scale 128 the tiny random-token model is chaotic (a 1e-15

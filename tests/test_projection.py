@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lowmem.optim
+from lowmem.config import parse_key_values
 from lowmem.models import build_model
 from lowmem.optim.apollo import Apollo
 from lowmem.optim.galore import Fira, GaLore
@@ -280,7 +281,7 @@ def test_every_method_declares_the_shared_arguments_explicitly_with_the_same_def
 
     shared = {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "rank": 128, "update_proj_gap": 200,
               "scale": 0.25, "proj_type": "std", "svd": "exact", "stagger": False, "foreach": True,
-              "state_bits": None, "stochastic_rounding": False, "compiled": False}
+              "state_bits": None, "stochastic_rounding": False, "compiled": False, "batch_elements": None}
     own = {GaLore: {}, Fira: {"compat": "official"}, Apollo: {"scale_type": "channel", "proj": "random", "seed": 0}}
     for cls, extra in own.items():
         params = inspect.signature(cls.__init__).parameters
@@ -331,8 +332,8 @@ def test_a_batched_step_equals_one_matrix_at_a_time_bit_for_bit(name, monkeypatc
     for batch_elements in (3 * TINY.hidden_size * TINY.intermediate_size, 0):
         torch.manual_seed(0)
         model = build_model(TINY)
-        optimizer = lowmem.optim.build(name, model, lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)
-        optimizer.batch_elements = batch_elements
+        optimizer = lowmem.optim.build(name, model, lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1,
+                                       batch_elements=batch_elements)
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in model.parameters():
@@ -347,6 +348,17 @@ def test_a_batched_step_equals_one_matrix_at_a_time_bit_for_bit(name, monkeypatc
     # temporaries), not on the CPU, where it measured no faster.
     assert projection.default_projected_batch_elements(torch.device("cpu")) == 0
     assert projection.default_projected_batch_elements(torch.device("meta")) == projection.PROJECTED_BATCH_ELEMENTS
+    # Unset (as in a checkpoint from before the option), the device's default: per matrix on the CPU.
+    batch_sizes.clear()
+    model = build_model(TINY)
+    optimizer = lowmem.optim.build(name, model, rank=4, **parse_key_values(["batch_elements=100000"], "--opt"))
+    del optimizer.param_groups[0]["batch_elements"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert set(batch_sizes) == {1}
+    with pytest.raises(ValueError, match="batch_elements"):
+        lowmem.optim.build(name, model, rank=4, batch_elements=-1)
     (batched_model, batched), (single_model, single) = runs
     for a, b in zip(batched_model.parameters(), single_model.parameters()):
         assert torch.equal(a, b)

@@ -72,12 +72,14 @@ class Apollo(ProjectedAdam):
                  weight_decay: float = 0.0, rank: int = 256, update_proj_gap: int = 200, scale: float = 1.0,
                  proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
                  scale_type: str = "channel", proj: str = "random", seed: int = 0,
-                 state_bits: int | None = None, stochastic_rounding: bool = False, compiled: bool = False) -> None:
+                 state_bits: int | None = None, stochastic_rounding: bool = False, compiled: bool = False,
+                 batch_elements: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                                       stagger=stagger, foreach=foreach, scale_type=scale_type, proj=proj, seed=seed,
                                       state_bits=state_bits, stochastic_rounding=stochastic_rounding,
-                                      compiled=compiled))
+                                      compiled=compiled,
+                                      batch_elements=batch_elements))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -61,11 +61,13 @@ class GaLore(ProjectedAdam):
     def __init__(self, params, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
-                 state_bits: int | None = None, stochastic_rounding: bool = False, compiled: bool = False) -> None:
+                 state_bits: int | None = None, stochastic_rounding: bool = False, compiled: bool = False,
+                 batch_elements: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                                       stagger=stagger, foreach=foreach, state_bits=state_bits,
-                                      stochastic_rounding=stochastic_rounding, compiled=compiled))
+                                      stochastic_rounding=stochastic_rounding, compiled=compiled,
+                                      batch_elements=batch_elements))
 
     def _apply_update(self, p, param, grad, low_rank, direction, projection, side, state, group, *, step_size):
         add_project_back(param, direction, projection, side, alpha=-step_size * group["scale"])
@@ -86,11 +88,13 @@ class Fira(ProjectedAdam):
                  weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", svd: str = "exact", stagger: bool = False, foreach: bool = True,
                  compat: str = "official", state_bits: int | None = None, stochastic_rounding: bool = False,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False,
+                 batch_elements: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                                       stagger=stagger, foreach=foreach, compat=compat, state_bits=state_bits,
-                                      stochastic_rounding=stochastic_rounding, compiled=compiled))
+                                      stochastic_rounding=stochastic_rounding, compiled=compiled,
+                                      batch_elements=batch_elements))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

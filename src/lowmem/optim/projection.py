@@ -30,7 +30,7 @@ so under "std" the rank is taken from the smaller side and the moments are r x m
   W -= step_size * method_update(G, R, N, P)       (GaLore: scale * back(N); Fira, APOLLO: see theirs)
   W *= 1 - lr * weight_decay                         (decoupled, after the update, as released)
 
-The matrices of a group are stepped a batch at a time (`batch_elements`, default
+The matrices of a group are stepped a batch at a time (the `batch_elements` hyperparameter, default
 `default_projected_batch_elements`: PROJECTED_BATCH_ELEMENTS off the CPU, one matrix at a time on it):
 each is refreshed and projected, then the batch's r-side Adam runs as one foreach call per operation
 (a GPU launches a few kernels for the batch instead of about ten per matrix), then each matrix's update.
@@ -101,6 +101,7 @@ from lowmem.optim.base import (
     check_bool,
     check_choice,
     check_grad,
+    check_nonneg_int,
     check_positive,
     check_positive_int,
     foreach_chunks,
@@ -135,8 +136,8 @@ PROJECTED_BATCH_ELEMENTS = 2**22
 def default_projected_batch_elements(device: torch.device) -> int:
     """`ProjectedAdam.batch_elements` when unset: PROJECTED_BATCH_ELEMENTS, except 0 (one matrix at a
     time) on the CPU, where foreach runs the same per-tensor kernels and there is no launch to save: at
-    llama-60m on a quiet CPU a batched step took 0.95x (GaLore) and 1.01x (APOLLO-Mini) the per-matrix
-    one, no gain for a batch's larger low-rank temporaries (docs/results.md, issue 28)."""
+    llama-60m on a quiet CPU a batched step took 1.01x the per-matrix one (GaLore and APOLLO-Mini alike),
+    no gain for a batch's larger low-rank temporaries (docs/results.md, issue 28)."""
     return 0 if torch.device(device).type == "cpu" else PROJECTED_BATCH_ELEMENTS
 
 
@@ -356,6 +357,9 @@ class ProjectedAdam(LowmemOptimizer):
         stochastic_rounding: requantize 8-bit moments with unbiased random rounding instead of nearest.
         compiled: the parameters left to AdamW take the compiled update (lowmem.optim.adamw, `compiled`);
             the projected matrices stay eager.
+        batch_elements: weight elements per batch of projected matrices whose low-rank Adam runs as one
+            foreach call per operation; None: `default_projected_batch_elements` of their device (batched
+            off the CPU); 0: one matrix at a time (the same bits on the CPU).
     """
 
     method_name = "projected adam"
@@ -363,9 +367,6 @@ class ProjectedAdam(LowmemOptimizer):
     # (positions, stagger offsets) depends on the groups, not on which gradients are present.
     updates_per_parameter = True
     _schedule_cache: dict[torch.Tensor, tuple[int, int]] | None = None
-    # Elements of the matrices per batch of a step (None: default_projected_batch_elements of their
-    # device; 0: one matrix at a time, the path the batched one equals bit for bit on the CPU).
-    batch_elements: int | None = None
 
     # -- hyperparameters and the fallback warning
 
@@ -378,6 +379,8 @@ class ProjectedAdam(LowmemOptimizer):
         check_choice("proj_type", group["proj_type"], PROJ_TYPES)
         check_choice("svd", group["svd"], SVD_METHODS)
         check_bool("stagger", group["stagger"])
+        if group.get("batch_elements") is not None:
+            check_nonneg_int("batch_elements", group["batch_elements"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -449,7 +452,7 @@ class ProjectedAdam(LowmemOptimizer):
                     projected.append(p)
                 else:
                     adam.add(p, self.state[p], schedule[p][0])
-            limit = self.batch_elements
+            limit = group.get("batch_elements")  # absent from a checkpoint saved before it: the default
             if limit is None and projected:
                 limit = default_projected_batch_elements(projected[0].device)
             for (batch,) in foreach_chunks(projected, max_elements=limit):
