@@ -1,9 +1,9 @@
 """Training throughput of lowmem's LLaMA vs transformers' LlamaForCausalLM, same config and batch.
 
 Both models get the same weights, batch, precision and optimizer (torch AdamW); one training step is
-forward + cross-entropy + backward + optimizer step. The two alternate over several rounds in one
+forward + cross-entropy (lowmem: its own `model(ids, labels=...)`, as training) + backward + optimizer step. The two alternate over several rounds in one
 process and the median tokens/s of each is reported with their ratio (goal: lowmem >= 1.2x).
-With --compiled a third contender, lowmem with every block through torch.compile (`--compile`),
+With --compiled a third contender, lowmem with every block and the loss through torch.compile (`--compile`),
 runs beside them from the same weights; its first step (the compilation) is timed apart.
 
     python benchmarks/bench_model_throughput.py --model cpu-small --batch 8 --seq-len 256 --compiled
@@ -44,8 +44,11 @@ def hf_twin(ours):
 def step_fn(model, optimizer, tokens, is_hf, dtype):
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16-autocast"):
-        logits = model(inputs).logits if is_hf else model(inputs)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        if is_hf:
+            logits = model(inputs).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        else:  # lowmem's own loss, as training computes it (compiled with the blocks under --compile)
+            loss = model(inputs, labels=labels) / labels.numel()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -103,3 +103,38 @@ def test_inductor_compiled_blocks_train_what_eager_blocks_train(tiny_corpus, tok
     torch._dynamo.reset()
     summary = _assert_compiled_trains_as_eager(tiny_corpus, token_cache, tmp_path)
     assert summary["first_step_seconds"] > summary["wall_seconds"] / 10  # the compilation is in the first step
+
+
+def test_the_plain_loss_is_compiled_with_the_blocks_and_equals_eager(monkeypatch):
+    """`compile_blocks` compiles the plain loss of a bias-free linear head too (the head's matmul with its
+    softmax: one graph besides the block's); the chunked loss stays eager. Loss and gradients equal
+    eager's to fp32 rounding."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from lowmem.models import build_model
+    from lowmem.testing import TINY
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(llama, "COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(TINY)
+        if compiled:
+            model.compile_blocks()
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert counter.frame_count == 2  # the block (one graph for every block) and the loss
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+    model.loss_chunk = 8  # chunked: the loss leaves the compiled function alone
+    frames = counter.frame_count
+    model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+    assert counter.frame_count == frames
+    torch._dynamo.reset()
