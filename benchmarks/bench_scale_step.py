@@ -26,7 +26,7 @@ import time
 import torch
 
 from lowmem.assembly import build_model, build_optimizer
-from lowmem.bench.timing import interleaved, seconds_per_step
+from lowmem.bench.timing import interleaved, seconds_per_step, self_times
 
 
 def main() -> None:
@@ -90,16 +90,10 @@ def main() -> None:
 
 
 def _print_profile(name: str, step, steps: int) -> None:
-    from torch.profiler import profile
-
-    with profile() as prof:
-        for _ in range(steps):
-            step()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in rows) / steps / 1e3
-    print(f"  {name}: {total:.1f} ms/step under the profiler; self time per op:")
-    for e in rows[:6]:
-        print(f"    {e.key:>28}: {e.self_cpu_time_total / steps / 1e3:7.2f} ms  ({e.count // steps} calls)")
+    rows = self_times(step, steps)
+    print(f"  {name}: {sum(ms for _, ms, _ in rows):.1f} ms/step under the profiler; self time per op:")
+    for op, ms, calls in rows[:6]:
+        print(f"    {op:>28}: {ms:7.2f} ms  ({calls} calls)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import profile
 
+from lowmem.bench.timing import self_times
 from lowmem.models import build_model
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm")
@@ -42,17 +42,13 @@ def main() -> None:
 
     for _ in range(2):
         step()
-    steps = 3
-    with profile() as prof:
-        for _ in range(steps):
-            step()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in rows) / steps / 1e3
-    matmul = sum(e.self_cpu_time_total for e in rows if e.key in MATMULS) / steps / 1e3
+    rows = self_times(step, 3)
+    total = sum(ms for _, ms, _ in rows)
+    matmul = sum(ms for op, ms, _ in rows if op in MATMULS)
     print(f"{args.model}, vocab {args.vocab_size}, batch {args.batch} x {args.seq_len}, fp32, {args.threads} "
           f"thread(s): {total:.0f} ms/step under the profiler; matrix products {matmul:.0f} ms ({matmul / total:.0%})")
-    for e in rows[:args.rows]:
-        print(f"  {e.key:>58}: {e.self_cpu_time_total / steps / 1e3:7.1f} ms  ({e.count // steps} calls)")
+    for op, ms, calls in rows[:args.rows]:
+        print(f"  {op:>58}: {ms:7.1f} ms  ({calls} calls)")
 
 
 if __name__ == "__main__":

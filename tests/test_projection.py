@@ -320,7 +320,7 @@ def test_a_batched_step_equals_one_matrix_at_a_time_bit_for_bit(name, monkeypatc
     # through refreshes (gap 2) and weight decay.
     import lowmem.optim.projection as projection
 
-    batch_sizes = []
+    batch_sizes: list[int] = []  # how many matrices each low-rank Adam call took
     adam = projection.low_rank_adam
 
     def counting_adam(low_ranks, *args, **kwargs):
@@ -328,38 +328,38 @@ def test_a_batched_step_equals_one_matrix_at_a_time_bit_for_bit(name, monkeypatc
         return adam(low_ranks, *args, **kwargs)
 
     monkeypatch.setattr(projection, "low_rank_adam", counting_adam)
-    runs = []
-    for batch_elements in (3 * TINY.hidden_size * TINY.intermediate_size, 0):
+
+    def five_steps(**hparams) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[int]]:
+        batch_sizes.clear()
         torch.manual_seed(0)
         model = build_model(TINY)
-        optimizer = lowmem.optim.build(name, model, lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1,
-                                       batch_elements=batch_elements)
+        optimizer = lowmem.optim.build(name, model, lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1, **hparams)
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in model.parameters():
                 p.grad = torch.randn(p.shape, generator=gen)
             optimizer.step()
-        runs.append((model, optimizer))
-        batch_sizes.append(None)
-    batched_sizes, per_matrix_sizes = batch_sizes[:batch_sizes.index(None)], batch_sizes[batch_sizes.index(None) + 1:-1]
+        return model, optimizer, list(batch_sizes)
+
+    batched_model, batched, batched_sizes = five_steps(batch_elements=3 * TINY.hidden_size * TINY.intermediate_size)
+    single_model, single, single_sizes = five_steps(batch_elements=0)
     assert max(batched_sizes) >= 3 and len(batched_sizes) > 5  # several batches per step, several matrices each
-    assert set(per_matrix_sizes) == {1}
-    # The default batches where launches cost (and on meta, so the memory estimate counts a batch's
-    # temporaries), not on the CPU, where it measured no faster.
-    assert projection.default_projected_batch_elements(torch.device("cpu")) == 0
-    assert projection.default_projected_batch_elements(torch.device("meta")) == projection.PROJECTED_BATCH_ELEMENTS
-    # Unset (as in a checkpoint from before the option), the device's default: per matrix on the CPU.
+    assert set(single_sizes) == {1}
+    # Unset (the default, or absent from a checkpoint from before the option): the device's default, per matrix on the
+    # CPU, where batching measured no faster; batched elsewhere, and on meta so that the memory estimate
+    # counts a batch's temporaries.
+    _, default, default_sizes = five_steps()
+    assert default_sizes == single_sizes
+    for group in default.param_groups:  # as loaded from a checkpoint saved before the option
+        del group["batch_elements"]
     batch_sizes.clear()
-    model = build_model(TINY)
-    optimizer = lowmem.optim.build(name, model, rank=4, **parse_key_values(["batch_elements=100000"], "--opt"))
-    del optimizer.param_groups[0]["batch_elements"]
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
+    default.step()
     assert set(batch_sizes) == {1}
+    assert projection.default_projected_batch_elements(torch.device("meta")) == projection.PROJECTED_BATCH_ELEMENTS
+    assert lowmem.optim.build(name, batched_model, **parse_key_values(["batch_elements=7"], "--opt")).defaults[
+        "batch_elements"] == 7
     with pytest.raises(ValueError, match="batch_elements"):
-        lowmem.optim.build(name, model, rank=4, batch_elements=-1)
-    (batched_model, batched), (single_model, single) = runs
+        lowmem.optim.build(name, batched_model, rank=4, batch_elements=-1)
     for a, b in zip(batched_model.parameters(), single_model.parameters()):
         assert torch.equal(a, b)
         for key, value in batched.state[a].items():

@@ -82,3 +82,15 @@ def model_with_gradients(preset: str, scale: float = 1e-3, seed: int = 0,
     for p in model.parameters():
         p.grad = torch.randn_like(p) * scale
     return model, sum(p.numel() for p in model.parameters())
+
+
+def self_times(step: Callable[[], object], steps: int) -> list[tuple[str, float, int]]:
+    """`step` run `steps` times under torch.profiler: (op, self CPU milliseconds per step, calls per step)
+    for every op, the costliest first; the benchmarks' one per-op breakdown."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in rows]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lowmem.compiled import compiled
 from lowmem.errors import ConfigError, check_choice
 from lowmem.models.chunked_loss import IGNORE_INDEX, chunked_head_loss_sum
 
@@ -168,7 +170,6 @@ class Block(nn.Module):
 # What torch.compile lowers each block and the loss with: inductor (fused kernels, C++ on a CPU, Triton
 # on a GPU). Tests set "aot_eager" to check the traced graphs without paying inductor's code generation.
 COMPILE_BACKEND = "inductor"
-_COMPILED_HEAD_LOSS: dict[str, object] = {}
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -180,17 +181,14 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`cross_entropy_sum` of a bias-free linear head's logits `hidden @ weight^T`: the plain loss, in one
-    function so that `--compile` traces the head's matmul with the softmax around it (inductor fuses the
-    fp32 cast, log-softmax and their backward: 0.76-0.79x the eager head-and-loss step at cpu-small's
-    shapes on the CPU, docs/results.md)."""
+    function so that `--compile` traces the head's matmul with the softmax around it: inductor fuses the
+    fp32 cast, log-softmax and their backward (benchmarks/bench_head_loss.py times it)."""
     return cross_entropy_sum(F.linear(hidden, weight), labels)
 
 
-def compiled_head_loss() -> object:
-    """`head_loss_sum` compiled with COMPILE_BACKEND (one wrapper per backend, built on first use)."""
-    if COMPILE_BACKEND not in _COMPILED_HEAD_LOSS:
-        _COMPILED_HEAD_LOSS[COMPILE_BACKEND] = torch.compile(head_loss_sum, backend=COMPILE_BACKEND)
-    return _COMPILED_HEAD_LOSS[COMPILE_BACKEND]
+def compiled_head_loss() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`head_loss_sum` compiled with COMPILE_BACKEND (lowmem.compiled's cache)."""
+    return compiled(head_loss_sum, COMPILE_BACKEND)
 
 
 class Llama(nn.Module):

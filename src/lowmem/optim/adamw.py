@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowmem.compiled import compiled
 from lowmem.optim import quantized_state
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -74,7 +75,6 @@ RELEASED_LOW_RANK_ADAM = {"eps_placement": "uncorrected", "decay": "after"}
 # and how many graphs (buckets: group x device x dtype, specialized on shapes) one process may compile.
 COMPILE_BACKEND: Any = "inductor"
 COMPILE_LIMIT = 64
-_COMPILED_CORES: dict[tuple[Callable[..., None], Any], Callable[..., None]] = {}
 
 
 def init_adam_state(state: dict[str, Any], param: torch.Tensor, state_bits: int | None = None) -> None:
@@ -227,16 +227,10 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
 
 
 def compiled_function(function: Callable[..., None]) -> Callable[..., None]:
-    """`function` (an update over lists of tensors) compiled with `COMPILE_BACKEND`, one wrapper per
-    (function, backend), built on first use: the whole list in one graph, shapes static (a bucket's
-    tensors keep theirs). The compiled steps of every method go through here (SCALE's rows too)."""
-    key = (function, COMPILE_BACKEND)
-    core = _COMPILED_CORES.get(key)
-    if core is None:
-        core = torch.compile(function, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False,
-                             recompile_limit=COMPILE_LIMIT)
-        _COMPILED_CORES[key] = core
-    return core
+    """`function` (an update over lists of tensors) compiled for an optimizer step (lowmem.compiled's
+    cache, `COMPILE_BACKEND`): the whole list in one graph, shapes static (a bucket's tensors keep
+    theirs), at most `COMPILE_LIMIT` graphs. The compiled steps of every method go through here."""
+    return compiled(function, COMPILE_BACKEND, fullgraph=True, dynamic=False, recompile_limit=COMPILE_LIMIT)
 
 
 def _adamw_tensor_core(params, grads, exp_avgs, exp_avg_sqs, steps, lr, *, beta1, beta2, eps, weight_decay,

@@ -236,6 +236,20 @@ def rows_rms_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: t
         weights.sub_(direction * norm.clamp_min(RMS_FLOOR * sqrt_n).reciprocal() * (lr * sqrt_n))
 
 
+def compiled_rows_update(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
+                         weight_decay: float) -> None:
+    """`scale_update` of matrices normalized within rows (`compiles_rows`) under `compiled=True`: the
+    momentum's EMA eager (inductor cannot compile it with its norm: pytorch#196570), then decay, norm and
+    update in `rows_rms_update`'s compiled graph, one per device and dtype."""
+    if not params:
+        return
+    directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=0.0)
+    lr_tensor, update = torch.tensor(float(lr), dtype=torch.float64), compiled_function(rows_rms_update)
+    for bucket in group_by_device_dtype(params, directions):
+        update(*bucket, lr_tensor, weight_decay=weight_decay)
+
+
 def cache_sized_chunks(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -417,6 +431,7 @@ class SCALE(LowmemOptimizer):
         momentum_roles = MOMENTUM_PLACEMENTS[group["momentum_on"]]
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
+        rows = ([], [], [])  # (params, grads, buffers) of the matrices `compiled=True` updates in one graph
         quantized = []  # (position, param, state, dim) of the matrices whose momentum is 8-bit codes
         adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
         for p in group["params"]:
@@ -436,26 +451,19 @@ class SCALE(LowmemOptimizer):
                 if quantized_state.is_quantized(state, MOMENTUM):
                     quantized.append((position, p, state, dim))
                     continue
-                buffers.append(state[MOMENTUM])
+                buffer = state[MOMENTUM]
             else:
-                buffers.append(None)
+                buffer = None
+            if group["compiled"] and compiles_rows(p, p.grad, buffer, dim, normalization):
+                for column, value in zip(rows, (p, p.grad, buffer)):
+                    column.append(value)
+                continue
             params.append(p)
             grads.append(p.grad)
+            buffers.append(buffer)
             dims.append(dim)
 
-        if group["compiled"]:
-            compiled = [compiles_rows(p, g, m, dim, normalization) for p, g, m, dim in zip(params, grads, buffers, dims)]
-            if any(compiled):
-                chosen = [(p, g, m) for p, g, m, c in zip(params, grads, buffers, compiled) if c]
-                directions = decay_and_momentum_([p for p, _, _ in chosen], [g for _, g, _ in chosen],
-                                                 [m for _, _, m in chosen], lr=group["lr"], momentum=group["momentum"],
-                                                 weight_decay=0.0)  # the momentum's EMA eager: pytorch#196570
-                lr = torch.tensor(float(group["lr"]), dtype=torch.float64)
-                update = compiled_function(rows_rms_update)
-                for bucket in group_by_device_dtype([p for p, _, _ in chosen], directions):
-                    update(*bucket, lr, weight_decay=group["weight_decay"])
-                params, grads, buffers, dims = ([x for x, c in zip(column, compiled) if not c]
-                                                for column in (params, grads, buffers, dims))
+        compiled_rows_update(*rows, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
         hparams = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                        normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
         scale_update(params, grads, buffers, dims, **hparams)
