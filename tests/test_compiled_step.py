@@ -299,11 +299,20 @@ def test_other_methods_compile_the_tensors_they_leave_to_adamw(method, compile_c
         lowmem.optim.build(method, start, compiled="yes", **hparams)
 
 
-def test_scale_compiled_rows_match_eager_with_inductor_and_a_new_lr_compiles_nothing():
+@pytest.fixture
+def inductor_rows(monkeypatch):
+    """SCALE(compiled=True) without its fused CPU kernels: every row-normalized matrix through inductor's
+    graph, as on a GPU or in bf16."""
+    from lowmem.optim import scale_kernels
+
+    monkeypatch.setattr(scale_kernels, "usable", lambda *tensors: False)
+
+
+def test_scale_compiled_rows_match_eager_with_inductor_and_a_new_lr_compiles_nothing(inductor_rows):
     """SCALE(compiled=True) on plain Linear layers (role-less: every matrix hidden, normalized within its
-    rows): inductor's fused norm-and-update over 20 fp32 steps at a new lr each, with weight decay, within
-    1e-6 of the eager step relative to how far each weight moved; the graphs compiled at the first step,
-    none after."""
+    rows), through inductor (the kernels off): inductor's fused norm-and-update over 20 fp32 steps at a new
+    lr each, with weight decay, within 1e-6 of the eager step relative to how far each weight moved; the
+    graphs compiled at the first step, none after."""
     from lowmem.optim.scale import SCALE
 
     start = _module()
@@ -323,13 +332,19 @@ def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(compile_counter):
-    """On a model with roles: the hidden matrices and the head (its momentum's EMA eager, then its rows),
-    and the vectors' AdamW, go through the compiled graphs, within 1e-6 of eager; the embedding (a norm
-    across rows) stays eager, bit for bit; an ablation whose matrices are not normalized within rows
-    compiles nothing of theirs. `--opt compiled=true` reaches it, and a checkpoint without the key steps
-    eagerly."""
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "inductor"])
+def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(kernels, compile_counter, monkeypatch):
+    """On a model with roles, within 1e-6 of eager: in fp32 on the CPU the hidden matrices and the head
+    (its momentum's EMA too) take the fused kernel, the embedding the kernel's column sums, and only the
+    vectors' AdamW is a graph; without the kernels (GPUs, bf16) the hidden rows and the head's (its EMA
+    eager) are graphs and the embedding (a norm across rows) stays eager, bit for bit. An ablation whose
+    matrices are not normalized within rows compiles nothing of theirs. `--opt compiled=true` reaches it,
+    and a checkpoint without the key steps eagerly."""
+    from lowmem.optim import scale_kernels
     from lowmem.testing import TINY
+
+    if not kernels:
+        monkeypatch.setattr(scale_kernels, "usable", lambda *tensors: False)
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -341,14 +356,17 @@ def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(compile_counter):
         model = fresh()
         optimizer = lowmem.optim.build("scale", model, lr=1e-2, weight_decay=0.1, compiled=compiled)
         graphs = _train_ten_steps(model, optimizer, compile_counter if compiled else None)
-        assert graphs == (3 if compiled else None)  # the hidden rows, the head's (own group), the vectors' AdamW
+        # kernels: the vectors' AdamW; inductor: the hidden rows, the head's (own group), the vectors' AdamW
+        assert graphs == (None if not compiled else 1 if kernels else 3)
         models.append(model)
     eager, compiled = models
-    assert torch.equal(compiled.embed_tokens.weight, eager.embed_tokens.weight)
+    assert torch.equal(compiled.embed_tokens.weight, eager.embed_tokens.weight) is not kernels
     for module in (compiled.lm_head, compiled.layers[0].mlp.up_proj):  # compiled: fp32 rounding of its own
         assert not torch.equal(module.weight, dict(eager.named_modules())[_name(compiled, module)].weight)
     differences = _moved_relative(compiled, eager, start)
     assert max(differences.values()) <= 1e-6, differences
+    if not kernels:
+        return
 
     torch._dynamo.reset()
     compile_counter.frame_count = 0

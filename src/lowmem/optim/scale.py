@@ -26,14 +26,17 @@ updates, which seeds `stochastic_rounding`), and the 1-D parameters' Adam moment
 lowmem.optim.adamw.AdamBatch with the same setting (vectors stay full precision). Such a matrix is
 updated on its own: its momentum dequantized to fp32, the same step as below, requantized.
 
-`compiled=True` (issue 28, default off; `--opt compiled=true`): the matrices normalized within their
-rows (column/row normalization along dim 1: every hidden Linear and the head under SCALE) take their
-decay, norm and update in one torch.compile'd graph per (device, dtype) (`rows_rms_update`, via
-lowmem.optim.adamw.compiled_function), where inductor fuses each row's norm with its multiply-add, so
-the direction is read once; the lr is a 0-dim tensor, so a new lr compiles nothing. A momentum's EMA
-runs eagerly just before (in the same graph, inductor cannot build it: pytorch#196570). The 1-D
-parameters take AdamW's compiled update. The embedding (a norm across rows), 8-bit momenta, DTensors
-and meta tensors stay eager. In fp32 the eager step within rounding (tests/test_compiled_step.py).
+`compiled=True` (issue 28, default off; `--opt compiled=true`): plain contiguous fp32 CPU matrices go
+through lowmem.optim.scale_kernels, a few lines of C built once with the system's C compiler: the matrices
+normalized within their rows (column/row normalization along dim 1: every hidden Linear and the head under
+SCALE) in one pass per row (the momentum's EMA, the norm and the update, G and m read once), and the
+embedding's norms across rows from one streamed pass. Elsewhere (GPUs, bf16) the matrices normalized within
+rows take their decay, norm and update in one torch.compile'd graph per (device, dtype) (`rows_rms_update`,
+via lowmem.optim.adamw.compiled_function), where inductor fuses each row's norm with its multiply-add; the lr
+is a 0-dim tensor, so a new lr compiles nothing; a momentum's EMA runs eagerly just before (inductor's CPU
+code generation cannot build it into the graph: pytorch#196570), and the embedding stays eager. The 1-D
+parameters take AdamW's compiled update. 8-bit momenta, DTensors and meta tensors stay eager. In fp32 the
+eager step within rounding (tests/test_compiled_step.py, tests/test_scale_kernels.py).
 
 The paper's ablations are the same class with two switches (registered as named variants below):
 
@@ -78,11 +81,11 @@ on the meta device with meta gradients and creates state of the right shapes (th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from lowmem.optim import Method, quantized_state, register
+from lowmem.optim import Method, quantized_state, register, scale_kernels
 from lowmem.optim.adamw import AdamBatch, compiled_function, scheduled_adam_lr
 from lowmem.optim.base import (
     LowmemOptimizer,
@@ -163,17 +166,17 @@ def _column_sum_of_squares(matrix: torch.Tensor, block_elements: int = 2**18) ->
 
 
 def rms_normalized_step_(params: list[torch.Tensor], directions: list[torch.Tensor], dims: list[int], *,
-                         lr: float) -> None:
+                         lr: float, norm_of: Callable[[torch.Tensor, int], torch.Tensor] = norm_along) -> None:
     """`p -= lr * d / clamp_min(rms(d, dim), 1e-8)` for each (p, d, dim); column and row normalization.
 
     With rms = norm / sqrt(n) this is `p += (-lr * sqrt(n)) * d * (1 / clamp_min(norm, 1e-8 * sqrt(n)))`:
     each matrix takes one reduction pass and one multiply-add pass, and the arithmetic on the small
-    norm tensors is batched with foreach calls.
+    norm tensors is batched with foreach calls. `norm_of(matrix, dim)`: the norms of a [size(0), -1] view.
     """
     factors, sqrt_ns = [], []
     for d, dim in zip(directions, dims):
         matrix = d if d.dim() == 2 else d.reshape(d.size(0), -1)  # >2-D tensors: [size(0), -1]
-        norm = norm_along(matrix, dim)
+        norm = norm_of(matrix, dim)
         if d.dim() > 2:  # back to a shape that broadcasts against d
             norm = norm.view((-1,) + (1,) * (d.dim() - 1) if dim == 1 else (1,) + tuple(d.shape[1:]))
         factors.append(norm)
@@ -239,15 +242,43 @@ def rows_rms_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: t
 def compiled_rows_update(params: list[torch.Tensor], grads: list[torch.Tensor],
                          momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
                          weight_decay: float) -> None:
-    """`scale_update` of matrices normalized within rows (`compiles_rows`) under `compiled=True`: the
-    momentum's EMA eager (inductor cannot compile it with its norm: pytorch#196570), then decay, norm and
-    update in `rows_rms_update`'s compiled graph, one per device and dtype."""
+    """`scale_update` of matrices normalized within rows (`compiles_rows`) under `compiled=True`. Plain fp32
+    CPU tensors: one pass of lowmem.optim.scale_kernels.scale_rows_ (EMA, norm and update per row). The
+    rest: the momentum's EMA eager (inductor cannot compile it with its norm: pytorch#196570), then decay,
+    norm and update in `rows_rms_update`'s compiled graph, one per device and dtype."""
+    native = [scale_kernels.usable(p, g, m) for p, g, m in zip(params, grads, momentum_buffers)]
+    if any(native):
+        scale_kernels.scale_rows_(*([t for t, n in zip(ts, native) if n] for ts in (params, grads, momentum_buffers)),
+                                  lr=lr, momentum=momentum, weight_decay=weight_decay, rms_floor=RMS_FLOOR)
+        params, grads, momentum_buffers = ([t for t, n in zip(ts, native) if not n]
+                                           for ts in (params, grads, momentum_buffers))
     if not params:
         return
     directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=0.0)
     lr_tensor, update = torch.tensor(float(lr), dtype=torch.float64), compiled_function(rows_rms_update)
     for bucket in group_by_device_dtype(params, directions):
         update(*bucket, lr_tensor, weight_decay=weight_decay)
+
+
+def compiles_columns(param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, dim: int,
+                     normalization: str) -> bool:
+    """Whether `compiled=True` takes this matrix's norms across rows (the embedding's, under SCALE) from
+    lowmem.optim.scale_kernels.column_sum_of_squares: a plain contiguous fp32 CPU matrix."""
+    return normalization in ("column", "row") and dim == 0 and scale_kernels.usable(param, grad, buffer)
+
+
+def compiled_columns_update(params: list[torch.Tensor], grads: list[torch.Tensor],
+                            momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
+                            weight_decay: float) -> None:
+    """`scale_update` of matrices normalized across rows (`compiles_columns`) under `compiled=True`: the
+    eager step with each column's sum of squares from the fused kernel, which reads the direction once in
+    one stream (a third less than the blocked eager sum)."""
+    if not params:
+        return
+    directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                                     weight_decay=weight_decay)
+    rms_normalized_step_(params, directions, [0] * len(params), lr=lr,
+                         norm_of=lambda matrix, dim: scale_kernels.column_sum_of_squares(matrix).sqrt_())
 
 
 def cache_sized_chunks(
@@ -370,8 +401,8 @@ class SCALE(LowmemOptimizer):
         state_bits: 8 keeps the matrices' momenta (and the vectors' Adam moments, where large enough)
             in 8-bit codes; None or 32: full precision (see the module docstring).
         stochastic_rounding: requantize 8-bit states with unbiased random rounding.
-        compiled: the matrices normalized within rows, and the vectors' AdamW, in compiled graphs (see
-            the module docstring).
+        compiled: the matrices' updates in fused CPU kernels or compiled graphs, the vectors' AdamW in a
+            compiled graph (see the module docstring).
     """
 
     # Every normalization is of one matrix (its columns, rows, signs or singular values), momentum and
@@ -432,6 +463,7 @@ class SCALE(LowmemOptimizer):
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
         rows = ([], [], [])  # (params, grads, buffers) of the matrices `compiled=True` updates in one graph
+        columns = ([], [], [])  # and of those whose norms across rows it takes from the fused kernel
         quantized = []  # (position, param, state, dim) of the matrices whose momentum is 8-bit codes
         adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
         for p in group["params"]:
@@ -458,12 +490,18 @@ class SCALE(LowmemOptimizer):
                 for column, value in zip(rows, (p, p.grad, buffer)):
                     column.append(value)
                 continue
+            if group["compiled"] and compiles_columns(p, p.grad, buffer, dim, normalization):
+                for column, value in zip(columns, (p, p.grad, buffer)):
+                    column.append(value)
+                continue
             params.append(p)
             grads.append(p.grad)
             buffers.append(buffer)
             dims.append(dim)
 
         compiled_rows_update(*rows, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+        compiled_columns_update(*columns, lr=group["lr"], momentum=group["momentum"],
+                                weight_decay=group["weight_decay"])
         hparams = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                        normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
         scale_update(params, grads, buffers, dims, **hparams)
