@@ -8,9 +8,10 @@ all of them alike, and each round yields the ratios SCALE / AdamW and SCALE / fl
     python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1] [--profile]
         [--compiled]
 
---compiled adds `<optimizer>-compiled`, the same method with `compiled=True` (its rows-normalized matrices
-and its vectors' AdamW in compiled graphs; the compilation happens in the warm-up steps, run with
-TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) to time it cold), and its ratios to AdamW and the floor.
+--compiled adds `<optimizer>-compiled`, the same method with `compiled=True` (on the CPU in fp32 its matrices
+through lowmem.optim.scale_kernels' fused C kernels, its vectors' AdamW in a compiled graph; the first step
+builds both, run with TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) LOWMEM_KERNEL_CACHE=$(mktemp -d) to time it
+cold), and its ratios to AdamW and the floor.
 
 --profile adds where one step's time goes (torch.profiler, self time per op) for the optimizer and
 for the floor, to compare each pass of the step with the floor's one add_.
