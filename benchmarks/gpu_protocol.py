@@ -48,7 +48,7 @@ of 1-2 x 32, torchrun with gloo; `Settings` holds both sizes):
   large        llama-1b and llama-7b, SCALE, micro-batch 1 x 256, block activation checkpointing,
                chunked loss, 5 steps: max_memory_allocated beside `lowmem memory`'s estimate of the
                same run (estimate_memory, called by the trainer in the same process).
-  compile      issue 28: the methods item's AdamW run eager, with `--compile` (each block compiled), and
+  compile      issue 28: the methods item's AdamW run eager, with `--compile` (each block and the loss compiled), and
                with the optimizer step compiled too (`--opt compiled=true`): steady tokens/s and MFU,
                their ratio to eager, and the first step's seconds (mostly compilation) apart.
   optimizer-steps  issue 28: benchmarks/bench_baselines_step.py on the device, llama-60m: Muon's batched
@@ -512,7 +512,7 @@ COMPILE_VARIANTS = (("eager", {}, {}), ("compiled blocks", {"compile": True}, {}
 
 
 def compile_runs(p: Protocol) -> Result:
-    """AdamW as in the methods item, eager, with `--compile` (each block compiled) and with the optimizer
+    """AdamW as in the methods item, eager, with `--compile` (each block and the loss compiled) and with the optimizer
     step compiled too (`--opt compiled=true`), one after another: steady tokens/s and MFU beside the
     eager run's, and the first step's seconds (mostly compilation) apart."""
     s = p.settings

@@ -14,6 +14,7 @@ from conftest import tiny_run_overrides
 
 from lowmem.config import load_config
 from lowmem.models import llama
+from lowmem.models.chunked_loss import IGNORE_INDEX
 from lowmem.train.trainer import train
 
 
@@ -107,8 +108,8 @@ def test_inductor_compiled_blocks_train_what_eager_blocks_train(tiny_corpus, tok
 
 def test_the_plain_loss_is_compiled_with_the_blocks_and_equals_eager(monkeypatch):
     """`compile_blocks` compiles the plain loss of a bias-free linear head too (the head's matmul with its
-    softmax: one graph besides the block's); the chunked loss stays eager. Loss and gradients equal
-    eager's to fp32 rounding."""
+    softmax: one graph besides the block's), and the chunked loss chunk by chunk (one more graph, and one
+    for a shorter last chunk). Loss and gradients equal eager's to fp32 rounding."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from lowmem.models import build_model
@@ -133,8 +134,46 @@ def test_the_plain_loss_is_compiled_with_the_blocks_and_equals_eager(monkeypatch
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7)
 
-    model.loss_chunk = 8  # chunked: the loss leaves the compiled function alone
-    frames = counter.frame_count
-    model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
-    assert counter.frame_count == frames
+    chunked = []
+    labels = tokens[:, 1:].clone()
+    labels[0, :3] = IGNORE_INDEX
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(TINY)
+        model.loss_chunk = 12  # 32 tokens: chunks of 12, 12 and 8
+        if compiled:
+            model.compile_blocks()
+        frames = counter.frame_count
+        loss = model(tokens[:, :-1], labels=labels)
+        loss.backward()
+        chunked.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert counter.frame_count == frames + 2  # the chunk's graph, and again for the shorter last chunk
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = chunked
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_inductor_builds_the_chunked_loss_and_it_equals_eager(dtype, tolerance):
+    """The chunk's graph through inductor itself (its C++ code, the gradient written over the logits):
+    the loss and both gradients as the eager chunked loss, to fp32 rounding (to bf16's in bf16), with
+    ignored rows and a shorter last chunk."""
+    from lowmem.models.chunked_loss import chunked_head_loss_sum
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=gen).to(dtype)
+    weight = (torch.randn(96, 16, generator=gen) * 0.3).to(dtype)
+    labels = torch.randint(0, 96, (40,), generator=gen)
+    labels[5:9] = IGNORE_INDEX
+    torch._dynamo.reset()
+    results = []
+    for backend in (None, "inductor"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = chunked_head_loss_sum(h, w, labels, chunk=16, compile_backend=backend)
+        loss.backward()
+        results.append((loss.detach(), h.grad.float(), w.grad.float()))
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results):
+        assert ((compiled - eager).norm() / eager.norm()).item() <= tolerance

@@ -20,6 +20,11 @@ relative); d W's sum over chunks is taken in fp32, so in bf16 it is at least as 
 
 When no gradient is needed (evaluation), only the loss is computed, chunk by chunk.
 
+Under `--compile` (`compile_backend`), each chunk's elementwise work (`chunk_loss_and_grad_`: the fp32
+log-sum-exp, the target's logit, softmax - one-hot and the cast back) is one compiled graph that writes
+the gradient over the chunk's logits: inductor does a row's reduction and its gradient in one loop, with
+no fp32 copy of the chunk. The three matmuls stay as they are.
+
 Lives in the models layer: the model computes its loss when asked (`model(ids, labels=labels)`, plain
 or chunked behind that one call), so FSDP2's gathered head weight is used inside the root module's
 forward. `IGNORE_INDEX`, the label of a position nothing is scored at, is defined here, once: the
@@ -28,8 +33,11 @@ data layer writes it for padding and imports it from here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from lowmem.compiled import compiled
 from lowmem.errors import ConfigError, check_choice
 
 IGNORE_INDEX = -100  # the label of an unscored position (padding): PyTorch's cross-entropy default
@@ -74,10 +82,26 @@ def _chunk_stats(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_
     return logits, mask, safe
 
 
+def chunk_loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The summed cross-entropy of one chunk's logits (in fp32), and, written over `logits` in their
+    dtype, its gradient: softmax - one-hot on scored rows, 0 on ignored ones. The per-chunk work of the
+    eager loop below, out of place inside, for torch.compile (`--compile`)."""
+    scores = logits.float()
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(scores, dim=-1)
+    target = scores.gather(1, safe[:, None]).squeeze(1)
+    total = torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
+    one_hot = torch.arange(scores.shape[1], device=scores.device)[None, :] == safe[:, None]
+    grad = (scores - lse[:, None]).exp() - one_hot.to(scores.dtype)
+    logits.copy_(torch.where(mask[:, None], grad, torch.zeros_like(grad)))
+    return total
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                ignore_index: int, compute_dtype: torch.dtype) -> torch.Tensor:
+                ignore_index: int, compute_dtype: torch.dtype, compiled_chunk) -> torch.Tensor:
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -85,16 +109,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(compute_dtype)
-                logits, mask, safe = _chunk_stats(h, w, labels[start:start + chunk], ignore_index)
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, safe[:, None]).squeeze(1)
-                total += torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
-                # d(sum of losses)/d logits = softmax - one-hot on scored rows, 0 on ignored ones
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
-                grad.mul_(mask[:, None])
-                g = grad.to(compute_dtype)
-                del logits, grad
+                if compiled_chunk is not None:
+                    g = h @ w.t()
+                    total += compiled_chunk(g, labels[start:start + chunk], ignore_index)  # g: now the gradient
+                else:  # in place on the fp32 logits: one [chunk, vocab] fp32 buffer at a time
+                    logits, mask, safe = _chunk_stats(h, w, labels[start:start + chunk], ignore_index)
+                    lse = torch.logsumexp(logits, dim=-1)
+                    target = logits.gather(1, safe[:, None]).squeeze(1)
+                    total += torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
+                    # d(sum of losses)/d logits = softmax - one-hot on scored rows, 0 on ignored ones
+                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+                    grad.mul_(mask[:, None])
+                    g = grad.to(compute_dtype)
+                    del logits, grad
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
                 grad_weight += (g.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -104,15 +132,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), \
-            None, None, None, None
+            None, None, None, None, None
 
 
 def chunked_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                          chunk: int = DEFAULT_CHUNK, ignore_index: int = IGNORE_INDEX,
+                          compile_backend: Any = None) -> torch.Tensor:
     """Sum over scored tokens of cross-entropy(hidden @ weight^T, labels), in fp32, chunk by chunk.
 
     hidden: [..., hidden_size] (the head's input), weight: [vocab, hidden_size] (the head's weight, no
     bias), labels: [...] with `ignore_index` where nothing is scored. Returns a 0-dim fp32 tensor.
+    `compile_backend` (a torch.compile backend, None: eager): the training loss's per-chunk elementwise
+    work through `chunk_loss_and_grad_` compiled with it.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -120,7 +151,8 @@ def chunked_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     labels = labels.reshape(-1).to(hidden.device)
     compute_dtype = _compute_dtype(hidden, weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLoss.apply(hidden, weight, labels, chunk, ignore_index, compute_dtype)
+        compiled_chunk = None if compile_backend is None else compiled(chunk_loss_and_grad_, compile_backend)
+        return _ChunkedHeadLoss.apply(hidden, weight, labels, chunk, ignore_index, compute_dtype, compiled_chunk)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     w = weight.to(compute_dtype)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):

@@ -208,7 +208,7 @@ class Llama(nn.Module):
         # Tokens per chunk of the loss when forward is given labels (0: the plain loss over full
         # logits). Set by the run's assembly from train.chunked_loss / train.loss_chunk.
         self.loss_chunk = 0
-        # Whether the plain loss of a bias-free linear head runs compiled (`compile_blocks`).
+        # Whether the loss of a bias-free linear head runs compiled (`compile_blocks`).
         self.compiled_loss = False
         self.reset_parameters()
 
@@ -216,9 +216,10 @@ class Llama(nn.Module):
         """torch.compile each block in place (nn.Module.compile: names and state_dict unchanged, so
         checkpoints, structures and FSDP2's per-block sharding see the same module tree). Per block, as
         torchtitan does, because every block has the same graph: compiled once, reused by all, and a
-        structure the compiler cannot trace breaks only its own block's graph. The plain loss of a
-        bias-free linear head (`head_loss_sum`) is compiled too; the chunked loss and a structured
-        head's loss stay eager."""
+        structure the compiler cannot trace breaks only its own block's graph. The loss of a bias-free
+        linear head is compiled too: the plain one whole (`head_loss_sum`), the chunked one chunk by
+        chunk around its matmuls (chunked_loss.chunk_loss_and_grad_); a structured head's loss stays
+        eager."""
         for block in self.layers:
             block.compile(backend=COMPILE_BACKEND)
         self.compiled_loss = True
@@ -266,7 +267,8 @@ class Llama(nn.Module):
         if not (isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None):  # a structured head
             return cross_entropy_sum(self.lm_head(hidden), labels)
         if self.loss_chunk > 0:
-            return chunked_head_loss_sum(hidden, self.lm_head.weight, labels, self.loss_chunk, IGNORE_INDEX)
+            return chunked_head_loss_sum(hidden, self.lm_head.weight, labels, self.loss_chunk, IGNORE_INDEX,
+                                         compile_backend=COMPILE_BACKEND if self.compiled_loss else None)
         loss = compiled_head_loss() if self.compiled_loss else head_loss_sum
         return loss(hidden, self.lm_head.weight, labels)
 

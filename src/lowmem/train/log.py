@@ -155,7 +155,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("wall time (training steps)", f"{summary['wall_seconds']:.1f} s"),
     ]
     if summary.get("compiled"):
-        rows.append(("first step (compiles the blocks)", f"{summary['first_step_seconds']:.1f} s"))
+        rows.append(("first step (compiles blocks and loss)", f"{summary['first_step_seconds']:.1f} s"))
     if "parameter_bytes" in memory:
         rows.append(("weights", format_bytes(memory["parameter_bytes"])))
         rows.append(("optimizer state", format_bytes(memory["optimizer_state_bytes"])))
