@@ -135,6 +135,7 @@ def scale_rows_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_
     each momentum's EMA (a `None` buffer: the raw gradient), and `W -= lr * d / max(rms(d_row), rms_floor)`."""
     if not params:
         return
+    lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)  # a 0-dim tensor lr too
     count = len(params)
     rows = [p.size(0) for p in params]
     cols = [p.numel() // max(1, p.size(0)) for p in params]
