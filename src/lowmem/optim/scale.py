@@ -272,7 +272,7 @@ def compiled_columns_update(params: list[torch.Tensor], grads: list[torch.Tensor
                             weight_decay: float) -> None:
     """`scale_update` of matrices normalized across rows (`compiles_columns`) under `compiled=True`: the
     eager step with each column's sum of squares from the fused kernel, which reads the direction once in
-    one stream (a third less than the blocked eager sum)."""
+    one stream (about a quarter less time than the blocked eager sum)."""
     if not params:
         return
     directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
