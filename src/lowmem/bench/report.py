@@ -4,7 +4,8 @@ For each method, the learning rate with the lowest validation perplexity over it
 the grid's base seed) is kept; every seed run at that lr is pooled into mean ± s.d. and [min, max].
 Against AdamW a method is "better" or "worse" only when the two seed ranges do not overlap, else a
 "tie". A one-seed method's range is its value ± the grid's seed noise: the median relative
-half-range of the methods that ran several seeds (0 when none did). The table gives that, every lr tried and
+half-range of the methods that ran several seeds; when none did, one seed against one seed has no
+verdict ("n/a"). The table gives that, every lr tried and
 whether the best is bracketed (a point on each side), memory (optimizer-state bytes measured in the
 run, the papers' 2 bytes × (weights + states), peak memory) and speed (step time, tokens/s).
 Plots: perplexity against optimizer-state memory with the seed range as error bars and the Pareto
@@ -141,7 +142,9 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
         cells = [
             method, spread,
             ratio(run["mean"], reference["mean"] if reference else None),
-            "—" if method == baseline or not reference else verdict(run, reference, noise),
+            "—" if method == baseline or not reference else
+            "n/a" if not noise and len(run["seeds"]) == 1 and len(reference["seeds"]) == 1 else
+            verdict(run, reference, noise),
             "default" if run["lr"] is None else f"{run['lr']:g}",
             {None: "—", True: "yes", False: "**no**"}[run["bracketed"]],
             sweep,
@@ -157,6 +160,9 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
     lines.append(f"verdict: better / worse than {baseline} when the perplexity ranges do not overlap, else tie; "
                  f"a range is the seeds' [min, max], or one seed's value ± {noise:.1%} (the median relative "
                  "half-range of the methods with several seeds)")
+    if not noise:
+        lines.append("n/a: one seed on each side and no method ran several seeds, so there is no seed noise to "
+                     "judge the difference by; give the grid `seeds` to compare")
     return "\n".join(lines)
 
 
