@@ -6,7 +6,7 @@ all of them alike, and each round yields the ratios SCALE / AdamW and SCALE / fl
 `p.add_(g)` per parameter (`torch._foreach_add_`): the least a first-order step must touch.
 
     python benchmarks/bench_scale_step.py [--model llama-60m] [--rounds 9] [--steps 3] [--threads 1] [--profile]
-        [--compiled]
+        [--compiled] [--parts]
 
 --compiled adds `<optimizer>-compiled`, the same method with `compiled=True` (on the CPU in fp32 its matrices
 through lowmem.optim.scale_kernels' fused C kernels, its vectors' AdamW in a compiled graph; the first step
@@ -15,11 +15,16 @@ cold), and its ratios to AdamW and the floor.
 
 --profile adds where one step's time goes (torch.profiler, self time per op) for the optimizer and
 for the floor, to compare each pass of the step with the floor's one add_.
+
+--parts adds the step part by part: each method stepped with the gradients of one part only (the hidden
+matrices, the embedding, the head, the vectors), against one `_foreach_add_` over that part's tensors,
+interleaved as above; the median ratio per part.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -39,6 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also print the per-op breakdown of one step")
     parser.add_argument("--compiled", action="store_true", help="also time the method with compiled=True")
+    parser.add_argument("--parts", action="store_true", help="also time each part of the model against its floor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -88,6 +94,43 @@ def main() -> None:
     if args.profile:
         for name in (args.optimizer, "floor"):
             _print_profile(name, contenders[name], args.steps)
+    if args.parts:
+        _print_parts(model, {m: contenders[m] for m in methods}, args.rounds, args.steps)
+
+
+def _print_parts(model: torch.nn.Module, steps_of: dict, rounds: int, steps: int) -> None:
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    gradients = {p: p.grad for p in model.parameters()}
+    parts = {
+        "hidden": [p for p in gradients if p.dim() == 2 and p is not embedding and p is not head],
+        "embedding": [embedding],
+        "head": [head],
+        "vectors": [p for p in gradients if p.dim() < 2],
+    }
+
+    def only(part: list[torch.Tensor], step):
+        def run() -> None:
+            for p, g in gradients.items():  # the others without a gradient: the step skips them
+                p.grad = g if any(p is q for q in part) else None
+            step()
+        return run
+
+    contenders = {}
+    for name, part in parts.items():
+        part_grads = [gradients[p] for p in part]
+        contenders[f"{name} floor"] = torch.no_grad()(functools.partial(torch._foreach_add_, part, part_grads,
+                                                                        alpha=-1e-6))
+        contenders.update({f"{name} {method}": only(part, step) for method, step in steps_of.items()})
+    times = interleaved(contenders, rounds, lambda step: seconds_per_step(step, steps), warmup=1)
+    for p, g in gradients.items():
+        p.grad = g
+    print("  part by part, / the part's add_ floor (median of rounds):")
+    for name, part in parts.items():
+        floor = times[f"{name} floor"]
+        ratios = "   ".join(f"{method} {statistics.median(t / f for t, f in zip(times[f'{name} {method}'], floor)):.2f}"
+                           for method in steps_of)
+        print(f"    {name:>9} ({sum(p.numel() for p in part) / 1e6:5.1f}M, floor "
+              f"{statistics.median(floor) * 1e3:6.2f} ms): {ratios}")
 
 
 def _print_profile(name: str, step, steps: int) -> None:

@@ -333,18 +333,17 @@ def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "inductor"])
-def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(kernels, compile_counter, monkeypatch):
+def test_scale_compiles_the_rows_and_keeps_the_embedding_eager(kernels, compile_counter, request):
     """On a model with roles, within 1e-6 of eager: in fp32 on the CPU the hidden matrices and the head
     (its momentum's EMA too) take the fused kernel, the embedding the kernel's column sums, and only the
     vectors' AdamW is a graph; without the kernels (GPUs, bf16) the hidden rows and the head's (its EMA
     eager) are graphs and the embedding (a norm across rows) stays eager, bit for bit. An ablation whose
     matrices are not normalized within rows compiles nothing of theirs. `--opt compiled=true` reaches it,
     and a checkpoint without the key steps eagerly."""
-    from lowmem.optim import scale_kernels
     from lowmem.testing import TINY
 
     if not kernels:
-        monkeypatch.setattr(scale_kernels, "usable", lambda *tensors: False)
+        request.getfixturevalue("inductor_rows")
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)

@@ -113,7 +113,7 @@ class TrainConfig:
     # the gradients held at once are the largest one, not all of them (lowmem.train.step.InBackward).
     # Needs one micro-batch per step on one process, no clipping; the same weights bit for bit.
     gradient_release: bool = False
-    # torch.compile each transformer block and the plain loss (lowmem.models.llama.Llama.compile_blocks): the first steps
+    # torch.compile each transformer block and the loss (lowmem.models.llama.Llama.compile_blocks): the first steps
     # pay the compilation (the summary reports it apart), later ones run the fused kernels.
     compile: bool = False
 

@@ -133,18 +133,20 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
         "| optimizer state | vs AdamW | papers' GB | peak memory | step time | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unjudged = False  # a one-seed pair with no seed noise to judge it by
     for method, run in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
         memory = run.get("memory", {})
         state = memory.get("optimizer_state_bytes")
         sweep = ", ".join(f"{lr:g}: {ppl:.2f}" for lr, ppl in run["sweep"]) or "default"
         spread = f"{run['mean']:.2f} ± {run['sd']:.2f} ({len(run['seeds'])})" if len(run["seeds"]) > 1 \
             else f"{run['mean']:.2f} (1)"
+        judged = method != baseline and reference is not None
+        one_seed_pair = judged and not noise and len(run["seeds"]) == 1 and len(reference["seeds"]) == 1
+        unjudged |= one_seed_pair
         cells = [
             method, spread,
             ratio(run["mean"], reference["mean"] if reference else None),
-            "—" if method == baseline or not reference else
-            "n/a" if not noise and len(run["seeds"]) == 1 and len(reference["seeds"]) == 1 else
-            verdict(run, reference, noise),
+            "—" if not judged else "n/a" if one_seed_pair else verdict(run, reference, noise),
             "default" if run["lr"] is None else f"{run['lr']:g}",
             {None: "—", True: "yes", False: "**no**"}[run["bracketed"]],
             sweep,
@@ -160,9 +162,9 @@ def markdown_table(best: dict[str, dict[str, Any]], baseline: str = "adamw") -> 
     lines.append(f"verdict: better / worse than {baseline} when the perplexity ranges do not overlap, else tie; "
                  f"a range is the seeds' [min, max], or one seed's value ± {noise:.1%} (the median relative "
                  "half-range of the methods with several seeds)")
-    if not noise:
-        lines.append("n/a: one seed on each side and no method ran several seeds, so there is no seed noise to "
-                     "judge the difference by; give the grid `seeds` to compare")
+    if unjudged:
+        lines.append("n/a: one seed on each side and no seed noise measured (no method's seeds differ), so "
+                     "nothing to judge the difference by; give the grid `seeds` to compare")
     return "\n".join(lines)
 
 

@@ -73,25 +73,25 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_stats(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fp32 logits of the chunk, mask of scored rows, labels with ignored rows set to 0)."""
-    logits = (h @ w.t()).float()
+def _scored_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's fp32 logits `scores` -> (summed cross-entropy over scored rows, each row's log-sum-exp,
+    mask of scored rows, labels with ignored rows set to 0): what evaluation, the eager gradient and the
+    compiled one all start from."""
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    return logits, mask, safe
+    lse = torch.logsumexp(scores, dim=-1)
+    losses = lse - scores.gather(1, safe[:, None]).squeeze(1)
+    return torch.where(mask, losses, torch.zeros_like(losses)).sum(), lse, mask, safe
 
 
 def chunk_loss_and_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """The summed cross-entropy of one chunk's logits (in fp32), and, written over `logits` in their
-    dtype, its gradient: softmax - one-hot on scored rows, 0 on ignored ones. The per-chunk work of the
-    eager loop below, out of place inside, for torch.compile (`--compile`)."""
+    dtype, its gradient: softmax - one-hot on scored rows, 0 on ignored ones. The eager loop's per-chunk
+    work written out of place for torch.compile (`--compile`), which fuses it into a pass or two over the
+    chunk; eagerly it would allocate several chunk-sized temporaries, so the eager loop keeps its own."""
     scores = logits.float()
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(scores, dim=-1)
-    target = scores.gather(1, safe[:, None]).squeeze(1)
-    total = torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
+    total, lse, mask, safe = _scored_loss(scores, labels, ignore_index)
     one_hot = torch.arange(scores.shape[1], device=scores.device)[None, :] == safe[:, None]
     grad = (scores - lse[:, None]).exp() - one_hot.to(scores.dtype)
     logits.copy_(torch.where(mask[:, None], grad, torch.zeros_like(grad)))
@@ -113,10 +113,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     g = h @ w.t()
                     total += compiled_chunk(g, labels[start:start + chunk], ignore_index)  # g: now the gradient
                 else:  # in place on the fp32 logits: one [chunk, vocab] fp32 buffer at a time
-                    logits, mask, safe = _chunk_stats(h, w, labels[start:start + chunk], ignore_index)
-                    lse = torch.logsumexp(logits, dim=-1)
-                    target = logits.gather(1, safe[:, None]).squeeze(1)
-                    total += torch.where(mask, lse - target, torch.zeros_like(lse)).sum()
+                    logits = (h @ w.t()).float()
+                    loss, lse, mask, safe = _scored_loss(logits, labels[start:start + chunk], ignore_index)
+                    total += loss
                     # d(sum of losses)/d logits = softmax - one-hot on scored rows, 0 on ignored ones
                     grad = logits.sub_(lse[:, None]).exp_()
                     grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
@@ -157,8 +156,6 @@ def chunked_head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     w = weight.to(compute_dtype)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], chunk):
-            logits, mask, safe = _chunk_stats(hidden[start:start + chunk].to(compute_dtype), w,
-                                              labels[start:start + chunk], ignore_index)
-            losses = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(mask, losses, torch.zeros_like(losses)).sum()
+            logits = (hidden[start:start + chunk].to(compute_dtype) @ w.t()).float()
+            total += _scored_loss(logits, labels[start:start + chunk], ignore_index)[0]
     return total

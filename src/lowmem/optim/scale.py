@@ -30,12 +30,13 @@ updated on its own: its momentum dequantized to fp32, the same step as below, re
 through lowmem.optim.scale_kernels, a few lines of C built once with the system's C compiler: the matrices
 normalized within their rows (column/row normalization along dim 1: every hidden Linear and the head under
 SCALE) in one pass per row (the momentum's EMA, the norm and the update, G and m read once), and the
-embedding's norms across rows from one streamed pass. Elsewhere (GPUs, bf16) the matrices normalized within
+embedding's norms across rows from one streamed pass (`kernel_norm_along`). Elsewhere (GPUs, bf16) the matrices normalized within
 rows take their decay, norm and update in one torch.compile'd graph per (device, dtype) (`rows_rms_update`,
 via lowmem.optim.adamw.compiled_function), where inductor fuses each row's norm with its multiply-add; the lr
 is a 0-dim tensor, so a new lr compiles nothing; a momentum's EMA runs eagerly just before (inductor's CPU
 code generation cannot build it into the graph: pytorch#196570), and the embedding stays eager. The 1-D
-parameters take AdamW's compiled update. 8-bit momenta, DTensors and meta tensors stay eager. In fp32 the
+parameters take AdamW's compiled update. 8-bit momenta (but for their norms across rows), DTensors and meta
+tensors stay eager. In fp32 the
 eager step within rounding (tests/test_compiled_step.py, tests/test_scale_kernels.py).
 
 The paper's ablations are the same class with two switches (registered as named variants below):
@@ -260,25 +261,13 @@ def compiled_rows_update(params: list[torch.Tensor], grads: list[torch.Tensor],
         update(*bucket, lr_tensor, weight_decay=weight_decay)
 
 
-def compiles_columns(param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None, dim: int,
-                     normalization: str) -> bool:
-    """Whether `compiled=True` takes this matrix's norms across rows (the embedding's, under SCALE) from
-    lowmem.optim.scale_kernels.column_sum_of_squares: a plain contiguous fp32 CPU matrix."""
-    return normalization in ("column", "row") and dim == 0 and scale_kernels.usable(param, grad, buffer)
-
-
-def compiled_columns_update(params: list[torch.Tensor], grads: list[torch.Tensor],
-                            momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
-                            weight_decay: float) -> None:
-    """`scale_update` of matrices normalized across rows (`compiles_columns`) under `compiled=True`: the
-    eager step with each column's sum of squares from the fused kernel, which reads the direction once in
-    one stream (about a quarter less time than the blocked eager sum)."""
-    if not params:
-        return
-    directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
-                                     weight_decay=weight_decay)
-    rms_normalized_step_(params, directions, [0] * len(params), lr=lr,
-                         norm_of=lambda matrix, dim: scale_kernels.column_sum_of_squares(matrix).sqrt_())
+def kernel_norm_along(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """`norm_along` under `compiled=True`: a plain contiguous fp32 CPU matrix's norms across rows (the
+    embedding's, under SCALE) from lowmem.optim.scale_kernels.column_sum_of_squares, which reads the
+    direction in one stream (about a quarter less time than the blocked eager sum)."""
+    if dim == 0 and scale_kernels.usable(matrix):
+        return scale_kernels.column_sum_of_squares(matrix).sqrt_()
+    return norm_along(matrix, dim)
 
 
 def cache_sized_chunks(
@@ -354,6 +343,7 @@ def scale_update(
     normalization: str,
     ns_steps: int = 5,
     ns_batch_elements: int | None = None,
+    norm_of: Callable[[torch.Tensor, int], torch.Tensor] = norm_along,
 ) -> None:
     """One SCALE step over matrices (any normalization); a `None` momentum buffer: use the raw gradient.
 
@@ -369,7 +359,7 @@ def scale_update(
                 params, grads, momentum_buffers, dims):
             directions = decay_and_momentum_(chunk_params, chunk_grads, chunk_buffers, lr=lr, momentum=momentum,
                                              weight_decay=weight_decay)
-            rms_normalized_step_(chunk_params, directions, chunk_dims, lr=lr)
+            rms_normalized_step_(chunk_params, directions, chunk_dims, lr=lr, norm_of=norm_of)
         return
     directions = decay_and_momentum_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                                      weight_decay=weight_decay)
@@ -463,7 +453,6 @@ class SCALE(LowmemOptimizer):
         normalization = group["normalization"]
         params, grads, buffers, dims = [], [], [], []
         rows = ([], [], [])  # (params, grads, buffers) of the matrices `compiled=True` updates in one graph
-        columns = ([], [], [])  # and of those whose norms across rows it takes from the fused kernel
         quantized = []  # (position, param, state, dim) of the matrices whose momentum is 8-bit codes
         adam = AdamBatch(group["state_bits"], group["stochastic_rounding"], group["compiled"])
         for p in group["params"]:
@@ -490,20 +479,15 @@ class SCALE(LowmemOptimizer):
                 for column, value in zip(rows, (p, p.grad, buffer)):
                     column.append(value)
                 continue
-            if group["compiled"] and compiles_columns(p, p.grad, buffer, dim, normalization):
-                for column, value in zip(columns, (p, p.grad, buffer)):
-                    column.append(value)
-                continue
             params.append(p)
             grads.append(p.grad)
             buffers.append(buffer)
             dims.append(dim)
 
         compiled_rows_update(*rows, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
-        compiled_columns_update(*columns, lr=group["lr"], momentum=group["momentum"],
-                                weight_decay=group["weight_decay"])
         hparams = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                       normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements)
+                       normalization=normalization, ns_steps=group["ns_steps"], ns_batch_elements=self.ns_batch_elements,
+                       norm_of=kernel_norm_along if group["compiled"] else norm_along)
         scale_update(params, grads, buffers, dims, **hparams)
         for p_position, p, state, dim in quantized:  # one at a time: one matrix's fp32 momentum at most
             if rows_independent(normalization, dim):  # and then a block of its rows at a time

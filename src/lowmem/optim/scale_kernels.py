@@ -4,13 +4,13 @@ SCALE's step is memory-bound: on the CPU its cost is the number of passes over t
 of it cannot be brought to one pass by torch ops or by torch.compile (torch 2.13):
 
   rows     the head's `m = lerp(m, G, 1 - beta)`, then `W -= lr * sqrt(n) * m / max(||m_row||, 1e-8 sqrt(n))`:
-           inductor builds the EMA and the row norm into one loop only if it can keep the new momentum in a
-           local buffer, and crashes doing so (pytorch#196570); forms that compile take 2.5-2.7 floors
+           inductor's C++ code generation crashes fusing the EMA with the row's norm and update
+           (pytorch#196570); the forms that compile lose that fusion and take 2.5-10 floors
   columns  the embedding's norm of each column across all rows: inductor's column reduction takes 1.9
            floors, the blocked eager one 0.75
 
-This module compiles a few lines of C once (the C compiler torch.compile itself uses on the CPU, `CC` or
-`cc`), caches the library by a hash of the source, flags and CPU, and calls it through ctypes on the
+This module compiles a few lines of C once with the system's C compiler (`CC`, else `cc`, `gcc` or
+`clang`), caches the library by a hash of the source, flags and CPU, and calls it through ctypes on the
 tensors' memory:
 
   scale_rows      for each row of each matrix: d = lerp(m, g, 1 - beta) written back to m (or d = g
@@ -117,7 +117,8 @@ void column_sumsq(const float* matrix, int64_t rows, int64_t cols, float* sums, 
 # kernels run on torch's own OpenMP threads (as inductor's CPU kernels do), not on a second pool.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 WITHOUT_OPENMP = tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS)  # if -fopenmp fails
-# Below this many rows per thread a split costs more than it saves.
+# Rows a thread must get before a matrix is split across threads: opening an OpenMP region costs
+# microseconds, 256 rows of a 512-wide matrix are tens of microseconds of work (a choice, not tuned).
 MIN_ROWS_PER_THREAD = 256
 
 _library: ctypes.CDLL | None = None
@@ -201,7 +202,7 @@ def _load() -> ctypes.CDLL:
 
 
 def _build(compiler: str | None, path: Path) -> None:
-    fix = ("install a C compiler (the one torch.compile needs on the CPU; set CC to use another) or train with "
+    fix = ("install a C compiler (set CC to choose one) or train with "
            "compiled=false")
     if compiler is None:
         raise LowmemError(f"compiled=True on the CPU builds SCALE's fused kernels, but no C compiler was found "
